@@ -1,0 +1,72 @@
+#pragma once
+
+#include <torch/torch.h>
+
+#include <concepts>
+#include <memory>
+#include <type_traits>
+
+/// What the samplers and the trainer accept as a noise-prediction network.
+namespace diffusion {
+
+namespace detail {
+
+template <class T>
+struct module_of {
+  using type = T;
+};
+template <class T>
+struct module_of<std::shared_ptr<T>> {
+  using type = T;
+};
+template <class T>
+  requires std::derived_from<T, torch::nn::ModuleHolder<typename T::ContainedType>>
+struct module_of<T> {
+  using type = typename T::ContainedType;
+};
+
+}  // namespace detail
+
+/// The module type behind a backbone handle: `ConvNetImpl` for `ConvNet` (a TORCH_MODULE holder),
+/// for `std::shared_ptr<ConvNetImpl>` and for `ConvNetImpl` itself.
+template <class B>
+using module_type_t = typename detail::module_of<std::remove_cvref_t<B>>::type;
+
+/// A torch::nn::Module (through a holder, a shared_ptr or directly), so that its parameters, device and
+/// train/eval mode can be reached.
+template <class B>
+concept TorchModule = std::derived_from<module_type_t<B>, torch::nn::Module>;
+
+/// Predicts the noise in x_t: `forward(x_t, t)` with x_t of shape (N, ...) and t of shape (N,) returns a
+/// tensor of x_t's shape.
+template <class B>
+concept PredictsNoise = requires(module_type_t<B>& m, const torch::Tensor& x, const torch::Tensor& t) {
+  { m.forward(x, t) } -> std::convertible_to<torch::Tensor>;
+};
+
+/// A network the samplers and the trainer can drive: a torch::nn::Module with `forward(x, t)`.
+///
+/// Satisfied by a TORCH_MODULE holder (`ConvNet`), its Impl (`ConvNetImpl`), a
+/// `std::shared_ptr<ConvNetImpl>`, and a user's subclass of any of them.
+///
+/// Example:
+///   struct MyNetImpl : torch::nn::Module {
+///     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t);
+///   };
+///   TORCH_MODULE(MyNet);
+///   static_assert(diffusion::Backbone<MyNet>);
+template <class B>
+concept Backbone = TorchModule<B> && PredictsNoise<B>;
+
+/// The module behind a backbone handle, as a reference.
+template <Backbone B>
+module_type_t<B>& unwrap(B& backbone) {
+  if constexpr (std::is_same_v<std::remove_cvref_t<B>, module_type_t<B>>) {
+    return backbone;
+  } else {
+    TORCH_CHECK(static_cast<bool>(backbone), "diffusion: the backbone handle is empty (a null holder or shared_ptr)");
+    return *backbone;
+  }
+}
+
+}  // namespace diffusion

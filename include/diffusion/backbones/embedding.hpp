@@ -1,0 +1,71 @@
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace diffusion {
+
+/// Sinusoidal embedding of the timestep (Vaswani et al. 2017, sec. 3.5; Ho et al. 2020, appendix B),
+/// exactly as the seed computes it:
+///   freq_i = exp(-i * ln(10000) / (dim/2 - 1)),  i = 0 .. dim/2 - 1
+///   emb(t) = [sin(t freq_0), ..., sin(t freq_{dim/2-1}), cos(t freq_0), ..., cos(t freq_{dim/2-1})]
+/// It has no parameters.
+///
+/// Example:
+///   SinusoidalPositionEmbeddings emb(256);
+///   auto e = emb(torch::arange(4));   // (4, 256)
+class SinusoidalPositionEmbeddingsImpl : public torch::nn::Cloneable<SinusoidalPositionEmbeddingsImpl> {
+ public:
+  explicit SinusoidalPositionEmbeddingsImpl(int64_t dim) : dim(dim) { reset(); }
+
+  void reset() override {
+    TORCH_CHECK(dim >= 4 && dim % 2 == 0, "SinusoidalPositionEmbeddings: dim must be even and >= 4, got ", dim);
+  }
+
+  /// t: (N,) timesteps. Returns (N, dim) in t's dtype when t is floating point, else in float32.
+  torch::Tensor forward(const torch::Tensor& t) {
+    TORCH_CHECK(t.dim() == 1, "SinusoidalPositionEmbeddings: t must be 1-D (N,), got ", t.sizes());
+    const int64_t half = dim / 2;
+    const double scale = std::log(10000.0) / static_cast<double>(half - 1);
+    const auto dtype = t.is_floating_point() ? t.scalar_type() : torch::kFloat32;
+    const auto opts = torch::TensorOptions().dtype(dtype).device(t.device());
+    const auto freqs = torch::exp(torch::arange(half, opts) * -scale);
+    const auto args = t.to(dtype).unsqueeze(1) * freqs.unsqueeze(0);
+    return torch::cat({args.sin(), args.cos()}, /*dim=*/-1);
+  }
+
+  void pretty_print(std::ostream& os) const override { os << "diffusion::SinusoidalPositionEmbeddings(" << dim << ")"; }
+
+  int64_t dim;
+};
+TORCH_MODULE(SinusoidalPositionEmbeddings);
+
+namespace detail {
+
+/// The seed's time MLP: Sequential(SinusoidalPositionEmbeddings(dim), Linear(dim, dim), ReLU).
+/// Kept as a Sequential so parameter names ("time_mlp.1.weight") match the seed's state_dict.
+inline torch::nn::Sequential make_time_mlp(int64_t dim) {
+  return torch::nn::Sequential(SinusoidalPositionEmbeddings(dim), torch::nn::Linear(dim, dim), torch::nn::ReLU());
+}
+
+/// Checks an image batch (N, C, H, W) against a backbone's expected channels (and size when > 0).
+inline void check_image_batch(const char* fn, const torch::Tensor& x, const torch::Tensor& t, int64_t channels,
+                              int64_t image_size) {
+  TORCH_CHECK(x.defined() && x.is_floating_point(), fn, ": x must be a floating-point tensor, got ",
+              x.defined() ? c10::toString(x.scalar_type()) : "an undefined tensor");
+  TORCH_CHECK(x.dim() == 4, fn, ": x must be (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) == channels, fn, ": expected ", channels, " channel(s), got ", x.size(1), " (shape ",
+              x.sizes(), ")");
+  if (image_size > 0) {
+    TORCH_CHECK(x.size(2) == image_size && x.size(3) == image_size, fn, ": expected ", image_size, "x", image_size,
+                " images, got ", x.size(2), "x", x.size(3));
+  }
+  TORCH_CHECK(t.defined() && t.dim() == 1 && t.size(0) == x.size(0), fn, ": t must be (N,) with N = ", x.size(0),
+              ", got shape ", t.defined() ? t.sizes() : torch::IntArrayRef{});
+  TORCH_CHECK(t.device() == x.device(), fn, ": t is on ", t.device(), " but x is on ", x.device());
+}
+
+}  // namespace detail
+}  // namespace diffusion

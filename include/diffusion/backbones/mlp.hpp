@@ -1,0 +1,89 @@
+#pragma once
+
+#include <diffusion/backbones/embedding.hpp>
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace diffusion {
+
+/// Options for an MLP backbone. The defaults are the seed's SmolMLP (hidden 512, depth 3) for 1x28x28
+/// images; ChunkyMLP uses hidden 2048, depth 5.
+///
+/// Example:
+///   MLP net(MLPOptions().hidden(1024).depth(4).image_size(32).channels(3));
+struct MLPOptions {
+  /// Image channels.
+  TORCH_ARG(int64_t, channels) = 1;
+  /// Images are image_size x image_size.
+  TORCH_ARG(int64_t, image_size) = 28;
+  /// Width of every hidden layer.
+  TORCH_ARG(int64_t, hidden) = 512;
+  /// Number of hidden Linear+ReLU layers (fc1..fc_depth); fc_{depth+1} maps back to pixels.
+  TORCH_ARG(int64_t, depth) = 3;
+  /// Width of the sinusoidal time embedding and of its MLP.
+  TORCH_ARG(int64_t, time_dim) = 256;
+};
+
+/// The seed's MLP backbone: flatten the image, concatenate the time embedding, `depth` Linear+ReLU
+/// layers, a final Linear back to the image's pixel count, reshape. Submodule names (time_mlp, fc1, ...)
+/// match the seed's state_dict.
+class MLPImpl : public torch::nn::Cloneable<MLPImpl> {
+ public:
+  explicit MLPImpl(MLPOptions options = {}) : options(options) { reset(); }
+
+  void reset() override {
+    const auto& o = options;
+    TORCH_CHECK(o.channels() >= 1 && o.image_size() >= 1 && o.hidden() >= 1 && o.depth() >= 1,
+                "MLP: channels, image_size, hidden and depth must be >= 1, got channels = ", o.channels(),
+                ", image_size = ", o.image_size(), ", hidden = ", o.hidden(), ", depth = ", o.depth());
+    layers.clear();
+    time_mlp = register_module("time_mlp", detail::make_time_mlp(o.time_dim()));
+    const int64_t pixels = o.channels() * o.image_size() * o.image_size();
+    for (int64_t i = 0; i <= o.depth(); ++i) {
+      const int64_t in = i == 0 ? pixels + o.time_dim() : o.hidden();
+      const int64_t out = i == o.depth() ? pixels : o.hidden();
+      layers.push_back(register_module("fc" + std::to_string(i + 1), torch::nn::Linear(in, out)));
+    }
+  }
+
+  /// x: (N, channels, image_size, image_size); t: (N,). Returns the predicted noise, x's shape.
+  virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
+    detail::check_image_batch(name_.c_str(), x, t, options.channels(), options.image_size());
+    const auto t_emb = time_mlp->forward(t.to(x.scalar_type()));
+    auto h = torch::cat({x.reshape({x.size(0), -1}), t_emb}, 1);
+    for (size_t i = 0; i + 1 < layers.size(); ++i) h = torch::relu(layers[i](h));
+    return layers.back()(h).reshape(x.sizes());
+  }
+
+  MLPOptions options;
+  torch::nn::Sequential time_mlp{nullptr};
+  /// fc1 .. fc_{depth+1}.
+  std::vector<torch::nn::Linear> layers;
+
+ protected:
+  MLPImpl(MLPOptions options, std::string name) : options(options), name_(std::move(name)) { reset(); }
+
+ private:
+  std::string name_ = "MLP";
+};
+TORCH_MODULE(MLP);
+
+/// The seed's ~1.5M-parameter MLP (1,526,288 parameters): hidden 512, depth 3.
+class SmolMLPImpl : public MLPImpl {
+ public:
+  explicit SmolMLPImpl(MLPOptions options = MLPOptions().hidden(512).depth(3)) : MLPImpl(options, "SmolMLP") {}
+};
+TORCH_MODULE(SmolMLP);
+
+/// The seed's ~20.6M-parameter MLP (20,589,584 parameters): hidden 2048, depth 5.
+class ChunkyMLPImpl : public MLPImpl {
+ public:
+  explicit ChunkyMLPImpl(MLPOptions options = MLPOptions().hidden(2048).depth(5)) : MLPImpl(options, "ChunkyMLP") {}
+};
+TORCH_MODULE(ChunkyMLP);
+
+}  // namespace diffusion

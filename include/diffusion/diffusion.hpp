@@ -1,0 +1,19 @@
+#pragma once
+
+/// The umbrella header: everything the library offers.
+///
+/// Example:
+///   #include <diffusion/diffusion.hpp>
+///   diffusion::ConvNet model;
+///   diffusion::NoiseSchedule schedule;
+///   auto images = diffusion::ddpm_sample(model, schedule, {25, 1, 28, 28});
+
+#include <diffusion/version.hpp>
+#include <diffusion/random.hpp>
+#include <diffusion/schedule.hpp>
+#include <diffusion/forward.hpp>
+#include <diffusion/backbone.hpp>
+#include <diffusion/sampler.hpp>
+#include <diffusion/backbones/embedding.hpp>
+#include <diffusion/backbones/conv_net.hpp>
+#include <diffusion/backbones/mlp.hpp>

@@ -1,0 +1,162 @@
+#pragma once
+
+#include <diffusion/backbone.hpp>
+#include <diffusion/detail/check.hpp>
+#include <diffusion/detail/random.hpp>
+#include <diffusion/random.hpp>
+#include <diffusion/schedule.hpp>
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <vector>
+
+/// The DDPM reverse process: one step, and the loop from pure noise to samples.
+namespace diffusion {
+
+/// One reverse step x_t -> x_{t-1} given the predicted noise (Ho et al. 2020, Algorithm 2, line 4):
+///   mean    = 1 / sqrt(alpha_t) * (x_t - beta_t / sqrt(1 - abar_t) * eps_pred)   (eq. 11)
+///   x_{t-1} = mean + sqrt(beta-tilde_t) * z,  z ~ N(0, I)                         (sigma_t^2 = eq. 7's beta-tilde)
+/// At t = 0 no noise is added and the mean is returned, as in the seed.
+///
+/// `t` is the timestep index in [0, T) shared by the whole batch; `noise` is z (x_t's shape), needed
+/// only when t > 0. This is the seed's `calc_x_t_minus_one` with the model call factored out.
+///
+/// Example:
+///   auto x_prev = ddpm_step(schedule, x_t, 500, model(x_t, t_batch), torch::randn_like(x_t));
+inline torch::Tensor ddpm_step(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t,
+                               const torch::Tensor& eps_pred, const torch::Tensor& noise = {}) {
+  constexpr const char* fn = "ddpm_step";
+  detail::check_sample_batch(fn, "x_t", x_t);
+  TORCH_CHECK(x_t.device() == schedule.device(), fn, ": x_t is on ", x_t.device(), " but the schedule is on ",
+              schedule.device());
+  TORCH_CHECK(t >= 0 && t < schedule.timesteps(), fn, ": t must be in [0, ", schedule.timesteps(), "), got ", t);
+  TORCH_CHECK(eps_pred.defined() && eps_pred.sizes() == x_t.sizes(), fn,
+              ": the predicted noise must have x_t's shape ", detail::shape_str(x_t), ", got ",
+              eps_pred.defined() ? detail::shape_str(eps_pred) : "an undefined tensor");
+  // One t for the whole batch: the coefficients are host scalars (no gather, no device sync).
+  const auto& h = schedule.host();
+  const auto i = static_cast<size_t>(t);
+  const double beta = h.betas[i], sqrt_one_minus_abar = h.sqrt_one_minus_alphas_cumprod[i];
+  const double sqrt_recip_alpha = h.sqrt_recip_alphas[i];
+  auto mean = (x_t - eps_pred * (beta / sqrt_one_minus_abar)) * sqrt_recip_alpha;
+  if (t == 0) return mean;
+  TORCH_CHECK(noise.defined() && noise.sizes() == x_t.sizes(), fn, ": at t = ", t,
+              " > 0 the noise z must have x_t's shape ", detail::shape_str(x_t), ", got ",
+              noise.defined() ? detail::shape_str(noise) : "an undefined tensor");
+  const double sigma = std::sqrt(h.posterior_variance[i]);
+  return mean.add_(noise, sigma);
+}
+
+/// What the sampling loop reports after each reverse step.
+struct SampleStep {
+  /// Reverse steps done so far, 1 .. total.
+  int64_t step;
+  /// Reverse steps in the whole run.
+  int64_t total;
+  /// The timestep index just denoised: x_t -> x_{t-1}.
+  int64_t t;
+  /// x_{t-1}, the batch after this step (do not modify it in place).
+  const torch::Tensor& x;
+};
+
+/// Options for ddpm_sample.
+///
+/// Example:
+///   auto x = ddpm_sample(model, schedule, {25, 1, 28, 28}, SampleOptions().seed(42).callback(
+///       [](const SampleStep& s) { if (s.step % 100 == 0) std::cout << s.step << "/" << s.total << "\n"; }));
+struct SampleOptions {
+  /// Seeds a private CPU generator for x_T and every step's noise: same seed, same samples, on any
+  /// device. Ignored when `generator` is set.
+  TORCH_ARG(std::optional<uint64_t>, seed) = std::nullopt;
+  /// Draws all noise from this generator (CPU, or the sampling device's). Takes precedence over `seed`.
+  TORCH_ARG(std::optional<torch::Generator>, generator) = std::nullopt;
+  /// Called after every reverse step (progress bars, intermediate images).
+  TORCH_ARG(std::function<void(const SampleStep&)>, callback) = nullptr;
+};
+
+namespace detail {
+
+/// Puts a module in eval mode and restores the mode it found on scope exit.
+class EvalModeGuard {
+ public:
+  explicit EvalModeGuard(torch::nn::Module& module) : module_(module), was_training_(module.is_training()) {
+    module_.eval();
+  }
+  ~EvalModeGuard() { module_.train(was_training_); }
+  EvalModeGuard(const EvalModeGuard&) = delete;
+  EvalModeGuard& operator=(const EvalModeGuard&) = delete;
+
+ private:
+  torch::nn::Module& module_;
+  bool was_training_;
+};
+
+template <Backbone B>
+void check_backbone_device(const char* fn, B& model, const torch::Device& device) {
+  const auto params = unwrap(model).parameters();
+  if (!params.empty()) {
+    TORCH_CHECK(params.front().device() == device, fn, ": the model's parameters are on ", params.front().device(),
+                " but the schedule is on ", device, "; move one with .to(device)");
+  }
+}
+
+/// The model's noise prediction, checked to have x_t's shape (no silent broadcasting downstream).
+template <Backbone B>
+torch::Tensor predict_noise(const char* fn, B& model, const torch::Tensor& x_t, const torch::Tensor& t_batch) {
+  torch::Tensor eps = unwrap(model).forward(x_t, t_batch);
+  TORCH_CHECK(eps.sizes() == x_t.sizes(), fn, ": the backbone returned shape ", shape_str(eps), " for input ",
+              shape_str(x_t), "; it must predict noise of the input's shape");
+  return eps;
+}
+
+}  // namespace detail
+
+/// Generates samples with the DDPM ancestral sampler (Ho et al. 2020, Algorithm 2): x_T ~ N(0, I),
+/// then ddpm_step for t = T-1 .. 0 with the model's noise prediction.
+///
+/// `shape` is the batch shape (N, ...), e.g. {25, 1, 28, 28}. Runs on the schedule's device (the
+/// model must be there too) in the schedule's dtype, without autograd (InferenceMode), with the model
+/// in eval mode; the model's train/eval mode is restored afterwards. The result is an ordinary tensor.
+///
+/// Example:
+///   ConvNet model;
+///   NoiseSchedule schedule;
+///   auto images = ddpm_sample(model, schedule, {25, 1, 28, 28}, SampleOptions().seed(0));   // in ~[-1, 1]
+template <Backbone B>
+torch::Tensor ddpm_sample(B& model, const NoiseSchedule& schedule, std::vector<int64_t> shape,
+                          const SampleOptions& options = {}) {
+  constexpr const char* fn = "ddpm_sample";
+  TORCH_CHECK(!shape.empty() && shape.front() >= 1, fn, ": shape must start with a batch size >= 1, got ",
+              torch::IntArrayRef(shape));
+  for (const auto d : shape) TORCH_CHECK(d >= 1, fn, ": every dimension must be >= 1, got ", torch::IntArrayRef(shape));
+  const auto device = schedule.device();
+  detail::check_backbone_device(fn, model, device);
+
+  std::optional<torch::Generator> gen = options.generator();
+  if (!gen && options.seed()) gen = make_generator(*options.seed());
+
+  torch::Tensor result;
+  {
+    detail::EvalModeGuard eval(unwrap(model));
+    c10::InferenceMode no_autograd;
+    const auto x_options = torch::TensorOptions().dtype(schedule.dtype()).device(device);
+    auto x = detail::randn(shape, x_options, gen);
+    const int64_t T = schedule.timesteps();
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const auto t_batch = torch::full({shape.front()}, t, torch::TensorOptions().dtype(torch::kLong).device(device));
+      const auto eps = detail::predict_noise(fn, model, x, t_batch);
+      const auto z = t > 0 ? detail::randn(shape, x_options, gen) : torch::Tensor{};
+      x = ddpm_step(schedule, x, t, eps, z);
+      if (options.callback()) options.callback()(SampleStep{T - t, T, t, x});
+    }
+    result = std::move(x);
+  }
+  // An inference tensor cannot enter autograd later; hand back an ordinary one.
+  return result.clone();
+}
+
+}  // namespace diffusion

@@ -1,0 +1,163 @@
+#pragma once
+
+#include <torch/torch.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <numbers>
+#include <optional>
+#include <string>
+#include <vector>
+
+/// The variance schedule beta_1..beta_T and every quantity the forward and reverse processes derive
+/// from it.
+namespace diffusion {
+
+/// How beta_t grows with t.
+enum class ScheduleKind {
+  /// beta_t linear from beta_start to beta_end (Ho et al. 2020, sec. 4; the seed's schedule).
+  Linear,
+  /// abar_t = f(t) / f(0), f(t) = cos^2(((t / T + s) / (1 + s)) * pi / 2), betas clipped at
+  /// max_beta (Nichol & Dhariwal 2021, eq. 17).
+  Cosine,
+};
+
+inline std::string to_string(ScheduleKind kind) { return kind == ScheduleKind::Linear ? "linear" : "cosine"; }
+
+/// Options for a NoiseSchedule. The defaults are the seed's: linear, T = 1000, beta 1e-4 to 0.02.
+///
+/// Example:
+///   NoiseSchedule s(NoiseScheduleOptions().timesteps(1000).beta_start(1e-4).beta_end(0.02));
+///   NoiseSchedule c(NoiseScheduleOptions().kind(ScheduleKind::Cosine));
+struct NoiseScheduleOptions {
+  /// Number of diffusion steps T; timesteps are indexed 0..T-1 (index i is the paper's t = i + 1).
+  TORCH_ARG(int64_t, timesteps) = 1000;
+  TORCH_ARG(ScheduleKind, kind) = ScheduleKind::Linear;
+  /// Linear schedule: first beta, in (0, 1).
+  TORCH_ARG(double, beta_start) = 1e-4;
+  /// Linear schedule: last beta, in (0, 1) and >= beta_start.
+  TORCH_ARG(double, beta_end) = 0.02;
+  /// Cosine schedule: the offset s that keeps beta_1 from being vanishingly small.
+  TORCH_ARG(double, cosine_s) = 0.008;
+  /// Cosine schedule: betas are clipped to this, avoiding the singularity at t = T.
+  TORCH_ARG(double, max_beta) = 0.999;
+  /// Storage dtype of the tables (they are always computed in float64 first).
+  TORCH_ARG(torch::Dtype, dtype) = torch::kFloat32;
+};
+
+/// The tables of a variance schedule, one entry per timestep index 0..T-1.
+///
+/// Computed in float64 from the closed forms, then stored in `options.dtype()` on the CPU; `to()`
+/// moves a copy to another device or dtype. Notation follows Ho et al. 2020: alpha_t = 1 - beta_t,
+/// abar_t = prod_{s <= t} alpha_s.
+///
+/// Example:
+///   NoiseSchedule schedule;                       // the seed's linear schedule
+///   auto on_gpu = schedule.to(torch::kCUDA);
+///   float a = schedule.alphas_cumprod[999].item<float>();
+class NoiseSchedule {
+ public:
+  explicit NoiseSchedule(NoiseScheduleOptions options = {}) : options_(options) {
+    const int64_t T = options.timesteps();
+    TORCH_CHECK(T >= 1, "NoiseSchedule: timesteps must be >= 1, got ", T);
+    TORCH_CHECK(at::isFloatingType(options.dtype()), "NoiseSchedule: dtype must be floating point, got ",
+                options.dtype());
+    const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+    torch::Tensor betas64;
+    if (options.kind() == ScheduleKind::Linear) {
+      const double b0 = options.beta_start(), b1 = options.beta_end();
+      TORCH_CHECK(b0 > 0.0 && b0 < 1.0, "NoiseSchedule: beta_start must be in (0, 1), got ", b0);
+      TORCH_CHECK(b1 > 0.0 && b1 < 1.0, "NoiseSchedule: beta_end must be in (0, 1), got ", b1);
+      TORCH_CHECK(b0 <= b1, "NoiseSchedule: beta_start must be <= beta_end, got beta_start = ", b0,
+                  " > beta_end = ", b1);
+      betas64 = torch::linspace(b0, b1, T, f64);
+    } else {
+      const double s = options.cosine_s(), max_beta = options.max_beta();
+      TORCH_CHECK(s >= 0.0, "NoiseSchedule: cosine_s must be >= 0, got ", s);
+      TORCH_CHECK(max_beta > 0.0 && max_beta < 1.0, "NoiseSchedule: max_beta must be in (0, 1), got ", max_beta);
+      // Nichol & Dhariwal 2021, eq. 17: beta_t = 1 - abar(t) / abar(t - 1), clipped to max_beta.
+      // f is evaluated on the grid 0, 1/T, ..., 1; index i of the tables is the step from i/T to (i+1)/T.
+      const auto grid = torch::arange(T + 1, f64) / static_cast<double>(T);
+      const auto f = torch::cos((grid + s) / (1.0 + s) * (std::numbers::pi / 2)).pow(2);
+      betas64 = (1.0 - f.slice(0, 1) / f.slice(0, 0, T)).clamp_max(max_beta);
+    }
+    build(betas64);
+  }
+
+  /// Number of diffusion steps T.
+  int64_t timesteps() const noexcept { return options_.timesteps(); }
+  const NoiseScheduleOptions& options() const noexcept { return options_; }
+
+  /// The float64 values of the tables on the host, for scalar reads that must not wait on a device.
+  struct HostTables {
+    std::vector<double> betas, alphas_cumprod, alphas_cumprod_prev, sqrt_alphas_cumprod,
+        sqrt_one_minus_alphas_cumprod, sqrt_recip_alphas, posterior_variance;
+  };
+  const HostTables& host() const noexcept { return *host_; }
+  torch::Device device() const { return betas.device(); }
+  torch::Dtype dtype() const { return betas.scalar_type(); }
+
+  /// A copy of this schedule with every table on `device` in `dtype` (default: the current dtype).
+  NoiseSchedule to(torch::Device device, std::optional<torch::Dtype> dtype = std::nullopt) const {
+    NoiseSchedule out = *this;
+    const auto target = dtype.value_or(this->dtype());
+    TORCH_CHECK(at::isFloatingType(target), "NoiseSchedule::to: dtype must be floating point, got ", target);
+    out.options_.dtype(target);
+    for (auto* table : out.tables()) *table = table->to(device, target);
+    return out;
+  }
+
+  /// beta_t.
+  torch::Tensor betas;
+  /// alpha_t = 1 - beta_t.
+  torch::Tensor alphas;
+  /// abar_t = prod_{s <= t} alpha_s (Ho et al. 2020, eq. 4).
+  torch::Tensor alphas_cumprod;
+  /// abar_{t-1}, with abar_{-1} = 1 at index 0.
+  torch::Tensor alphas_cumprod_prev;
+  /// sqrt(abar_t): the signal scale of x_t.
+  torch::Tensor sqrt_alphas_cumprod;
+  /// sqrt(1 - abar_t): the noise scale of x_t.
+  torch::Tensor sqrt_one_minus_alphas_cumprod;
+  /// 1 / sqrt(alpha_t), used by the reverse step (Ho et al. 2020, eq. 11).
+  torch::Tensor sqrt_recip_alphas;
+  /// beta-tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t): the variance of q(x_{t-1} | x_t, x_0)
+  /// (Ho et al. 2020, eq. 7). Exactly 0 at index 0.
+  torch::Tensor posterior_variance;
+
+ private:
+  void build(const torch::Tensor& betas64) {
+    const auto alphas64 = 1.0 - betas64;
+    const auto abar = torch::cumprod(alphas64, 0);
+    const auto abar_prev = torch::cat({torch::ones({1}, abar.options()), abar.slice(0, 0, -1)});
+    const auto dtype = options_.dtype();
+    betas = betas64.to(dtype);
+    alphas = alphas64.to(dtype);
+    alphas_cumprod = abar.to(dtype);
+    alphas_cumprod_prev = abar_prev.to(dtype);
+    sqrt_alphas_cumprod = abar.sqrt().to(dtype);
+    sqrt_one_minus_alphas_cumprod = (1.0 - abar).sqrt().to(dtype);
+    sqrt_recip_alphas = alphas64.rsqrt().to(dtype);
+    const auto posterior64 = betas64 * (1.0 - abar_prev) / (1.0 - abar);
+    posterior_variance = posterior64.to(dtype);
+    const auto vec = [](const torch::Tensor& x) {
+      const auto c = x.contiguous();
+      return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+    };
+    host_ = std::make_shared<const HostTables>(HostTables{vec(betas64), vec(abar), vec(abar_prev), vec(abar.sqrt()),
+                                                          vec((1.0 - abar).sqrt()), vec(alphas64.rsqrt()),
+                                                          vec(posterior64)});
+  }
+
+  std::array<torch::Tensor*, 8> tables() {
+    return {&betas,      &alphas, &alphas_cumprod, &alphas_cumprod_prev, &sqrt_alphas_cumprod,
+            &sqrt_one_minus_alphas_cumprod, &sqrt_recip_alphas, &posterior_variance};
+  }
+
+  NoiseScheduleOptions options_;
+  std::shared_ptr<const HostTables> host_;
+};
+
+}  // namespace diffusion

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages diffusion needs, skipping those already present.
+#   libtorch-dev          LibTorch 1.13.1 (CPU)
+#   libopenblas0-pthread  an optimized BLAS: without it LibTorch falls back to reference BLAS and
+#                         Linear layers run ~50x slower
+#   catch2 (v2)           tests; libfmt-dev; cmake, ninja-build, ccache, g++
+set -euo pipefail
+
+packages=(g++ cmake ninja-build ccache libtorch-dev libopenblas0-pthread libfmt-dev catch2)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all packages present"
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,195 @@
+// The seed's backbones, the Backbone concept, and subclassing a backbone for an experiment.
+#include "catch.hpp"
+
+#include <diffusion/diffusion.hpp>
+
+#include <memory>
+
+using namespace diffusion;
+
+namespace {
+
+int64_t parameter_count(const torch::nn::Module& m) {
+  int64_t n = 0;
+  for (const auto& p : m.parameters()) n += p.numel();
+  return n;
+}
+
+/// Output shape == input shape for several batch sizes; t changes the output; every parameter gets a gradient.
+template <Backbone B>
+void check_backbone_behaviour(B& net, int64_t channels, int64_t size) {
+  torch::manual_seed(0);
+  for (const int64_t n : {1, 3, 8}) {
+    const auto x = torch::randn({n, channels, size, size});
+    CHECK(net(x, torch::randint(0, 1000, {n}, torch::kLong)).sizes() == x.sizes());
+  }
+  const auto x = torch::randn({4, channels, size, size});
+  const auto y0 = net(x, torch::zeros({4}, torch::kLong));
+  const auto y1 = net(x, torch::full({4}, 500, torch::kLong));
+  CHECK((y0 - y1).abs().max().template item<double>() > 1e-4);
+
+  net->zero_grad();
+  net(x, torch::tensor({1, 10, 100, 999})).pow(2).mean().backward();
+  for (const auto& p : net->named_parameters()) {
+    INFO(p.key());
+    REQUIRE(p.value().grad().defined());
+    CHECK(p.value().grad().abs().sum().template item<double>() > 0);
+  }
+}
+
+// --- The concept, checked at compile time -------------------------------------------------------------
+
+struct NoForwardImpl : torch::nn::Module {};
+TORCH_MODULE(NoForward);
+struct OneArgForwardImpl : torch::nn::Module {
+  torch::Tensor forward(const torch::Tensor& x) { return x; }
+};
+TORCH_MODULE(OneArgForward);
+struct NotAModule {
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor&) { return x; }
+};
+struct WrongReturnImpl : torch::nn::Module {
+  int forward(const torch::Tensor&, const torch::Tensor&) { return 0; }
+};
+
+/// A user's experiment: the seed's ConvNet with a global residual connection, from subclassing.
+struct ResidualConvNetImpl : ConvNetImpl {
+  using ConvNetImpl::ConvNetImpl;
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) override { return ConvNetImpl::forward(x, t) + x; }
+};
+TORCH_MODULE(ResidualConvNet);
+
+static_assert(Backbone<ConvNet>);
+static_assert(Backbone<ConvNetImpl>);
+static_assert(Backbone<std::shared_ptr<ConvNetImpl>>);
+static_assert(Backbone<SmolMLP> && Backbone<ChunkyMLP> && Backbone<MLP>);
+static_assert(Backbone<ResidualConvNet> && Backbone<std::shared_ptr<ResidualConvNetImpl>>);
+static_assert(Backbone<const ConvNet&>);
+static_assert(!Backbone<NoForward> && !Backbone<NoForwardImpl>);
+static_assert(!Backbone<OneArgForward>);
+static_assert(!Backbone<NotAModule> && PredictsNoise<NotAModule> && !TorchModule<NotAModule>);
+static_assert(!Backbone<WrongReturnImpl>);
+static_assert(!Backbone<int> && !Backbone<torch::nn::Linear>);
+static_assert(std::is_same_v<module_type_t<ConvNet>, ConvNetImpl>);
+static_assert(std::is_same_v<module_type_t<std::shared_ptr<SmolMLPImpl>>, SmolMLPImpl>);
+
+}  // namespace
+
+TEST_CASE("parameter counts equal the seed's PyTorch modules", "[backbones]") {
+  CHECK(parameter_count(*ConvNet()) == 3276129);
+  CHECK(parameter_count(*SmolMLP()) == 1526288);
+  CHECK(parameter_count(*ChunkyMLP()) == 20589584);
+}
+
+TEST_CASE("parameter names match the seed's state_dict", "[backbones]") {
+  const auto conv = ConvNet()->named_parameters();
+  for (const auto* name : {"time_mlp.1.weight", "enc1.conv1.weight", "enc4.norm2.bias", "bottleneck.time_mlp.weight",
+                           "dec4.conv1.weight", "dec1.conv2.bias", "final.weight"}) {
+    INFO(name);
+    CHECK(conv.contains(name));
+  }
+  CHECK(conv["enc1.conv1.weight"].sizes() == torch::IntArrayRef({32, 1, 3, 3}));
+  CHECK(conv["dec4.conv1.weight"].sizes() == torch::IntArrayRef({128, 256, 3, 3}));
+  CHECK(conv["dec1.conv1.weight"].sizes() == torch::IntArrayRef({32, 32, 3, 3}));
+  const auto chunky = ChunkyMLP()->named_parameters();
+  CHECK(chunky["fc1.weight"].sizes() == torch::IntArrayRef({2048, 28 * 28 + 256}));
+  CHECK(chunky["fc6.weight"].sizes() == torch::IntArrayRef({28 * 28, 2048}));
+  CHECK(SmolMLP()->named_parameters()["fc4.weight"].sizes() == torch::IntArrayRef({28 * 28, 512}));
+}
+
+TEST_CASE("sinusoidal embedding is the seed's formula", "[backbones]") {
+  SinusoidalPositionEmbeddings emb(8);  // half = 4, freq_i = 10000^(-i/3)
+  const auto e = emb(torch::tensor({0, 7}));
+  REQUIRE(e.sizes() == torch::IntArrayRef({2, 8}));
+  for (int64_t i = 0; i < 4; ++i) {
+    const double freq = std::pow(10000.0, -static_cast<double>(i) / 3.0);
+    CHECK_THAT(e[0][i].item<double>(), WithinAbs(0.0, 1e-7));
+    CHECK_THAT(e[0][i + 4].item<double>(), WithinAbs(1.0, 1e-7));
+    CHECK_THAT(e[1][i].item<double>(), WithinAbs(std::sin(7 * freq), 1e-6));
+    CHECK_THAT(e[1][i + 4].item<double>(), WithinAbs(std::cos(7 * freq), 1e-6));
+  }
+  CHECK_REFUSED(SinusoidalPositionEmbeddings(7), "dim must be even and >= 4, got 7");
+}
+
+TEST_CASE("ConvNet keeps the shape, depends on t and trains every parameter", "[backbones]") {
+  ConvNet net;
+  check_backbone_behaviour(net, 1, 28);
+  ConvNet rgb(ConvNetOptions().channels(3).widths({16, 32}));  // options change the shape it takes
+  check_backbone_behaviour(rgb, 3, 12);
+}
+
+TEST_CASE("SmolMLP keeps the shape, depends on t and trains every parameter", "[backbones]") {
+  SmolMLP net;
+  check_backbone_behaviour(net, 1, 28);
+}
+
+TEST_CASE("ChunkyMLP keeps the shape, depends on t and trains every parameter", "[backbones]") {
+  ChunkyMLP net;
+  check_backbone_behaviour(net, 1, 28);
+  MLP small(MLPOptions().channels(2).image_size(6).hidden(32).depth(2));
+  check_backbone_behaviour(small, 2, 6);
+}
+
+TEST_CASE("backbones refuse inputs of the wrong shape", "[backbones][errors]") {
+  ConvNet conv;
+  SmolMLP smol;
+  const auto t2 = torch::tensor({1, 2});
+  CHECK_REFUSED(conv(torch::zeros({2, 3, 28, 28}), t2), "ConvNet: expected 1 channel(s), got 3");
+  CHECK_REFUSED(conv(torch::zeros({2, 28, 28}), t2), "ConvNet: x must be (N, C, H, W), got shape [2, 28, 28]");
+  CHECK_REFUSED(conv(torch::zeros({2, 1, 28, 28}), torch::tensor({1, 2, 3})), "t must be (N,) with N = 2");
+  CHECK_REFUSED(conv(torch::zeros({2, 1, 28, 28}, torch::kLong), t2), "x must be a floating-point tensor");
+  CHECK_REFUSED(smol(torch::zeros({2, 1, 32, 32}), t2), "SmolMLP: expected 28x28 images, got 32x32");
+  CHECK_REFUSED(smol(torch::zeros({2, 2, 28, 28}), t2), "SmolMLP: expected 1 channel(s), got 2");
+  CHECK_REFUSED(ChunkyMLP()(torch::zeros({2, 1, 27, 28}), t2), "ChunkyMLP: expected 28x28 images");
+  CHECK_REFUSED(ConvNet(ConvNetOptions().widths({})), "widths must not be empty");
+  CHECK_REFUSED(ConvNet(ConvNetOptions().widths({12})), "groups (8) must divide out_channels (12)");
+  CHECK_REFUSED(MLP(MLPOptions().depth(0)), "depth must be >= 1");
+}
+
+TEST_CASE("MLP backbones accept non-contiguous input", "[backbones]") {
+  SmolMLP net;
+  const auto x = torch::randn({28, 28, 1, 3}).permute({3, 2, 0, 1});  // (3, 1, 28, 28), not contiguous
+  REQUIRE_FALSE(x.is_contiguous());
+  const auto t = torch::tensor({1, 2, 3});
+  CHECK(torch::allclose(net(x, t), net(x.contiguous(), t)));
+}
+
+TEST_CASE("a subclassed backbone trains and samples", "[backbones][subclass]") {
+  // Two experiments a researcher runs: override forward (a residual connection), and swap a block.
+  torch::manual_seed(3);
+  ResidualConvNet residual(ConvNetOptions().widths({8, 16}));
+  auto swapped = std::make_shared<ConvNetImpl>(ConvNetOptions().widths({8, 16}));
+  swapped->bottleneck = swapped->replace_module("bottleneck", ConvBlock(ConvBlockOptions(16, 16, 256).groups(4)));
+  swapped->final = swapped->replace_module(
+      "final", torch::nn::Conv2d(torch::nn::Conv2dOptions(8, 1, 3).padding(1)));
+  CHECK(swapped->named_parameters()["final.weight"].sizes() == torch::IntArrayRef({1, 8, 3, 3}));
+
+  NoiseSchedule schedule(NoiseScheduleOptions().timesteps(50));
+  // Data: one fixed 8x8 pattern; the loss of predicting its noise must fall.
+  const auto pattern = torch::linspace(-1, 1, 64).reshape({1, 1, 8, 8});
+  const auto train = [&](auto& net) {
+    torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(3e-3));
+    const auto loss_at = [&](int64_t step) {
+      torch::manual_seed(100 + step % 4);  // four fixed batches, so the losses compare
+      const auto x0 = pattern.expand({16, 1, 8, 8});
+      const auto t = torch::randint(0, 50, {16}, torch::kLong);
+      const auto eps = torch::randn_like(x0);
+      return torch::mse_loss(unwrap(net).forward(q_sample(schedule, x0, t, eps), t), eps);
+    };
+    double first = 0, last = 0;
+    for (int64_t step = 0; step < 60; ++step) {
+      const auto loss = loss_at(step);
+      if (step < 4) first += loss.template item<double>() / 4;
+      if (step >= 56) last += loss.template item<double>() / 4;
+      opt.zero_grad();
+      loss.backward();
+      opt.step();
+    }
+    CHECK(last < 0.5 * first);
+    const auto x = ddpm_sample(net, schedule, {4, 1, 8, 8}, SampleOptions().seed(1));
+    CHECK(x.sizes() == torch::IntArrayRef({4, 1, 8, 8}));
+    CHECK(torch::isfinite(x).all().template item<bool>());
+  };
+  train(residual);
+  train(swapped);
+}
