@@ -17,3 +17,8 @@
 #include <diffusion/backbones/embedding.hpp>
 #include <diffusion/backbones/conv_net.hpp>
 #include <diffusion/backbones/mlp.hpp>
+#include <diffusion/image.hpp>
+#include <diffusion/progress.hpp>
+#include <diffusion/checkpoint.hpp>
+#include <diffusion/trainer.hpp>
+#include <diffusion/data/mnist.hpp>

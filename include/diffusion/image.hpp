@@ -1,0 +1,70 @@
+#pragma once
+
+#include <diffusion/detail/check.hpp>
+
+#include <torch/torch.h>
+
+// stb_image_write (Debian's libstb-dev) with every function static, so any number of translation
+// units can include this header-only library.
+#ifndef STB_IMAGE_WRITE_IMPLEMENTATION
+#define STB_IMAGE_WRITE_IMPLEMENTATION
+#define STB_IMAGE_WRITE_STATIC
+#if __has_include(<stb/stb_image_write.h>)
+#include <stb/stb_image_write.h>
+#else
+#include <stb_image_write.h>
+#endif
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+/// Sample grids and PNG files.
+namespace diffusion {
+
+/// Tiles a batch (N, C, H, W) into one image (C, rows * (H + padding) + padding, nrow * (W + padding) +
+/// padding), `nrow` images per row, separated and framed by `padding` pixels of `pad_value`, like
+/// torchvision's make_grid.
+///
+/// Example:
+///   auto grid = make_grid(to_unit_range(samples), 5);   // 25 samples -> 5x5 grid
+inline torch::Tensor make_grid(const torch::Tensor& images, int64_t nrow = 8, int64_t padding = 2,
+                               double pad_value = 0.0) {
+  TORCH_CHECK(images.defined() && images.dim() == 4, "make_grid: images must be (N, C, H, W), got ",
+              images.defined() ? detail::shape_str(images) : "an undefined tensor");
+  TORCH_CHECK(images.size(0) >= 1, "make_grid: need at least one image");
+  TORCH_CHECK(nrow >= 1, "make_grid: nrow must be >= 1, got ", nrow);
+  TORCH_CHECK(padding >= 0, "make_grid: padding must be >= 0, got ", padding);
+  const int64_t n = images.size(0), c = images.size(1), h = images.size(2), w = images.size(3);
+  const int64_t cols = std::min(nrow, n), rows = (n + cols - 1) / cols;
+  auto grid = torch::full({c, rows * (h + padding) + padding, cols * (w + padding) + padding}, pad_value,
+                          images.options());
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t y = (i / cols) * (h + padding) + padding, x = (i % cols) * (w + padding) + padding;
+    grid.slice(1, y, y + h).slice(2, x, x + w).copy_(images[i]);
+  }
+  return grid;
+}
+
+/// Maps model outputs in [-1, 1] to [0, 1] and clamps, as the seed does before saving: (x + 1) / 2.
+inline torch::Tensor to_unit_range(const torch::Tensor& x) { return ((x + 1) / 2).clamp(0, 1); }
+
+/// Writes an image (C, H, W) or (H, W) with values in [0, 1] as an 8-bit PNG (C = 1 grey, 3 RGB,
+/// 4 RGBA). Values are clamped to [0, 1] and rounded: v -> round(255 v).
+inline void write_png(const std::filesystem::path& path, const torch::Tensor& image) {
+  TORCH_CHECK(image.defined() && (image.dim() == 2 || image.dim() == 3), "write_png: image must be (C, H, W) or (H, W), got ",
+              image.defined() ? detail::shape_str(image) : "an undefined tensor");
+  const auto chw = image.dim() == 2 ? image.unsqueeze(0) : image;
+  const int64_t c = chw.size(0);
+  TORCH_CHECK(c == 1 || c == 3 || c == 4, "write_png: expected 1, 3 or 4 channels, got ", c);
+  const auto bytes = chw.detach().to(torch::kCPU, torch::kFloat32).clamp(0, 1).mul(255).round().to(torch::kUInt8)
+                         .permute({1, 2, 0}).contiguous();
+  if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
+  const int ok = stbi_write_png(path.string().c_str(), static_cast<int>(bytes.size(1)), static_cast<int>(bytes.size(0)),
+                                static_cast<int>(c), bytes.data_ptr<uint8_t>(), static_cast<int>(bytes.size(1) * c));
+  TORCH_CHECK(ok != 0, "write_png: could not write ", path.string());
+}
+
+}  // namespace diffusion
