@@ -3,10 +3,12 @@
 #   libtorch-dev          LibTorch 1.13.1 (CPU)
 #   libopenblas0-pthread  an optimized BLAS: without it LibTorch falls back to reference BLAS and
 #                         Linear layers run ~50x slower
-#   catch2 (v2)           tests; libfmt-dev; cmake, ninja-build, ccache, g++
+#   catch2 (v2)           tests; libfmt-dev; zlib1g-dev (gzipped datasets); libstb-dev (PNG);
+#   libcli11-dev          the MNIST example's command line; cmake, ninja-build, ccache, g++
 set -euo pipefail
 
-packages=(g++ cmake ninja-build ccache libtorch-dev libopenblas0-pthread libfmt-dev catch2)
+packages=(g++ cmake ninja-build ccache curl ca-certificates libtorch-dev libopenblas0-pthread libfmt-dev catch2 zlib1g-dev libstb-dev
+  libcli11-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

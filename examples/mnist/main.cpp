@@ -1,0 +1,246 @@
+// The seed's whole job as one program: train a backbone on MNIST (or Fashion-MNIST) with DDPM,
+// writing a sample grid, a checkpoint and a metrics line every epoch; then sample from a checkpoint.
+//
+//   mnist train --backbone conv-small --epochs 2 --out runs/mnist
+//   mnist sample --checkpoint runs/mnist/checkpoints/checkpoint_epoch_002.pt --out grid.png
+//
+// `mnist --help`, `mnist train --help` and `mnist sample --help` explain every flag.
+#include <diffusion/diffusion.hpp>
+
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+#include <fmt/ranges.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+using namespace diffusion;
+
+namespace {
+
+/// The backbones this program knows, by name. conv-small is the seed's ConvNet at widths 32, 64: about
+/// a tenth of the parameters and ~1/14 of the training cost, so an epoch fits a laptop CPU.
+const std::vector<std::string> kBackbones = {"conv", "conv-small", "smol", "chunky"};
+
+std::vector<int64_t> default_widths(const std::string& backbone) {
+  return backbone == "conv-small" ? std::vector<int64_t>{32, 64} : std::vector<int64_t>{32, 64, 128, 256};
+}
+
+/// Flag checks with plain messages (CLI11 2.1's PositiveNumber prints DBL_MAX as the upper bound).
+CLI::Validator at_least(double lo) {
+  return CLI::Validator(
+      [lo](std::string& s) -> std::string {
+        try {
+          size_t used = 0;
+          if (std::stod(s, &used) >= lo && used == s.size()) return "";
+        } catch (const std::exception&) {
+        }
+        return fmt::format("must be a number >= {}, got '{}'", lo, s);
+      },
+      fmt::format(">={}", lo));
+}
+
+CLI::Validator positive() {
+  return CLI::Validator(
+      [](std::string& s) -> std::string {
+        try {
+          size_t used = 0;
+          if (std::stod(s, &used) > 0 && used == s.size()) return "";
+        } catch (const std::exception&) {
+        }
+        return fmt::format("must be a number > 0, got '{}'", s);
+      },
+      ">0");
+}
+
+std::string join(const std::vector<int64_t>& v) { return fmt::format("{}", fmt::join(v, ",")); }
+
+std::vector<int64_t> parse_widths(const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');) out.push_back(std::stoll(item));
+  return out;
+}
+
+torch::Device parse_device(const std::string& s) { return s == "auto" ? auto_device() : torch::Device(s); }
+
+/// Calls `f` with the backbone that `name` and `widths` describe.
+template <class F>
+auto with_backbone(const std::string& name, const std::vector<int64_t>& widths, F&& f) {
+  if (name == "conv" || name == "conv-small") return f(ConvNet(ConvNetOptions().widths(widths)));
+  if (name == "smol") return f(SmolMLP());
+  if (name == "chunky") return f(ChunkyMLP());
+  throw std::invalid_argument("unknown backbone '" + name + "'");
+}
+
+struct TrainArgs {
+  std::string backbone = "conv";
+  std::string widths;
+  std::string data = "data/mnist";
+  std::string out = "runs/mnist";
+  std::string device = "auto";
+  std::string schedule = "linear";
+  int64_t epochs = 100, batch_size = 128, threads = 0, limit = 0, val_size = 1000, max_steps = 0, grid = 25, keep = 1;
+  double lr = 1e-3, ema = 0.0, grad_clip = 0.0;
+  uint64_t seed = 0;
+  bool resume = false;
+};
+
+struct SampleArgs {
+  std::string checkpoint, out = "samples.png", singles, device = "auto";
+  int64_t n = 25, nrow = 0;
+  uint64_t seed = 0;
+  bool no_ema = false;
+};
+
+int train(const TrainArgs& a) {
+  const auto widths = a.widths.empty() ? default_widths(a.backbone) : parse_widths(a.widths);
+  auto train_split = data::load_mnist(a.data, data::Split::Train);
+  auto images = train_split.images;
+  if (a.limit > 0) images = images.slice(0, 0, std::min<int64_t>(a.limit, images.size(0)));
+  torch::Tensor val;
+  if (a.val_size > 0) {
+    const auto test = data::load_mnist(a.data, data::Split::Test);
+    val = test.images.slice(0, 0, std::min<int64_t>(a.val_size, test.images.size(0)));
+  }
+  const NoiseSchedule schedule(
+      NoiseScheduleOptions().kind(a.schedule == "cosine" ? ScheduleKind::Cosine : ScheduleKind::Linear));
+  const auto options = TrainerOptions()
+                           .epochs(a.epochs)
+                           .batch_size(a.batch_size)
+                           .lr(a.lr)
+                           .ema_decay(a.ema)
+                           .grad_clip(a.grad_clip)
+                           .seed(a.seed)
+                           .out_dir(a.out)
+                           .keep_checkpoints(a.keep)
+                           .grid_samples(a.grid)
+                           .max_steps_per_epoch(a.max_steps)
+                           .device(parse_device(a.device))
+                           .threads(a.threads);
+  return with_backbone(a.backbone, widths, [&](auto model) {
+    Trainer trainer(std::move(model), schedule, options);
+    trainer.metadata = {{"backbone", a.backbone}, {"widths", join(widths)}, {"image_shape", "1,28,28"}};
+    if (a.resume && trainer.resume()) {
+      fmt::print("resumed from epoch {} (step {}) of {}\n", trainer.epoch(), trainer.global_step(), a.out);
+    }
+    int64_t params = 0;
+    for (const auto& p : unwrap(trainer.model()).parameters()) params += p.numel();
+    fmt::print("training {} ({} parameters) on {} images from {} for {} epochs on {} with {} threads\n", a.backbone,
+               params, images.size(0), a.data, a.epochs, trainer.device().str(), at::get_num_threads());
+    std::fflush(stdout);  // before the progress bar starts on stderr
+    trainer.on_epoch = [](const EpochInfo& e) {
+      fmt::print("epoch {}/{}: train loss {:.4f}, val loss {:.4f}, {:.1f} s, {:.1f} img/s; wrote {} and {}\n", e.epoch,
+                 e.epochs, e.train_loss, e.val_loss, e.seconds, e.images_per_second, e.grid.string(),
+                 e.checkpoint.string());
+      std::fflush(stdout);
+    };
+    trainer.fit(images, val);
+    return 0;
+  });
+}
+
+int sample(const SampleArgs& a) {
+  const auto info = read_checkpoint_info(a.checkpoint);
+  const auto backbone = info.metadata.count("backbone") ? info.metadata.at("backbone") : "";
+  TORCH_CHECK(std::find(kBackbones.begin(), kBackbones.end(), backbone) != kBackbones.end(), "sample: ",
+              a.checkpoint, " names backbone '", backbone, "', which this program does not know");
+  const auto widths = parse_widths(info.metadata.at("widths"));
+  const auto device = parse_device(a.device);
+  return with_backbone(backbone, widths, [&](auto model) {
+    load_weights(a.checkpoint, model, !a.no_ema);
+    model->to(device);
+    const NoiseSchedule schedule = NoiseSchedule(info.schedule).to(device);
+    fmt::print("sampling {} images from {} (epoch {}, {} weights) on {}\n", a.n, a.checkpoint, info.epoch,
+               info.has_ema && !a.no_ema ? "EMA" : "trained", device.str());
+    const auto x = to_unit_range(
+        ddpm_sample(model, schedule, {a.n, 1, 28, 28}, SampleOptions().seed(a.seed)).cpu());
+    if (!a.out.empty()) {
+      const auto nrow = a.nrow > 0 ? a.nrow : static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(a.n))));
+      write_png(a.out, make_grid(x, nrow, 2));
+      fmt::print("wrote {}\n", a.out);
+    }
+    if (!a.singles.empty()) {
+      for (int64_t i = 0; i < a.n; ++i) write_png(fs::path(a.singles) / fmt::format("sample_{:05d}.png", i), x[i]);
+      fmt::print("wrote {} images to {}\n", a.n, a.singles);
+    }
+    return 0;
+  });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"DDPM on MNIST-format data: train a backbone, or sample from a checkpoint."};
+  app.require_subcommand(1, 1);
+
+  TrainArgs t;
+  auto* tr = app.add_subcommand("train", "Train a backbone; writes OUT/samples/epoch_NNN.png, "
+                                         "OUT/checkpoints/checkpoint_epoch_NNN.pt and OUT/metrics.jsonl every epoch");
+  tr->add_option("--backbone", t.backbone, "Backbone: conv (the seed's), conv-small (widths 32,64), smol, chunky")
+      ->check(CLI::IsMember(kBackbones))
+      ->capture_default_str();
+  tr->add_option("--widths", t.widths, "ConvNet encoder widths, comma-separated (default: the backbone's)");
+  tr->add_option("--data", t.data, "Directory with the four idx files (plain or .gz), e.g. "
+                                    "/usr/share/datasets/fashion-mnist")
+      ->capture_default_str();
+  tr->add_option("--out", t.out, "Output directory")->capture_default_str();
+  tr->add_option("--epochs", t.epochs, "Epochs to train (in total, counting resumed ones)")
+      ->check(at_least(1))->capture_default_str();
+  tr->add_option("--batch-size", t.batch_size, "Batch size")->check(at_least(1))->capture_default_str();
+  tr->add_option("--lr", t.lr, "AdamW learning rate")->check(positive())->capture_default_str();
+  tr->add_option("--ema", t.ema, "EMA decay of the weights, e.g. 0.999 (0: off)")
+      ->check(CLI::Range(0.0, 0.999999))->capture_default_str();
+  tr->add_option("--grad-clip", t.grad_clip, "Clip the gradient norm to this (0: off)")
+      ->check(at_least(0))->capture_default_str();
+  tr->add_option("--schedule", t.schedule, "Noise schedule")->check(CLI::IsMember({"linear", "cosine"}))
+      ->capture_default_str();
+  tr->add_option("--device", t.device, "auto (CUDA if available), cpu, cuda or cuda:N")->capture_default_str();
+  tr->add_option("--threads", t.threads, "CPU threads (0: all cores)")->check(at_least(0))
+      ->capture_default_str();
+  tr->add_option("--seed", t.seed, "Seed for shuffling, timesteps and noise")->capture_default_str();
+  tr->add_option("--limit", t.limit, "Train on the first N images only (0: all)")->check(at_least(0))
+      ->capture_default_str();
+  tr->add_option("--val-size", t.val_size, "Validation images from the test split (0: no validation)")
+      ->check(at_least(0))->capture_default_str();
+  tr->add_option("--max-steps", t.max_steps, "Stop each epoch after N steps (0: whole epochs)")
+      ->check(at_least(0))->capture_default_str();
+  tr->add_option("--grid", t.grid, "Images in each epoch's sample grid (0: none)")->check(at_least(0))
+      ->capture_default_str();
+  tr->add_option("--keep", t.keep, "Checkpoints to keep")->check(at_least(1))->capture_default_str();
+  tr->add_flag("--resume", t.resume, "Continue from the newest checkpoint in OUT/checkpoints");
+
+  SampleArgs s;
+  auto* sa = app.add_subcommand("sample", "Sample from a checkpoint (no training code needed)");
+  sa->add_option("--checkpoint", s.checkpoint, "Checkpoint written by train")->required()->check(CLI::ExistingFile);
+  sa->add_option("--n", s.n, "Number of images")->check(at_least(1))->capture_default_str();
+  sa->add_option("--out", s.out, "Grid PNG to write ('' for none)")->capture_default_str();
+  sa->add_option("--nrow", s.nrow, "Images per grid row (0: square)")->check(at_least(0))
+      ->capture_default_str();
+  sa->add_option("--singles", s.singles, "Also write each image as DIR/sample_NNNNN.png");
+  sa->add_option("--seed", s.seed, "Seed: the same seed gives the same images")->capture_default_str();
+  sa->add_option("--device", s.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
+  sa->add_flag("--no-ema", s.no_ema, "Use the trained weights even if the checkpoint has EMA weights");
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (tr->parsed()) {
+      if (!t.widths.empty()) {
+        TORCH_CHECK(t.backbone == "conv" || t.backbone == "conv-small", "--widths applies to conv backbones only");
+        for (const auto w : parse_widths(t.widths)) TORCH_CHECK(w >= 8 && w % 8 == 0, "--widths: each width must be a multiple of 8, got ", w);
+      }
+      return train(t);
+    }
+    return sample(s);
+  } catch (const c10::Error& e) {
+    fmt::print(stderr, "error: {}\n", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+  }
+  return 1;
+}
