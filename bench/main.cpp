@@ -1,0 +1,214 @@
+// diffusion_bench: training throughput, reverse-step time, full-sample time and peak memory for each
+// backbone, plus the machine's FP32 matmul ceiling. A program that prints numbers, never a test.
+//
+//   diffusion_bench                       all backbones, 2 warm-up + 10 timed steps each
+//   diffusion_bench --backbones smol,chunky --steps 20 --json
+//   diffusion_bench --quick               seconds: proves the program works (CI)
+//
+// Each measurement is the median of the timed repetitions after warm-up. On CUDA the clock is read
+// after torch::cuda::synchronize().
+#include <diffusion/diffusion.hpp>
+
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+using namespace diffusion;
+
+namespace {
+
+struct Config {
+  std::vector<std::string> backbones = {"conv", "conv-small", "smol", "chunky"};
+  std::string device = "cpu", data;
+  int64_t threads = 0, batch = 128, micro_batch = 0, sample_batch = 25, warmup = 2, steps = 10, reverse_steps = 5;
+  bool json = false, quick = false, full_sample = false, ceiling = true;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const auto n = v.size();
+  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+double peak_rss_mib() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) / 1024.0;  // Linux reports KiB
+}
+
+/// Median seconds of `reps` calls of f after `warmup` calls, synchronizing CUDA around each.
+double time_median(const torch::Device& device, int64_t warmup, int64_t reps, const std::function<void()>& f) {
+  const auto sync = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize();
+  };
+  for (int64_t i = 0; i < warmup; ++i) f();
+  std::vector<double> times;
+  for (int64_t i = 0; i < reps; ++i) {
+    sync();
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    sync();
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return median(times);
+}
+
+struct Result {
+  std::string backbone;
+  int64_t parameters = 0;
+  double train_img_s = 0, reverse_step_s = 0, full_sample_s = 0, peak_rss_mib = 0;
+  bool full_sample_measured = false;
+};
+
+template <Backbone B>
+Result bench_backbone(const std::string& name, B model, const Config& c, const torch::Tensor& dataset,
+                      const torch::Device& device) {
+  Result r;
+  r.backbone = name;
+  for (const auto& p : unwrap(model).parameters()) r.parameters += p.numel();
+  unwrap(model).to(device);
+  const NoiseSchedule schedule = NoiseSchedule().to(device);
+
+  // Training: the Trainer's own step (in-memory batch, q_sample, forward, backward, AdamW), one epoch
+  // of max warmup + steps steps, timed per step through the step callback.
+  {
+    auto options = TrainerOptions()
+                       .epochs(1)
+                       .batch_size(c.batch)
+                       .micro_batch(c.micro_batch)
+                       .device(device)
+                       .threads(c.threads)
+                       .max_steps_per_epoch(c.warmup + c.steps)
+                       .progress(ProgressMode::Off)
+                       .grid_samples(0);
+    Trainer trainer(model, NoiseSchedule(), options);
+    std::vector<double> times;
+    auto last = std::chrono::steady_clock::now();
+    trainer.on_step = [&](const StepInfo& s) {
+      if (device.is_cuda()) torch::cuda::synchronize();
+      const auto now = std::chrono::steady_clock::now();
+      if (s.step > c.warmup) times.push_back(std::chrono::duration<double>(now - last).count());
+      last = now;
+    };
+    trainer.fit(dataset);
+    r.train_img_s = static_cast<double>(c.batch) / median(times);
+  }
+
+  // One reverse step (model call + ddpm_step) on sample_batch images, as the sampler runs it.
+  {
+    diffusion::detail::EvalModeGuard eval(unwrap(model));
+    c10::InferenceMode no_autograd;
+    auto x = torch::randn({c.sample_batch, dataset.size(1), dataset.size(2), dataset.size(3)},
+                          torch::TensorOptions().device(device));
+    const auto t = torch::full({c.sample_batch}, 500, torch::TensorOptions().dtype(torch::kLong).device(device));
+    r.reverse_step_s = time_median(device, 1, c.reverse_steps, [&] {
+      x = ddpm_step(schedule, x, 500, unwrap(model).forward(x, t), torch::randn_like(x));
+    });
+  }
+  if (c.full_sample) {
+    r.full_sample_s = time_median(device, 0, 1, [&] {
+      ddpm_sample(model, schedule, {c.sample_batch, dataset.size(1), dataset.size(2), dataset.size(3)},
+                  SampleOptions().seed(0));
+    });
+    r.full_sample_measured = true;
+  } else {
+    r.full_sample_s = r.reverse_step_s * static_cast<double>(schedule.timesteps());
+  }
+  r.peak_rss_mib = peak_rss_mib();
+  return r;
+}
+
+/// GFLOP/s of an n x n float32 matmul: the machine's practical FP32 ceiling.
+double matmul_gflops(const torch::Device& device, int64_t n) {
+  const auto a = torch::randn({n, n}, torch::TensorOptions().device(device));
+  const auto b = torch::randn({n, n}, torch::TensorOptions().device(device));
+  const double s = time_median(device, 1, 5, [&] { (void)torch::mm(a, b); });
+  return 2.0 * static_cast<double>(n * n * n) / s / 1e9;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Config c;
+  std::string backbones = "conv,conv-small,smol,chunky";
+  CLI::App app{"Benchmark diffusion's backbones: training throughput, sampling time, memory"};
+  app.add_option("--backbones", backbones, "Comma-separated: conv, conv-small, smol, chunky")->capture_default_str();
+  app.add_option("--device", c.device, "cpu, cuda or cuda:N")->capture_default_str();
+  app.add_option("--threads", c.threads, "CPU threads (0: all cores)")->capture_default_str();
+  app.add_option("--batch", c.batch, "Training batch size")->capture_default_str();
+  app.add_option("--micro-batch", c.micro_batch, "Accumulate gradients over micro-batches of this size (0: off)")
+      ->capture_default_str();
+  app.add_option("--sample-batch", c.sample_batch, "Images per reverse step")->capture_default_str();
+  app.add_option("--warmup", c.warmup, "Untimed warm-up repetitions")->capture_default_str();
+  app.add_option("--steps", c.steps, "Timed training steps (median)")->capture_default_str();
+  app.add_option("--reverse-steps", c.reverse_steps, "Timed reverse steps (median)")->capture_default_str();
+  app.add_option("--data", c.data, "MNIST idx directory for the training batches (default: random images)");
+  app.add_flag("--full-sample", c.full_sample, "Measure the 1000-step sample instead of extrapolating it");
+  app.add_flag("--json", c.json, "Also print one JSON object per measurement");
+  app.add_flag("--quick", c.quick, "Tiny settings that finish in seconds (for CI)");
+  CLI11_PARSE(app, argc, argv);
+
+  c.backbones.clear();
+  std::stringstream ss(backbones);
+  for (std::string b; std::getline(ss, b, ',');) c.backbones.push_back(b);
+  if (c.quick) {
+    c.batch = 8;
+    c.sample_batch = 2;
+    c.warmup = 1;
+    c.steps = 2;
+    c.reverse_steps = 2;
+    c.full_sample = false;
+  }
+  try {
+    const torch::Device device(c.device);
+    at::set_num_threads(static_cast<int>(c.threads > 0 ? c.threads : std::thread::hardware_concurrency()));
+    const auto dataset = c.data.empty() ? torch::rand({c.quick ? 64 : 4096, 1, 28, 28}) * 2 - 1
+                                        : data::load_mnist(c.data, data::Split::Train).images;
+    fmt::print("diffusion {}.{}.{}, LibTorch {}.{}, device {}, {} threads, batch {} (micro-batch {}), {} timed steps "
+               "(median)\n", version_major, version_minor, version_patch, TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR,
+               device.str(), at::get_num_threads(), c.batch, c.micro_batch > 0 ? std::to_string(c.micro_batch) : "off",
+               c.steps);
+    if (!c.quick) {
+      const double g = matmul_gflops(device, device.is_cuda() ? 8192 : 2048);
+      fmt::print("FP32 matmul ceiling: {:.1f} GFLOP/s\n", g);
+      if (c.json) fmt::print("{{\"measure\": \"matmul_gflops\", \"device\": \"{}\", \"value\": {:.2f}}}\n", device.str(), g);
+    }
+    fmt::print("{:<11} {:>11} {:>12} {:>16} {:>18} {:>14}\n", "backbone", "parameters", "train img/s",
+               fmt::format("reverse step {}", c.sample_batch), "1000-step sample", "peak RSS MiB");
+    for (const auto& name : c.backbones) {
+      Result r;
+      if (name == "conv") r = bench_backbone(name, ConvNet(), c, dataset, device);
+      else if (name == "conv-small") r = bench_backbone(name, ConvNet(ConvNetOptions().widths({32, 64})), c, dataset, device);
+      else if (name == "smol") r = bench_backbone(name, SmolMLP(), c, dataset, device);
+      else if (name == "chunky") r = bench_backbone(name, ChunkyMLP(), c, dataset, device);
+      else {
+        fmt::print(stderr, "unknown backbone '{}' (conv, conv-small, smol, chunky)\n", name);
+        return 2;
+      }
+      fmt::print("{:<11} {:>11} {:>12.1f} {:>14.4f} s {:>14.1f} s{} {:>14.0f}\n", r.backbone, r.parameters,
+                 r.train_img_s, r.reverse_step_s, r.full_sample_s, r.full_sample_measured ? " " : "*",
+                 r.peak_rss_mib);
+      if (c.json) {
+        fmt::print("{{\"backbone\": \"{}\", \"device\": \"{}\", \"threads\": {}, \"batch\": {}, \"micro_batch\": {}, \"parameters\": {}, "
+                   "\"train_img_per_s\": {:.3f}, \"reverse_step_s\": {:.6f}, \"sample_batch\": {}, "
+                   "\"full_sample_s\": {:.3f}, \"full_sample\": \"{}\", \"peak_rss_mib\": {:.1f}}}\n",
+                   r.backbone, device.str(), at::get_num_threads(), c.batch, c.micro_batch, r.parameters, r.train_img_s,
+                   r.reverse_step_s, c.sample_batch, r.full_sample_s,
+                   r.full_sample_measured ? "measured" : "extrapolated", r.peak_rss_mib);
+      }
+    }
+    fmt::print("* extrapolated: 1000 x the median reverse step. Peak RSS is the process's so far.\n");
+  } catch (const c10::Error& e) {
+    fmt::print(stderr, "error: {}\n", e.what_without_backtrace());
+    return 1;
+  }
+  return 0;
+}
