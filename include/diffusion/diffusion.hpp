@@ -14,6 +14,7 @@
 #include <diffusion/forward.hpp>
 #include <diffusion/backbone.hpp>
 #include <diffusion/sampler.hpp>
+#include <diffusion/ddim.hpp>
 #include <diffusion/backbones/embedding.hpp>
 #include <diffusion/backbones/conv_net.hpp>
 #include <diffusion/backbones/mlp.hpp>

@@ -1,0 +1,110 @@
+#pragma once
+
+#include <diffusion/backbone.hpp>
+#include <diffusion/detail/check.hpp>
+#include <diffusion/detail/random.hpp>
+#include <diffusion/random.hpp>
+#include <diffusion/sampler.hpp>
+#include <diffusion/schedule.hpp>
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+/// DDIM (Song, Meng & Ermon 2021): sampling in far fewer steps than T, deterministic at eta = 0.
+namespace diffusion {
+
+/// The S timestep indices DDIM visits, ascending: i * T / S for i = 0 .. S-1 (integer division), so
+/// 0 is always included and the stride is T / S. The step from index k goes to the previous entry of
+/// this list, not to k - 1.
+inline std::vector<int64_t> ddim_timesteps(int64_t T, int64_t steps) {
+  TORCH_CHECK(steps >= 1 && steps <= T, "ddim_timesteps: steps must be in [1, ", T, "], got ", steps);
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < steps; ++i) out.push_back(i * T / steps);
+  return out;
+}
+
+/// One DDIM step from timestep index t to index t_prev < t (t_prev = -1 means "to x_0", abar = 1),
+/// given the predicted noise (Song et al. 2021, eq. 12):
+///   x0_pred = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+///   x_prev  = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma^2) eps + sigma z
+///   sigma   = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)     (eq. 16)
+/// eta = 0 is deterministic; eta = 1 has DDPM's posterior variance between the visited steps.
+inline torch::Tensor ddim_step(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t, int64_t t_prev,
+                               const torch::Tensor& eps_pred, double eta = 0.0, const torch::Tensor& noise = {}) {
+  constexpr const char* fn = "ddim_step";
+  detail::check_sample_batch(fn, "x_t", x_t);
+  TORCH_CHECK(t >= 0 && t < schedule.timesteps(), fn, ": t must be in [0, ", schedule.timesteps(), "), got ", t);
+  TORCH_CHECK(t_prev >= -1 && t_prev < t, fn, ": t_prev must be in [-1, t = ", t, "), got ", t_prev);
+  TORCH_CHECK(eta >= 0.0, fn, ": eta must be >= 0, got ", eta);
+  TORCH_CHECK(eps_pred.defined() && eps_pred.sizes() == x_t.sizes(), fn,
+              ": the predicted noise must have x_t's shape ", detail::shape_str(x_t), ", got ",
+              eps_pred.defined() ? detail::shape_str(eps_pred) : "an undefined tensor");
+  const auto& h = schedule.host();
+  const double abar = h.alphas_cumprod[static_cast<size_t>(t)];
+  const double abar_prev = t_prev >= 0 ? h.alphas_cumprod[static_cast<size_t>(t_prev)] : 1.0;
+  const double sigma = eta * std::sqrt((1 - abar_prev) / (1 - abar)) * std::sqrt(1 - abar / abar_prev);
+  const auto x0_pred = (x_t - eps_pred * std::sqrt(1 - abar)) / std::sqrt(abar);
+  auto out = x0_pred * std::sqrt(abar_prev) + eps_pred * std::sqrt(std::max(0.0, 1 - abar_prev - sigma * sigma));
+  if (sigma > 0) {
+    TORCH_CHECK(noise.defined() && noise.sizes() == x_t.sizes(), fn, ": with sigma > 0 the noise z must have x_t's shape ",
+                detail::shape_str(x_t), ", got ", noise.defined() ? detail::shape_str(noise) : "an undefined tensor");
+    out.add_(noise, sigma);
+  }
+  return out;
+}
+
+/// Options for ddim_sample.
+///
+/// Example:
+///   auto x = ddim_sample(model, schedule, {25, 1, 28, 28}, DDIMOptions().steps(50).eta(0.0).seed(1));
+struct DDIMOptions {
+  /// Number of model evaluations S (<= T).
+  TORCH_ARG(int64_t, steps) = 50;
+  /// 0: deterministic DDIM; 1: DDPM-like stochasticity.
+  TORCH_ARG(double, eta) = 0.0;
+  TORCH_ARG(std::optional<uint64_t>, seed) = std::nullopt;
+  TORCH_ARG(std::optional<torch::Generator>, generator) = std::nullopt;
+  TORCH_ARG(std::function<void(const SampleStep&)>, callback) = nullptr;
+};
+
+/// Generates samples with DDIM: x_T ~ N(0, I), then ddim_step over ddim_timesteps(T, steps) from the
+/// largest to 0, ending at x_0. Same device, dtype, eval-mode and InferenceMode handling as ddpm_sample.
+template <Backbone B>
+torch::Tensor ddim_sample(B& model, const NoiseSchedule& schedule, std::vector<int64_t> shape,
+                          const DDIMOptions& options = {}) {
+  constexpr const char* fn = "ddim_sample";
+  TORCH_CHECK(!shape.empty() && shape.front() >= 1, fn, ": shape must start with a batch size >= 1, got ",
+              torch::IntArrayRef(shape));
+  for (const auto d : shape) TORCH_CHECK(d >= 1, fn, ": every dimension must be >= 1, got ", torch::IntArrayRef(shape));
+  const auto ts = ddim_timesteps(schedule.timesteps(), options.steps());
+  TORCH_CHECK(options.eta() >= 0.0, fn, ": eta must be >= 0, got ", options.eta());
+  const auto device = schedule.device();
+  detail::check_backbone_device(fn, model, device);
+  std::optional<torch::Generator> gen = options.generator();
+  if (!gen && options.seed()) gen = make_generator(*options.seed());
+
+  torch::Tensor result;
+  {
+    detail::EvalModeGuard eval(unwrap(model));
+    c10::InferenceMode no_autograd;
+    const auto x_options = torch::TensorOptions().dtype(schedule.dtype()).device(device);
+    auto x = detail::randn(shape, x_options, gen);
+    const auto total = static_cast<int64_t>(ts.size());
+    for (int64_t i = total - 1; i >= 0; --i) {
+      const int64_t t = ts[static_cast<size_t>(i)], t_prev = i > 0 ? ts[static_cast<size_t>(i - 1)] : -1;
+      const auto t_batch = torch::full({shape.front()}, t, torch::TensorOptions().dtype(torch::kLong).device(device));
+      const auto eps = detail::predict_noise(fn, model, x, t_batch);
+      const bool stochastic = options.eta() > 0 && t_prev >= 0;
+      x = ddim_step(schedule, x, t, t_prev, eps, options.eta(),
+                    stochastic ? detail::randn(shape, x_options, gen) : torch::Tensor{});
+      if (options.callback()) options.callback()(SampleStep{total - i, total, t, x});
+    }
+    result = std::move(x);
+  }
+  return result.clone();
+}
+
+}  // namespace diffusion
