@@ -76,35 +76,23 @@ template <Backbone B>
 torch::Tensor ddim_sample(B& model, const NoiseSchedule& schedule, std::vector<int64_t> shape,
                           const DDIMOptions& options = {}) {
   constexpr const char* fn = "ddim_sample";
-  TORCH_CHECK(!shape.empty() && shape.front() >= 1, fn, ": shape must start with a batch size >= 1, got ",
-              torch::IntArrayRef(shape));
-  for (const auto d : shape) TORCH_CHECK(d >= 1, fn, ": every dimension must be >= 1, got ", torch::IntArrayRef(shape));
   const auto ts = ddim_timesteps(schedule.timesteps(), options.steps());
   TORCH_CHECK(options.eta() >= 0.0, fn, ": eta must be >= 0, got ", options.eta());
-  const auto device = schedule.device();
-  detail::check_backbone_device(fn, model, device);
-  std::optional<torch::Generator> gen = options.generator();
-  if (!gen && options.seed()) gen = make_generator(*options.seed());
-
-  torch::Tensor result;
-  {
-    detail::EvalModeGuard eval(unwrap(model));
-    c10::InferenceMode no_autograd;
-    const auto x_options = torch::TensorOptions().dtype(schedule.dtype()).device(device);
-    auto x = detail::randn(shape, x_options, gen);
-    const auto total = static_cast<int64_t>(ts.size());
-    for (int64_t i = total - 1; i >= 0; --i) {
-      const int64_t t = ts[static_cast<size_t>(i)], t_prev = i > 0 ? ts[static_cast<size_t>(i - 1)] : -1;
-      const auto t_batch = torch::full({shape.front()}, t, torch::TensorOptions().dtype(torch::kLong).device(device));
-      const auto eps = detail::predict_noise(fn, model, x, t_batch);
-      const bool stochastic = options.eta() > 0 && t_prev >= 0;
-      x = ddim_step(schedule, x, t, t_prev, eps, options.eta(),
-                    stochastic ? detail::randn(shape, x_options, gen) : torch::Tensor{});
-      if (options.callback()) options.callback()(SampleStep{total - i, total, t, x});
-    }
-    result = std::move(x);
-  }
-  return result.clone();
+  return detail::run_sampler(fn, model, schedule, shape, options.seed(), options.generator(),
+                             [&](torch::Tensor x, const auto& draw_noise) {
+                               const auto total = static_cast<int64_t>(ts.size());
+                               for (int64_t i = total - 1; i >= 0; --i) {
+                                 const int64_t t = ts[static_cast<size_t>(i)];
+                                 const int64_t t_prev = i > 0 ? ts[static_cast<size_t>(i - 1)] : -1;
+                                 const auto t_batch = detail::timestep_batch(shape.front(), t, schedule.device());
+                                 const auto eps = detail::predict_noise(fn, model, x, t_batch);
+                                 const bool stochastic = options.eta() > 0 && t_prev >= 0;
+                                 x = ddim_step(schedule, x, t, t_prev, eps, options.eta(),
+                                               stochastic ? draw_noise() : torch::Tensor{});
+                                 if (options.callback()) options.callback()(SampleStep{total - i, total, t, x});
+                               }
+                               return x;
+                             });
 }
 
 }  // namespace diffusion

@@ -126,37 +126,68 @@ torch::Tensor predict_noise(const char* fn, B& model, const torch::Tensor& x_t, 
 ///   ConvNet model;
 ///   NoiseSchedule schedule;
 ///   auto images = ddpm_sample(model, schedule, {25, 1, 28, 28}, SampleOptions().seed(0));   // in ~[-1, 1]
-template <Backbone B>
-torch::Tensor ddpm_sample(B& model, const NoiseSchedule& schedule, std::vector<int64_t> shape,
-                          const SampleOptions& options = {}) {
-  constexpr const char* fn = "ddpm_sample";
+namespace detail {
+
+/// What every sampling loop shares: checks the shape and the model's device, builds the generator from
+/// seed or generator, puts the model in eval mode under InferenceMode, draws x_T ~ N(0, I), runs
+/// `steps(x, draw_noise)` and returns its result as an ordinary tensor (an inference tensor cannot enter
+/// autograd later). `draw_noise()` returns fresh N(0, I) noise of the batch's shape.
+template <Backbone B, class Steps>
+torch::Tensor run_sampler(const char* fn, B& model, const NoiseSchedule& schedule, const std::vector<int64_t>& shape,
+                          const std::optional<uint64_t>& seed, const std::optional<torch::Generator>& generator,
+                          Steps&& steps) {
   TORCH_CHECK(!shape.empty() && shape.front() >= 1, fn, ": shape must start with a batch size >= 1, got ",
               torch::IntArrayRef(shape));
   for (const auto d : shape) TORCH_CHECK(d >= 1, fn, ": every dimension must be >= 1, got ", torch::IntArrayRef(shape));
   const auto device = schedule.device();
-  detail::check_backbone_device(fn, model, device);
-
-  std::optional<torch::Generator> gen = options.generator();
-  if (!gen && options.seed()) gen = make_generator(*options.seed());
+  check_backbone_device(fn, model, device);
+  std::optional<torch::Generator> gen = generator;
+  if (!gen && seed) gen = make_generator(*seed);
 
   torch::Tensor result;
   {
-    detail::EvalModeGuard eval(unwrap(model));
+    EvalModeGuard eval(unwrap(model));
     c10::InferenceMode no_autograd;
     const auto x_options = torch::TensorOptions().dtype(schedule.dtype()).device(device);
-    auto x = detail::randn(shape, x_options, gen);
-    const int64_t T = schedule.timesteps();
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const auto t_batch = torch::full({shape.front()}, t, torch::TensorOptions().dtype(torch::kLong).device(device));
-      const auto eps = detail::predict_noise(fn, model, x, t_batch);
-      const auto z = t > 0 ? detail::randn(shape, x_options, gen) : torch::Tensor{};
-      x = ddpm_step(schedule, x, t, eps, z);
-      if (options.callback()) options.callback()(SampleStep{T - t, T, t, x});
-    }
-    result = std::move(x);
+    const auto draw_noise = [&] { return randn(shape, x_options, gen); };
+    result = steps(draw_noise(), draw_noise);
   }
-  // An inference tensor cannot enter autograd later; hand back an ordinary one.
   return result.clone();
+}
+
+/// The timestep index `t` for every sample of the batch, on `device`.
+inline torch::Tensor timestep_batch(int64_t batch, int64_t t, const torch::Device& device) {
+  return torch::full({batch}, t, torch::TensorOptions().dtype(torch::kLong).device(device));
+}
+
+}  // namespace detail
+
+/// Generates samples with the DDPM ancestral sampler (Ho et al. 2020, Algorithm 2): x_T ~ N(0, I),
+/// then ddpm_step for t = T-1 .. 0 with the model's noise prediction.
+///
+/// `shape` is the batch shape (N, ...), e.g. {25, 1, 28, 28}. Runs on the schedule's device (the
+/// model must be there too) in the schedule's dtype, without autograd (InferenceMode), with the model
+/// in eval mode; the model's train/eval mode is restored afterwards. The result is an ordinary tensor.
+///
+/// Example:
+///   ConvNet model;
+///   NoiseSchedule schedule;
+///   auto images = ddpm_sample(model, schedule, {25, 1, 28, 28}, SampleOptions().seed(0));   // in ~[-1, 1]
+template <Backbone B>
+torch::Tensor ddpm_sample(B& model, const NoiseSchedule& schedule, std::vector<int64_t> shape,
+                          const SampleOptions& options = {}) {
+  constexpr const char* fn = "ddpm_sample";
+  return detail::run_sampler(fn, model, schedule, shape, options.seed(), options.generator(),
+                             [&](torch::Tensor x, const auto& draw_noise) {
+                               const int64_t T = schedule.timesteps();
+                               for (int64_t t = T - 1; t >= 0; --t) {
+                                 const auto t_batch = detail::timestep_batch(shape.front(), t, schedule.device());
+                                 const auto eps = detail::predict_noise(fn, model, x, t_batch);
+                                 x = ddpm_step(schedule, x, t, eps, t > 0 ? draw_noise() : torch::Tensor{});
+                                 if (options.callback()) options.callback()(SampleStep{T - t, T, t, x});
+                               }
+                               return x;
+                             });
 }
 
 }  // namespace diffusion
