@@ -173,6 +173,11 @@ TEST_CASE("checkpoints are written atomically, the newest N kept, with metrics a
   CHECK(info.schedule.timesteps() == 20);
   CHECK_FALSE(info.has_ema);
   CHECK(info.metadata.at("backbone") == "conv");
+  CHECK(info.training.at("batch_size") == "16");
+  CHECK(info.training.at("lr") == "0.002");
+  CHECK(info.training.at("epochs") == "3");
+  CHECK(info.training.at("ema_decay") == "0");
+  CHECK(info.training.at("device") == "cpu");
 }
 
 TEST_CASE("a checkpoint round trip reproduces sampling exactly, EMA weights included", "[checkpoint]") {

@@ -24,6 +24,8 @@ struct CheckpointInfo {
   NoiseScheduleOptions schedule;
   /// Free-form strings the trainer's user attached (the example stores the backbone's name and options).
   std::map<std::string, std::string> metadata;
+  /// The trainer options the checkpoint was written with, by name ("batch_size" -> "128", ...).
+  std::map<std::string, std::string> training;
 };
 
 namespace detail {
@@ -55,27 +57,29 @@ inline NoiseScheduleOptions read_schedule(torch::serialize::InputArchive& a) {
       .max_beta(read_value(a, "schedule_max_beta").toDouble());
 }
 
-/// Metadata is stored as "metadata_keys" (the keys joined by newlines) and "metadata_value_I", the I-th
+/// A string map is stored as "PREFIX_keys" (the keys joined by newlines) and "PREFIX_value_I", the I-th
 /// key's value (archive keys stay plain identifiers).
-inline void write_metadata(torch::serialize::OutputArchive& a, const std::map<std::string, std::string>& metadata) {
+inline void write_metadata(torch::serialize::OutputArchive& a, const std::map<std::string, std::string>& metadata,
+                           const std::string& prefix = "metadata") {
   std::string keys;
   size_t i = 0;
   for (const auto& [key, value] : metadata) {
     TORCH_CHECK(!key.empty() && key.find('\n') == std::string::npos,
                 "checkpoint: metadata keys must be non-empty and without newlines, got '", key, "'");
     keys += (keys.empty() ? "" : "\n") + key;
-    a.write("metadata_value_" + std::to_string(i++), c10::IValue(value));
+    a.write(prefix + "_value_" + std::to_string(i++), c10::IValue(value));
   }
-  a.write("metadata_keys", c10::IValue(keys));
+  a.write(prefix + "_keys", c10::IValue(keys));
 }
 
-inline std::map<std::string, std::string> read_metadata(torch::serialize::InputArchive& a) {
+inline std::map<std::string, std::string> read_metadata(torch::serialize::InputArchive& a,
+                                                        const std::string& prefix = "metadata") {
   std::map<std::string, std::string> out;
-  const auto keys = read_value(a, "metadata_keys").toStringRef();
+  const auto keys = read_value(a, prefix + "_keys").toStringRef();
   size_t begin = 0, i = 0;
   while (begin < keys.size()) {
     const auto end = std::min(keys.find('\n', begin), keys.size());
-    out[keys.substr(begin, end - begin)] = read_value(a, "metadata_value_" + std::to_string(i++)).toStringRef();
+    out[keys.substr(begin, end - begin)] = read_value(a, prefix + "_value_" + std::to_string(i++)).toStringRef();
     begin = end + 1;
   }
   return out;
@@ -155,6 +159,7 @@ inline CheckpointInfo read_checkpoint_info(const std::filesystem::path& path) {
   info.has_ema = detail::read_value(archive, "has_ema").toBool();
   info.schedule = detail::read_schedule(archive);
   info.metadata = detail::read_metadata(archive);
+  info.training = detail::read_metadata(archive, "training");
   return info;
 }
 

@@ -249,6 +249,7 @@ class Trainer {
     archive.write("rng", generator_.get_state());
     detail::write_schedule(archive, schedule_.options());
     detail::write_metadata(archive, metadata);
+    detail::write_metadata(archive, options_as_strings(), "training");
     save_atomically(archive, path);
   }
 
@@ -296,6 +297,21 @@ class Trainer {
     Trainer& trainer;
     std::vector<torch::Tensor> saved;
   };
+
+  /// The options that shape training, recorded in every checkpoint.
+  std::map<std::string, std::string> options_as_strings() const {
+    const auto& o = options_;
+    return {{"epochs", std::to_string(o.epochs())},
+            {"batch_size", std::to_string(o.batch_size())},
+            {"micro_batch", std::to_string(o.micro_batch())},
+            {"lr", fmt::format("{}", o.lr())},
+            {"weight_decay", fmt::format("{}", o.weight_decay())},
+            {"grad_clip", fmt::format("{}", o.grad_clip())},
+            {"ema_decay", fmt::format("{}", o.ema_decay())},
+            {"seed", std::to_string(o.seed())},
+            {"max_steps_per_epoch", std::to_string(o.max_steps_per_epoch())},
+            {"device", device_.str()}};
+  }
 
   void check_images(const char* name, const torch::Tensor& x) const {
     TORCH_CHECK(x.defined() && x.dim() == 4 && x.size(0) >= 1 && x.is_floating_point(), "Trainer::fit: ", name,
