@@ -92,8 +92,9 @@ struct TrainArgs {
 };
 
 struct SampleArgs {
-  std::string checkpoint, out = "samples.png", singles, device = "auto";
-  int64_t n = 25, nrow = 0;
+  std::string checkpoint, out = "samples.png", singles, device = "auto", sampler = "ddpm";
+  int64_t n = 25, nrow = 0, steps = 50;
+  double eta = 0.0;
   uint64_t seed = 0;
   bool no_ema = false;
 };
@@ -146,7 +147,8 @@ int train(const TrainArgs& a) {
   });
 }
 
-int sample(const SampleArgs& a) {
+/// n images from a checkpoint with the chosen sampler, in [-1, 1] on the CPU.
+torch::Tensor generate(const SampleArgs& a, bool verbose) {
   const auto info = read_checkpoint_info(a.checkpoint);
   const auto backbone = info.metadata.count("backbone") ? info.metadata.at("backbone") : "";
   TORCH_CHECK(std::find(kBackbones.begin(), kBackbones.end(), backbone) != kBackbones.end(), "sample: ",
@@ -157,21 +159,102 @@ int sample(const SampleArgs& a) {
     load_weights(a.checkpoint, model, !a.no_ema);
     model->to(device);
     const NoiseSchedule schedule = NoiseSchedule(info.schedule).to(device);
-    fmt::print("sampling {} images from {} (epoch {}, {} weights) on {}\n", a.n, a.checkpoint, info.epoch,
-               info.has_ema && !a.no_ema ? "EMA" : "trained", device.str());
-    const auto x = to_unit_range(
-        ddpm_sample(model, schedule, {a.n, 1, 28, 28}, SampleOptions().seed(a.seed)).cpu());
-    if (!a.out.empty()) {
-      const auto nrow = a.nrow > 0 ? a.nrow : static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(a.n))));
-      write_png(a.out, make_grid(x, nrow, 2));
-      fmt::print("wrote {}\n", a.out);
+    if (verbose) {
+      fmt::print("sampling {} images from {} (epoch {}, {} weights) with {} on {}\n", a.n, a.checkpoint, info.epoch,
+                 info.has_ema && !a.no_ema ? "EMA" : "trained",
+                 a.sampler == "ddim" ? fmt::format("DDIM, {} steps, eta {}", a.steps, a.eta) : std::string("DDPM"),
+                 device.str());
+      std::fflush(stdout);
     }
-    if (!a.singles.empty()) {
-      for (int64_t i = 0; i < a.n; ++i) write_png(fs::path(a.singles) / fmt::format("sample_{:05d}.png", i), x[i]);
-      fmt::print("wrote {} images to {}\n", a.n, a.singles);
+    // In chunks of at most 100 images: larger batches' activations (50 MB a tensor at 500 images) are
+    // mapped and unmapped by malloc at every op, and the page faults cost more than the arithmetic on a CPU.
+    // Chunk k is seeded with seed + k, so a run is reproducible from its seed.
+    std::vector<torch::Tensor> chunks;
+    for (int64_t done = 0, k = 0; done < a.n; done += 100, ++k) {
+      const std::vector<int64_t> shape{std::min<int64_t>(100, a.n - done), 1, 28, 28};
+      const uint64_t seed = a.seed + static_cast<uint64_t>(k);
+      chunks.push_back((a.sampler == "ddim"
+                            ? ddim_sample(model, schedule, shape, DDIMOptions().steps(a.steps).eta(a.eta).seed(seed))
+                            : ddpm_sample(model, schedule, shape, SampleOptions().seed(seed)))
+                           .cpu());
     }
-    return 0;
+    return torch::cat(chunks);
   });
+}
+
+int sample(const SampleArgs& a) {
+  const auto x = to_unit_range(generate(a, true));
+  if (!a.out.empty()) {
+    const auto nrow = a.nrow > 0 ? a.nrow : static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(a.n))));
+    write_png(a.out, make_grid(x, nrow, 2));
+    fmt::print("wrote {}\n", a.out);
+  }
+  if (!a.singles.empty()) {
+    for (int64_t i = 0; i < a.n; ++i) write_png(fs::path(a.singles) / fmt::format("sample_{:05d}.png", i), x[i]);
+    fmt::print("wrote {} images to {}\n", a.n, a.singles);
+  }
+  return 0;
+}
+
+struct ClassifierArgs {
+  std::string data = "data/mnist", out = "runs/classifier.pt";
+  int64_t epochs = 3;
+  uint64_t seed = 0;
+};
+
+int classifier(const ClassifierArgs& a) {
+  const auto train = data::load_mnist(a.data, data::Split::Train);
+  const auto test = data::load_mnist(a.data, data::Split::Test);
+  eval::LeNet net;
+  eval::train_classifier(net, train.images, train.labels, a.epochs, a.seed, [](int64_t epoch, double loss) {
+    fmt::print("classifier epoch {}: loss {:.4f}\n", epoch, loss);
+    std::fflush(stdout);
+  });
+  const double acc = eval::accuracy(net, test.images, test.labels);
+  if (fs::path(a.out).has_parent_path()) fs::create_directories(fs::path(a.out).parent_path());
+  torch::save(net, a.out);
+  fmt::print("test accuracy {:.2f}%; wrote {}\n", 100 * acc, a.out);
+  if (acc < 0.99) fmt::print("note: below 99%; more --epochs usually help\n");
+  return 0;
+}
+
+struct EvaluateArgs {
+  SampleArgs sample;
+  std::string classifier = "runs/classifier.pt", data = "data/mnist", images;
+};
+
+int evaluate(EvaluateArgs a) {
+  eval::LeNet net;
+  torch::load(net, a.classifier);
+  net->eval();
+  const auto test = data::load_mnist(a.data, data::Split::Test);
+  const auto train = data::load_mnist(a.data, data::Split::Train);
+  const int64_t n = a.sample.n;
+  const auto reference = eval::feature_statistics(eval::features_of(net, test.images));
+  torch::Tensor samples;
+  if (!a.images.empty()) {
+    torch::load(samples, a.images);
+    TORCH_CHECK(samples.dim() == 4 && samples.size(1) == 1 && samples.size(2) == 28 && samples.size(3) == 28,
+                "evaluate: ", a.images, " must hold an (N, 1, 28, 28) tensor in [-1, 1], got ", samples.sizes());
+  } else {
+    samples = generate(a.sample, true);
+  }
+  // The bounds, on as many images as the samples: train vs test (the floor) and uniform noise vs test.
+  const int64_t m = std::min<int64_t>(samples.size(0), train.images.size(0));
+  const double floor = eval::frechet_distance(
+      eval::feature_statistics(eval::features_of(net, train.images.slice(0, 0, m))), reference);
+  const auto noise = torch::rand({m, 1, 28, 28}, make_generator(a.sample.seed + 1)) * 2 - 1;
+  const double ceiling = eval::frechet_distance(eval::feature_statistics(eval::features_of(net, noise)), reference);
+  const auto q = eval::evaluate_samples(net, samples, reference);
+  fmt::print("samples:          {}\n", samples.size(0));
+  fmt::print("Frechet distance: {:.3f}   (floor, {} train images vs test: {:.3f}; ceiling, noise vs test: {:.3f})\n",
+             q.frechet, m, floor, ceiling);
+  fmt::print("digit rate:       {:.3f}   (share classified with probability >= 0.9)\n", q.digit_rate);
+  fmt::print("class histogram:  {}\n", fmt::join(q.histogram, " "));
+  fmt::print("class entropy:    {:.3f} nats (uniform: {:.3f}); smallest class share {:.3f}\n", q.class_entropy,
+             std::log(10.0), q.min_class_share);
+  (void)n;
+  return 0;
 }
 
 }  // namespace
@@ -230,6 +313,35 @@ int main(int argc, char** argv) {
   sa->add_option("--seed", s.seed, "Seed: the same seed gives the same images")->capture_default_str();
   sa->add_option("--device", s.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
   sa->add_flag("--no-ema", s.no_ema, "Use the trained weights even if the checkpoint has EMA weights");
+  const auto sampler_flags = [](CLI::App* cmd, SampleArgs& args) {
+    cmd->add_option("--sampler", args.sampler, "ddpm (all T steps) or ddim")->check(CLI::IsMember({"ddpm", "ddim"}))
+        ->capture_default_str();
+    cmd->add_option("--steps", args.steps, "DDIM steps")->check(at_least(1))->capture_default_str();
+    cmd->add_option("--eta", args.eta, "DDIM eta (0: deterministic)")->check(at_least(0))->capture_default_str();
+  };
+  sampler_flags(sa, s);
+
+  ClassifierArgs c;
+  auto* cl = app.add_subcommand("classifier", "Train the LeNet feature classifier that evaluate uses");
+  cl->add_option("--data", c.data, "MNIST directory")->capture_default_str();
+  cl->add_option("--out", c.out, "Where to save it")->capture_default_str();
+  cl->add_option("--epochs", c.epochs, "Epochs")->check(at_least(1))->capture_default_str();
+  cl->add_option("--seed", c.seed, "Seed")->capture_default_str();
+
+  EvaluateArgs e;
+  e.sample.n = 1000;
+  auto* ev = app.add_subcommand("evaluate", "Score samples: Frechet distance in the classifier's features (with "
+                                            "its floor and ceiling), digit rate, class histogram and entropy");
+  ev->add_option("--checkpoint", e.sample.checkpoint, "Checkpoint to sample from")->check(CLI::ExistingFile);
+  ev->add_option("--images", e.images, "Or: a tensor file (torch::save) of (N, 1, 28, 28) images in [-1, 1]")
+      ->check(CLI::ExistingFile);
+  ev->add_option("--classifier", e.classifier, "Classifier from the classifier subcommand")->capture_default_str();
+  ev->add_option("--data", e.data, "MNIST directory (the reference is its test set)")->capture_default_str();
+  ev->add_option("--n", e.sample.n, "Samples to draw")->check(at_least(2))->capture_default_str();
+  ev->add_option("--seed", e.sample.seed, "Seed")->capture_default_str();
+  ev->add_option("--device", e.sample.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
+  ev->add_flag("--no-ema", e.sample.no_ema, "Use the trained weights even if the checkpoint has EMA weights");
+  sampler_flags(ev, e.sample);
 
   CLI11_PARSE(app, argc, argv);
   try {
@@ -239,6 +351,11 @@ int main(int argc, char** argv) {
         for (const auto w : parse_widths(t.widths)) TORCH_CHECK(w >= 8 && w % 8 == 0, "--widths: each width must be a multiple of 8, got ", w);
       }
       return train(t);
+    }
+    if (cl->parsed()) return classifier(c);
+    if (ev->parsed()) {
+      TORCH_CHECK(e.sample.checkpoint.empty() != e.images.empty(), "evaluate: give exactly one of --checkpoint or --images");
+      return evaluate(e);
     }
     return sample(s);
   } catch (const c10::Error& e) {

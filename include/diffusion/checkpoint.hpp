@@ -75,7 +75,9 @@ inline void write_metadata(torch::serialize::OutputArchive& a, const std::map<st
 inline std::map<std::string, std::string> read_metadata(torch::serialize::InputArchive& a,
                                                         const std::string& prefix = "metadata") {
   std::map<std::string, std::string> out;
-  const auto keys = read_value(a, prefix + "_keys").toStringRef();
+  c10::IValue stored;
+  if (!a.try_read(prefix + "_keys", stored)) return out;  // absent in checkpoints written before it existed
+  const auto keys = stored.toStringRef();
   size_t begin = 0, i = 0;
   while (begin < keys.size()) {
     const auto end = std::min(keys.find('\n', begin), keys.size());

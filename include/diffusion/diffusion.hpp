@@ -23,3 +23,6 @@
 #include <diffusion/checkpoint.hpp>
 #include <diffusion/trainer.hpp>
 #include <diffusion/data/mnist.hpp>
+#include <diffusion/eval/frechet.hpp>
+#include <diffusion/eval/classifier.hpp>
+#include <diffusion/eval/quality.hpp>
