@@ -138,9 +138,9 @@ double matmul_gflops(const torch::Device& device, int64_t n) {
 
 int main(int argc, char** argv) {
   Config c;
-  std::string backbones = "conv,conv-small,smol,chunky";
+  std::string backbones = "conv,conv-small,smol,chunky,unet";
   CLI::App app{"Benchmark diffusion's backbones: training throughput, sampling time, memory"};
-  app.add_option("--backbones", backbones, "Comma-separated: conv, conv-small, smol, chunky")->capture_default_str();
+  app.add_option("--backbones", backbones, "Comma-separated: conv, conv-small, smol, chunky, unet")->capture_default_str();
   app.add_option("--device", c.device, "cpu, cuda or cuda:N")->capture_default_str();
   app.add_option("--threads", c.threads, "CPU threads (0: all cores)")->capture_default_str();
   app.add_option("--batch", c.batch, "Training batch size")->capture_default_str();
@@ -189,8 +189,9 @@ int main(int argc, char** argv) {
       else if (name == "conv-small") r = bench_backbone(name, ConvNet(ConvNetOptions().widths({32, 64})), c, dataset, device);
       else if (name == "smol") r = bench_backbone(name, SmolMLP(), c, dataset, device);
       else if (name == "chunky") r = bench_backbone(name, ChunkyMLP(), c, dataset, device);
+      else if (name == "unet") r = bench_backbone(name, UNet(), c, dataset, device);
       else {
-        fmt::print(stderr, "unknown backbone '{}' (conv, conv-small, smol, chunky)\n", name);
+        fmt::print(stderr, "unknown backbone '{}' (conv, conv-small, smol, chunky, unet)\n", name);
         return 2;
       }
       fmt::print("{:<11} {:>11} {:>12.1f} {:>14.4f} s {:>14.1f} s{} {:>14.0f}\n", r.backbone, r.parameters,

@@ -62,7 +62,7 @@ TORCH_MODULE(ResidualConvNet);
 static_assert(Backbone<ConvNet>);
 static_assert(Backbone<ConvNetImpl>);
 static_assert(Backbone<std::shared_ptr<ConvNetImpl>>);
-static_assert(Backbone<SmolMLP> && Backbone<ChunkyMLP> && Backbone<MLP>);
+static_assert(Backbone<SmolMLP> && Backbone<ChunkyMLP> && Backbone<MLP> && Backbone<UNet>);
 static_assert(Backbone<ResidualConvNet> && Backbone<std::shared_ptr<ResidualConvNetImpl>>);
 static_assert(Backbone<const ConvNet&>);
 static_assert(!Backbone<NoForward> && !Backbone<NoForwardImpl>);
@@ -128,6 +128,21 @@ TEST_CASE("ChunkyMLP keeps the shape, depends on t and trains every parameter", 
   check_backbone_behaviour(net, 1, 28);
   MLP small(MLPOptions().channels(2).image_size(6).hidden(32).depth(2));
   check_backbone_behaviour(small, 2, 6);
+}
+
+TEST_CASE("UNet keeps the shape, depends on t and trains every parameter", "[backbones][unet]") {
+  UNet net;
+  const auto params = parameter_count(*net);
+  INFO("UNet parameters: " << params);
+  CHECK(params >= 1000000);
+  CHECK(params <= 4000000);
+  check_backbone_behaviour(net, 1, 28);  // attention's parameters included
+  UNet plain(UNetOptions().widths({16, 32, 64}).attention(false).channels(3));
+  check_backbone_behaviour(plain, 3, 12);
+  CHECK_REFUSED(net(torch::zeros({2, 1, 30, 30}), torch::tensor({1, 2})), "divisible by 4, got 30x30");
+  CHECK_REFUSED(net(torch::zeros({2, 2, 28, 28}), torch::tensor({1, 2})), "UNet: expected 1 channel(s), got 2");
+  CHECK_REFUSED(UNet(UNetOptions().widths({32, 64})), "widths must hold 3 entries");
+  CHECK_REFUSED(UNet(UNetOptions().widths({32, 64, 100})), "groups (8) must divide the widths");
 }
 
 TEST_CASE("backbones refuse inputs of the wrong shape", "[backbones][errors]") {

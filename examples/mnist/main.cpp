@@ -25,10 +25,13 @@ namespace {
 
 /// The backbones this program knows, by name. conv-small is the seed's ConvNet at widths 32, 64: about
 /// a tenth of the parameters and ~1/14 of the training cost, so an epoch fits a laptop CPU.
-const std::vector<std::string> kBackbones = {"conv", "conv-small", "smol", "chunky"};
+const std::vector<std::string> kBackbones = {"conv", "conv-small", "smol", "chunky", "unet"};
 
+/// ConvNet widths by backbone name (none for the others).
 std::vector<int64_t> default_widths(const std::string& backbone) {
-  return backbone == "conv-small" ? std::vector<int64_t>{32, 64} : std::vector<int64_t>{32, 64, 128, 256};
+  if (backbone == "conv-small") return {32, 64};
+  if (backbone == "conv") return {32, 64, 128, 256};
+  return {};
 }
 
 /// Flag checks with plain messages (CLI11 2.1's PositiveNumber prints DBL_MAX as the upper bound).
@@ -75,6 +78,7 @@ auto with_backbone(const std::string& name, const std::vector<int64_t>& widths, 
   if (name == "conv" || name == "conv-small") return f(ConvNet(ConvNetOptions().widths(widths)));
   if (name == "smol") return f(SmolMLP());
   if (name == "chunky") return f(ChunkyMLP());
+  if (name == "unet") return f(UNet());
   throw std::invalid_argument("unknown backbone '" + name + "'");
 }
 
@@ -266,7 +270,7 @@ int main(int argc, char** argv) {
   TrainArgs t;
   auto* tr = app.add_subcommand("train", "Train a backbone; writes OUT/samples/epoch_NNN.png, "
                                          "OUT/checkpoints/checkpoint_epoch_NNN.pt and OUT/metrics.jsonl every epoch");
-  tr->add_option("--backbone", t.backbone, "Backbone: conv (the seed's), conv-small (widths 32,64), smol, chunky")
+  tr->add_option("--backbone", t.backbone, "Backbone: conv (the seed's), conv-small (widths 32,64), smol, chunky, unet")
       ->check(CLI::IsMember(kBackbones))
       ->capture_default_str();
   tr->add_option("--widths", t.widths, "ConvNet encoder widths, comma-separated (default: the backbone's)");

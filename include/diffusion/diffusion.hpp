@@ -18,6 +18,7 @@
 #include <diffusion/backbones/embedding.hpp>
 #include <diffusion/backbones/conv_net.hpp>
 #include <diffusion/backbones/mlp.hpp>
+#include <diffusion/backbones/unet.hpp>
 #include <diffusion/image.hpp>
 #include <diffusion/progress.hpp>
 #include <diffusion/checkpoint.hpp>
