@@ -227,13 +227,12 @@ struct EvaluateArgs {
   std::string classifier = "runs/classifier.pt", data = "data/mnist", images;
 };
 
-int evaluate(EvaluateArgs a) {
+int evaluate(const EvaluateArgs& a) {
   eval::LeNet net;
   torch::load(net, a.classifier);
   net->eval();
   const auto test = data::load_mnist(a.data, data::Split::Test);
   const auto train = data::load_mnist(a.data, data::Split::Train);
-  const int64_t n = a.sample.n;
   const auto reference = eval::feature_statistics(eval::features_of(net, test.images));
   torch::Tensor samples;
   if (!a.images.empty()) {
@@ -257,7 +256,6 @@ int evaluate(EvaluateArgs a) {
   fmt::print("class histogram:  {}\n", fmt::join(q.histogram, " "));
   fmt::print("class entropy:    {:.3f} nats (uniform: {:.3f}); smallest class share {:.3f}\n", q.class_entropy,
              std::log(10.0), q.min_class_share);
-  (void)n;
   return 0;
 }
 
