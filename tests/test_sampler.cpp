@@ -3,6 +3,7 @@
 
 #include <diffusion/diffusion.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -278,4 +279,54 @@ TEST_CASE("DDIM at eta = 0 is deterministic given x_T", "[ddim]") {
   CHECK_FALSE(torch::equal(a, c));
   CHECK_REFUSED(ddim_sample(oracle, schedule, {4, 1, 2, 2}, DDIMOptions().steps(2000)), "steps must be in [1, 1000]");
   CHECK_REFUSED(ddim_sample(oracle, schedule, {4, 1, 2, 2}, DDIMOptions().eta(-1)), "eta must be >= 0");
+}
+
+TEST_CASE("clip_x0 clamps the predicted x_0 and uses eq. 7's posterior mean, which is eq. 11 unclamped", "[sampler][clip]") {
+  NoiseSchedule s;
+  const auto& h = s.host();
+  const auto x = torch::full({2, 3}, 0.7), eps = torch::full({2, 3}, -0.2), z = torch::full({2, 3}, 1.5);
+  for (const int64_t t : {0, 1, 487, 999}) {
+    INFO("t = " << t);
+    const auto i = static_cast<size_t>(t);
+    // Nothing clamped: eq. 7 with x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) is eq. 11.
+    CHECK(torch::allclose(ddpm_step(s, x, t, eps, z, 1e6), ddpm_step(s, x, t, eps, z), 1e-5, 1e-5));
+    // Clamped: by hand in double.
+    const double abar = h.alphas_cumprod[i], abar_prev = h.alphas_cumprod_prev[i], beta = h.betas[i];
+    const double x0 = std::clamp((0.7 + 0.2 * std::sqrt(1 - abar)) / std::sqrt(abar), -1.0, 1.0);
+    const double mean = std::sqrt(abar_prev) * beta / (1 - abar) * x0 +
+                        std::sqrt(1 - beta) * (1 - abar_prev) / (1 - abar) * 0.7;
+    const double expected = mean + (t > 0 ? std::sqrt(h.posterior_variance[i]) * 1.5 : 0.0);
+    CHECK_THAT(ddpm_step(s, x, t, eps, z, 1.0)[1][2].item<double>(), WithinAbs(expected, 1e-6));
+  }
+  // At t = 0 the step returns the clamped x_0 itself.
+  CHECK(ddpm_step(s, torch::full({2, 3}, 3.0), 0, torch::zeros({2, 3}), {}, 1.0).eq(1.0).all().item<bool>());
+
+  // DDIM: x0 clamped, eps recomputed from it.
+  const double a = h.alphas_cumprod[500], ap = h.alphas_cumprod[480];
+  const double x0 = std::clamp((0.7 + 0.2 * std::sqrt(1 - a)) / std::sqrt(a), -1.0, 1.0);
+  REQUIRE(x0 == 1.0);  // this x_t and eps imply an x_0 above 1
+  const double eps_clamped = (0.7 - std::sqrt(a) * x0) / std::sqrt(1 - a);
+  CHECK_THAT(ddim_step(s, x, 500, 480, eps, 0.0, {}, 1.0)[0][0].item<double>(),
+             WithinAbs(std::sqrt(ap) * x0 + std::sqrt(1 - ap) * eps_clamped, 1e-5));
+  CHECK(torch::allclose(ddim_step(s, x, 500, 480, eps, 1.0, z, 1e6), ddim_step(s, x, 500, 480, eps, 1.0, z), 1e-5,
+                        1e-5));
+
+  CHECK_REFUSED(ddpm_step(s, x, 5, eps, z, -1.0), "clip_x0 must be >= 0 (0: off), got -1");
+  CHECK_REFUSED(ddim_step(s, x, 500, 480, eps, 0.0, {}, -2.0), "clip_x0 must be >= 0 (0: off), got -2");
+}
+
+TEST_CASE("samplers with clip_x0 = 1 end inside [-1, 1]", "[sampler][clip]") {
+  // An oracle for data N(0.8, 0.5^2): a sizeable share of its samples lie above 1 without clamping.
+  NoiseSchedule schedule;
+  GaussianOracle oracle(schedule, 0.8, 0.5);
+  const auto plain = ddpm_sample(oracle, schedule, {50, 1, 4, 4}, SampleOptions().seed(1));
+  CHECK(plain.gt(1.0).to(torch::kDouble).mean().item<double>() > 0.2);
+  const auto ddpm = ddpm_sample(oracle, schedule, {50, 1, 4, 4}, SampleOptions().seed(1).clip_x0(1.0));
+  CHECK(ddpm.abs().max().item<double>() <= 1.0);
+  for (const double eta : {0.0, 1.0}) {
+    const auto ddim = ddim_sample(oracle, schedule, {50, 1, 4, 4}, DDIMOptions().steps(20).eta(eta).seed(1).clip_x0(1.0));
+    CHECK(ddim.abs().max().item<double>() <= 1.0);
+  }
+  CHECK_REFUSED(ddpm_sample(oracle, schedule, {2, 1, 2, 2}, SampleOptions().clip_x0(-1)), "clip_x0 must be >= 0");
+  CHECK_REFUSED(ddim_sample(oracle, schedule, {2, 1, 2, 2}, DDIMOptions().clip_x0(-1)), "clip_x0 must be >= 0");
 }

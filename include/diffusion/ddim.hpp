@@ -32,13 +32,17 @@ inline std::vector<int64_t> ddim_timesteps(int64_t T, int64_t steps) {
 ///   x_prev  = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma^2) eps + sigma z
 ///   sigma   = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)     (eq. 16)
 /// eta = 0 is deterministic; eta = 1 has DDPM's posterior variance between the visited steps.
+/// `clip_x0` > 0 clamps x0_pred to [-clip_x0, clip_x0] and recomputes eps from the clamped x0_pred so
+/// that both terms agree (as ddpm_step's clip_x0; 0: off).
 inline torch::Tensor ddim_step(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t, int64_t t_prev,
-                               const torch::Tensor& eps_pred, double eta = 0.0, const torch::Tensor& noise = {}) {
+                               const torch::Tensor& eps_pred, double eta = 0.0, const torch::Tensor& noise = {},
+                               double clip_x0 = 0.0) {
   constexpr const char* fn = "ddim_step";
   detail::check_sample_batch(fn, "x_t", x_t);
   TORCH_CHECK(t >= 0 && t < schedule.timesteps(), fn, ": t must be in [0, ", schedule.timesteps(), "), got ", t);
   TORCH_CHECK(t_prev >= -1 && t_prev < t, fn, ": t_prev must be in [-1, t = ", t, "), got ", t_prev);
   TORCH_CHECK(eta >= 0.0, fn, ": eta must be >= 0, got ", eta);
+  TORCH_CHECK(clip_x0 >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", clip_x0);
   TORCH_CHECK(eps_pred.defined() && eps_pred.sizes() == x_t.sizes(), fn,
               ": the predicted noise must have x_t's shape ", detail::shape_str(x_t), ", got ",
               eps_pred.defined() ? detail::shape_str(eps_pred) : "an undefined tensor");
@@ -46,8 +50,13 @@ inline torch::Tensor ddim_step(const NoiseSchedule& schedule, const torch::Tenso
   const double abar = h.alphas_cumprod[static_cast<size_t>(t)];
   const double abar_prev = t_prev >= 0 ? h.alphas_cumprod[static_cast<size_t>(t_prev)] : 1.0;
   const double sigma = eta * std::sqrt((1 - abar_prev) / (1 - abar)) * std::sqrt(1 - abar / abar_prev);
-  const auto x0_pred = (x_t - eps_pred * std::sqrt(1 - abar)) / std::sqrt(abar);
-  auto out = x0_pred * std::sqrt(abar_prev) + eps_pred * std::sqrt(std::max(0.0, 1 - abar_prev - sigma * sigma));
+  auto x0_pred = (x_t - eps_pred * std::sqrt(1 - abar)) / std::sqrt(abar);
+  auto eps = eps_pred;
+  if (clip_x0 > 0.0) {
+    x0_pred.clamp_(-clip_x0, clip_x0);
+    eps = (x_t - x0_pred * std::sqrt(abar)) / std::sqrt(1 - abar);
+  }
+  auto out = x0_pred * std::sqrt(abar_prev) + eps * std::sqrt(std::max(0.0, 1 - abar_prev - sigma * sigma));
   if (sigma > 0) {
     TORCH_CHECK(noise.defined() && noise.sizes() == x_t.sizes(), fn, ": with sigma > 0 the noise z must have x_t's shape ",
                 detail::shape_str(x_t), ", got ", noise.defined() ? detail::shape_str(noise) : "an undefined tensor");
@@ -68,6 +77,8 @@ struct DDIMOptions {
   TORCH_ARG(std::optional<uint64_t>, seed) = std::nullopt;
   TORCH_ARG(std::optional<torch::Generator>, generator) = std::nullopt;
   TORCH_ARG(std::function<void(const SampleStep&)>, callback) = nullptr;
+  /// Clamp each step's predicted x_0 to [-clip_x0, clip_x0] (see ddim_step); 0: off.
+  TORCH_ARG(double, clip_x0) = 0.0;
 };
 
 /// Generates samples with DDIM: x_T ~ N(0, I), then ddim_step over ddim_timesteps(T, steps) from the
@@ -78,6 +89,7 @@ torch::Tensor ddim_sample(B& model, const NoiseSchedule& schedule, std::vector<i
   constexpr const char* fn = "ddim_sample";
   const auto ts = ddim_timesteps(schedule.timesteps(), options.steps());
   TORCH_CHECK(options.eta() >= 0.0, fn, ": eta must be >= 0, got ", options.eta());
+  TORCH_CHECK(options.clip_x0() >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", options.clip_x0());
   return detail::run_sampler(fn, model, schedule, shape, options.seed(), options.generator(),
                              [&](torch::Tensor x, const auto& draw_noise) {
                                const auto total = static_cast<int64_t>(ts.size());
@@ -88,7 +100,7 @@ torch::Tensor ddim_sample(B& model, const NoiseSchedule& schedule, std::vector<i
                                  const auto eps = detail::predict_noise(fn, model, x, t_batch);
                                  const bool stochastic = options.eta() > 0 && t_prev >= 0;
                                  x = ddim_step(schedule, x, t, t_prev, eps, options.eta(),
-                                               stochastic ? draw_noise() : torch::Tensor{});
+                                               stochastic ? draw_noise() : torch::Tensor{}, options.clip_x0());
                                  if (options.callback()) options.callback()(SampleStep{total - i, total, t, x});
                                }
                                return x;

@@ -25,10 +25,17 @@ namespace diffusion {
 /// `t` is the timestep index in [0, T) shared by the whole batch; `noise` is z (x_t's shape), needed
 /// only when t > 0. This is the seed's `calc_x_t_minus_one` with the model call factored out.
 ///
+/// `clip_x0` > 0 clamps the implied prediction of x_0, (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), to
+/// [-clip_x0, clip_x0] and takes the posterior mean in its x_0 form (eq. 7):
+///   mean = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t
+/// which equals eq. 11 when nothing is clamped. Data in [-1, 1] never leaves that range, so an
+/// imperfect model's out-of-range x_0 guesses are errors; clamping them (as Ho et al.'s code does)
+/// keeps early steps from amplifying them. 0 (the default, and the seed) is eq. 11 unchanged.
+///
 /// Example:
 ///   auto x_prev = ddpm_step(schedule, x_t, 500, model(x_t, t_batch), torch::randn_like(x_t));
 inline torch::Tensor ddpm_step(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t,
-                               const torch::Tensor& eps_pred, const torch::Tensor& noise = {}) {
+                               const torch::Tensor& eps_pred, const torch::Tensor& noise = {}, double clip_x0 = 0.0) {
   constexpr const char* fn = "ddpm_step";
   detail::check_sample_batch(fn, "x_t", x_t);
   TORCH_CHECK(x_t.device() == schedule.device(), fn, ": x_t is on ", x_t.device(), " but the schedule is on ",
@@ -38,11 +45,20 @@ inline torch::Tensor ddpm_step(const NoiseSchedule& schedule, const torch::Tenso
               ": the predicted noise must have x_t's shape ", detail::shape_str(x_t), ", got ",
               eps_pred.defined() ? detail::shape_str(eps_pred) : "an undefined tensor");
   // One t for the whole batch: the coefficients are host scalars (no gather, no device sync).
+  TORCH_CHECK(clip_x0 >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", clip_x0);
   const auto& h = schedule.host();
   const auto i = static_cast<size_t>(t);
   const double beta = h.betas[i], sqrt_one_minus_abar = h.sqrt_one_minus_alphas_cumprod[i];
-  const double sqrt_recip_alpha = h.sqrt_recip_alphas[i];
-  auto mean = (x_t - eps_pred * (beta / sqrt_one_minus_abar)) * sqrt_recip_alpha;
+  torch::Tensor mean;
+  if (clip_x0 > 0.0) {
+    const double abar = h.alphas_cumprod[i], abar_prev = h.alphas_cumprod_prev[i];
+    const auto x0 = ((x_t - eps_pred * sqrt_one_minus_abar) / std::sqrt(abar)).clamp_(-clip_x0, clip_x0);
+    const double c_x0 = std::sqrt(abar_prev) * beta / (1.0 - abar);
+    const double c_xt = std::sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar);
+    mean = x0.mul_(c_x0).add_(x_t, c_xt);
+  } else {
+    mean = (x_t - eps_pred * (beta / sqrt_one_minus_abar)) * h.sqrt_recip_alphas[i];
+  }
   if (t == 0) return mean;
   TORCH_CHECK(noise.defined() && noise.sizes() == x_t.sizes(), fn, ": at t = ", t,
               " > 0 the noise z must have x_t's shape ", detail::shape_str(x_t), ", got ",
@@ -76,6 +92,9 @@ struct SampleOptions {
   TORCH_ARG(std::optional<torch::Generator>, generator) = std::nullopt;
   /// Called after every reverse step (progress bars, intermediate images).
   TORCH_ARG(std::function<void(const SampleStep&)>, callback) = nullptr;
+  /// Clamp each step's predicted x_0 to [-clip_x0, clip_x0] (see ddpm_step); 0: off, as in the seed.
+  /// 1 suits data scaled to [-1, 1] such as the MNIST example's.
+  TORCH_ARG(double, clip_x0) = 0.0;
 };
 
 namespace detail {
@@ -177,13 +196,15 @@ template <Backbone B>
 torch::Tensor ddpm_sample(B& model, const NoiseSchedule& schedule, std::vector<int64_t> shape,
                           const SampleOptions& options = {}) {
   constexpr const char* fn = "ddpm_sample";
+  TORCH_CHECK(options.clip_x0() >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", options.clip_x0());
   return detail::run_sampler(fn, model, schedule, shape, options.seed(), options.generator(),
                              [&](torch::Tensor x, const auto& draw_noise) {
                                const int64_t T = schedule.timesteps();
                                for (int64_t t = T - 1; t >= 0; --t) {
                                  const auto t_batch = detail::timestep_batch(shape.front(), t, schedule.device());
                                  const auto eps = detail::predict_noise(fn, model, x, t_batch);
-                                 x = ddpm_step(schedule, x, t, eps, t > 0 ? draw_noise() : torch::Tensor{});
+                                 x = ddpm_step(schedule, x, t, eps, t > 0 ? draw_noise() : torch::Tensor{},
+                                               options.clip_x0());
                                  if (options.callback()) options.callback()(SampleStep{T - t, T, t, x});
                                }
                                return x;
