@@ -11,9 +11,12 @@
 #include <stb_image.h>
 #endif
 
+#if !defined(DIFFUSION_NO_ZLIB)
 #include <zlib.h>
+#endif
 
 #include <filesystem>
+#include <stdexcept>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -63,12 +66,14 @@ void write_bytes(const fs::path& path, const std::vector<uint8_t>& bytes) {
                                                static_cast<std::streamsize>(bytes.size()));
 }
 
+#if !defined(DIFFUSION_NO_ZLIB)
 void write_gz(const fs::path& path, const std::vector<uint8_t>& bytes) {
   gzFile f = gzopen(path.string().c_str(), "wb");
   REQUIRE(f != nullptr);
   gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size()));
   gzclose(f);
 }
+#endif
 
 }  // namespace
 
@@ -89,7 +94,9 @@ TEST_CASE("training lowers the validation loss on a tiny dataset", "[trainer]") 
 
 TEST_CASE("resuming gives the same weights as an uninterrupted run", "[trainer][checkpoint]") {
   const auto data = tiny_dataset();
-  const auto opts = quiet().epochs(2).ema_decay(0.9).grad_clip(1.0).grid_samples(0);
+  // With a warm-up and the cosine learning rate too: the resumed run must continue the same lr curve.
+  const auto opts =
+      quiet().epochs(2).ema_decay(0.9).grad_clip(1.0).grid_samples(0).lr_schedule(LRSchedule::Cosine).warmup_steps(3);
   const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(100));
 
   torch::manual_seed(1);
@@ -98,8 +105,12 @@ TEST_CASE("resuming gives the same weights as an uninterrupted run", "[trainer][
 
   torch::manual_seed(1);  // same initial weights
   const auto dir = scratch("resumed").string();
-  Trainer first(tiny_net(), schedule, TrainerOptions(opts).out_dir(dir).epochs(1));
-  first.fit(data);
+  // Interrupted after epoch 1's checkpoint, as a killed run would be (its options, epochs included, unchanged).
+  Trainer first(tiny_net(), schedule, TrainerOptions(opts).out_dir(dir));
+  first.on_epoch = [](const EpochInfo& e) {
+    if (e.epoch == 1) throw std::runtime_error("interrupted");
+  };
+  CHECK_THROWS_WITH(first.fit(data), "interrupted");
   torch::manual_seed(99);  // a different initialisation, overwritten by the checkpoint
   Trainer second(tiny_net(), schedule, TrainerOptions(opts).out_dir(dir));
   REQUIRE(second.resume());
@@ -114,6 +125,74 @@ TEST_CASE("resuming gives the same weights as an uninterrupted run", "[trainer][
     CHECK((p.value() - b[p.key()]).abs().max().item<double>() <= 1e-6);
     CHECK((straight.ema()[p.key()] - second.ema()[p.key()]).abs().max().item<double>() <= 1e-6);
   }
+}
+
+TEST_CASE("on CUDA, when present: the CPU's noise, training, and checkpoints that load on the CPU", "[cuda]") {
+  if (!torch::cuda::is_available()) {
+    WARN("no CUDA device: nothing to check here (scripts/gpu-check.sh runs this on a GPU machine)");
+    return;
+  }
+  const torch::Device cuda(torch::kCUDA);
+  // A seed draws every noise tensor on the CPU, so CUDA samples match the CPU's up to arithmetic.
+  const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(50));
+  torch::manual_seed(0);
+  auto net = tiny_net();
+  const auto on_cpu = ddpm_sample(net, schedule, {4, 1, 8, 8}, SampleOptions().seed(3));
+  const auto ddim_cpu = ddim_sample(net, schedule, {4, 1, 8, 8}, DDIMOptions().steps(10).seed(3));
+  net->to(cuda);
+  const auto on_cuda = ddpm_sample(net, schedule.to(cuda), {4, 1, 8, 8}, SampleOptions().seed(3));
+  const auto ddim_cuda = ddim_sample(net, schedule.to(cuda), {4, 1, 8, 8}, DDIMOptions().steps(10).seed(3));
+  CHECK(on_cuda.device().is_cuda());
+  CHECK((on_cuda.cpu() - on_cpu).abs().max().item<double>() < 1e-2);
+  CHECK((ddim_cuda.cpu() - ddim_cpu).abs().max().item<double>() < 1e-2);
+
+  // The trainer on CUDA lowers the loss; its checkpoint loads into a CPU model with equal weights.
+  const auto dir = scratch("cuda");
+  Trainer trainer(tiny_net(), schedule, quiet().device(cuda).epochs(4).ema_decay(0.9).out_dir(dir.string()));
+  std::vector<double> losses;
+  trainer.on_epoch = [&](const EpochInfo& e) { losses.push_back(e.train_loss); };
+  trainer.fit(tiny_dataset());
+  CHECK(losses.back() < losses.front());
+  auto cpu_model = tiny_net();
+  load_weights(list_checkpoints(dir / "checkpoints").back(), cpu_model, /*use_ema=*/false);
+  const auto trained = trainer.model()->named_parameters();
+  for (const auto& p : cpu_model->named_parameters()) {
+    INFO(p.key());
+    CHECK(torch::equal(p.value(), trained[p.key()].cpu()));
+  }
+  // Resuming on CUDA continues with the optimizer state on the device.
+  Trainer again(tiny_net(), schedule, quiet().device(cuda).epochs(5).ema_decay(0.9).out_dir(dir.string()));
+  REQUIRE(again.resume());
+  CHECK_NOTHROW(again.fit(tiny_dataset()));
+  CHECK(again.epoch() == 5);
+}
+
+TEST_CASE("the learning rate warms up linearly, then follows the cosine to zero at the last step", "[trainer][lr]") {
+  const auto o = TrainerOptions().lr(1e-3).warmup_steps(4).lr_schedule(LRSchedule::Cosine);
+  CHECK_THAT(learning_rate_at(o, 0, 21), WithinRel(2.5e-4, 1e-12));
+  CHECK_THAT(learning_rate_at(o, 3, 21), WithinRel(1e-3, 1e-12));
+  CHECK_THAT(learning_rate_at(o, 4, 21), WithinRel(1e-3, 1e-12));   // cosine starts at p = 0
+  CHECK_THAT(learning_rate_at(o, 12, 21), WithinRel(5e-4, 1e-12));  // p = 8 / 16 = 0.5
+  CHECK_THAT(learning_rate_at(o, 20, 21), WithinAbs(0.0, 1e-15));   // the last step
+  const auto constant = TrainerOptions().lr(2e-3).warmup_steps(2);
+  CHECK_THAT(learning_rate_at(constant, 0, 10), WithinRel(1e-3, 1e-12));
+  CHECK_THAT(learning_rate_at(constant, 9, 10), WithinRel(2e-3, 1e-12));
+  CHECK_THAT(learning_rate_at(TrainerOptions().lr(3e-4), 0, 10), WithinRel(3e-4, 1e-12));  // the seed's: constant
+
+  // The trainer steps with exactly these values, and leaves AdamW at the last one.
+  const auto data = tiny_dataset(32);
+  Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().timesteps(10)),
+                  quiet().epochs(2).batch_size(8).lr(1e-3).warmup_steps(2).lr_schedule(LRSchedule::Cosine).grid_samples(0));
+  std::vector<double> seen;
+  trainer.on_step = [&](const StepInfo& s) { seen.push_back(s.lr); };
+  trainer.fit(data);
+  REQUIRE(seen.size() == 8);
+  for (size_t i = 0; i < seen.size(); ++i) {
+    CHECK_THAT(seen[i], WithinAbs(learning_rate_at(trainer.options(), static_cast<int64_t>(i), 8), 1e-15));
+  }
+  CHECK(seen.back() == 0.0);
+  const auto& group = trainer.optimizer().param_groups().front();
+  CHECK(static_cast<const torch::optim::AdamWOptions&>(group.options()).lr() == 0.0);
 }
 
 TEST_CASE("micro-batches accumulate the same gradient as the whole batch", "[trainer]") {
@@ -222,6 +301,7 @@ TEST_CASE("trainer refuses bad options and data", "[trainer][errors]") {
   CHECK_REFUSED(Trainer(tiny_net(), s, quiet().epochs(0)), "epochs must be >= 1, got 0");
   CHECK_REFUSED(Trainer(tiny_net(), s, quiet().batch_size(0)), "batch_size must be >= 1");
   CHECK_REFUSED(Trainer(tiny_net(), s, quiet().lr(0)), "lr must be > 0");
+  CHECK_REFUSED(Trainer(tiny_net(), s, quiet().warmup_steps(-1)), "warmup_steps must be >= 0 (0 = off), got -1");
   CHECK_REFUSED(Trainer(tiny_net(), s, quiet().ema_decay(1.0)), "ema_decay must be in [0, 1)");
   CHECK_REFUSED(Trainer(tiny_net(), s, quiet().grad_clip(-1)), "grad_clip must be >= 0");
   CHECK_REFUSED(Trainer(tiny_net(), s, quiet().keep_checkpoints(0)), "keep_checkpoints must be >= 1");
@@ -270,7 +350,13 @@ TEST_CASE("a grid PNG reads back with the right size and pixel values", "[image]
 TEST_CASE("the idx loader reads good files, plain and gzipped, and names the fault in bad ones", "[data]") {
   const auto dir = scratch("idx");
   write_bytes(dir / "train-images-idx3-ubyte", idx_bytes(0x803, {3, 28, 28}, 3 * 28 * 28, 255));
+#if defined(DIFFUSION_NO_ZLIB)
+  write_bytes(dir / "train-labels-idx1-ubyte", idx_bytes(0x801, {3}, 3, 9));
+  write_bytes(dir / "gzipped", {0x1f, 0x8b, 8, 0, 0, 0, 0, 0});
+  CHECK_REFUSED(data::read_idx(dir / "gzipped"), "is gzipped but this build has no zlib");
+#else
   write_gz(dir / "train-labels-idx1-ubyte.gz", idx_bytes(0x801, {3}, 3, 9));
+#endif
   const auto split = data::load_mnist(dir, data::Split::Train);
   CHECK(split.images.sizes() == torch::IntArrayRef({3, 1, 28, 28}));
   CHECK(split.images.max().item<float>() == 1.0f);  // 255 -> 1

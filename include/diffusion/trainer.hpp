@@ -21,6 +21,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <numbers>
 #include <optional>
 #include <string>
 #include <thread>
@@ -31,6 +32,15 @@ namespace diffusion {
 
 /// Picks CUDA when this LibTorch has it and a GPU is present, else the CPU.
 inline torch::Device auto_device() { return torch::cuda::is_available() ? torch::kCUDA : torch::kCPU; }
+
+/// How the learning rate moves over a run (after the linear warm-up, if any).
+enum class LRSchedule {
+  /// lr throughout, as in the seed.
+  Constant,
+  /// lr * (1 + cos(pi * p)) / 2 where p goes from 0 after warm-up to 1 at the run's last step
+  /// (Loshchilov & Hutter 2017, without restarts): large steps early, small ones as the budget ends.
+  Cosine,
+};
 
 /// Options for a Trainer. The defaults are the seed's: AdamW, lr 1e-3, batch 128, 100 epochs.
 ///
@@ -46,6 +56,10 @@ struct TrainerOptions {
   /// BatchNorm, whose statistics would then be per micro-batch.
   TORCH_ARG(int64_t, micro_batch) = 0;
   TORCH_ARG(double, lr) = 1e-3;
+  /// The learning rate's course over the epochs x steps of the run; Constant is the seed's.
+  TORCH_ARG(LRSchedule, lr_schedule) = LRSchedule::Constant;
+  /// Raise the learning rate linearly from lr / warmup_steps to lr over this many first steps (0: off).
+  TORCH_ARG(int64_t, warmup_steps) = 0;
   /// AdamW's decoupled weight decay; 0.01 is torch.optim.AdamW's default, which the seed uses.
   TORCH_ARG(double, weight_decay) = 0.01;
   /// Clip the global gradient norm to this; 0 turns clipping off.
@@ -77,7 +91,20 @@ struct TrainerOptions {
 struct StepInfo {
   int64_t epoch, epochs, step, steps, global_step;
   double loss, mean_loss;
+  /// The learning rate this step used.
+  double lr;
 };
+
+/// The learning rate of step `step` (0-based) of a run of `total` steps under `o`'s lr, lr_schedule
+/// and warmup_steps.
+inline double learning_rate_at(const TrainerOptions& o, int64_t step, int64_t total) {
+  const int64_t warmup = o.warmup_steps();
+  if (step < warmup) return o.lr() * static_cast<double>(step + 1) / static_cast<double>(warmup);
+  if (o.lr_schedule() == LRSchedule::Constant) return o.lr();
+  const int64_t span = total - warmup - 1;
+  const double p = span > 0 ? std::min(1.0, static_cast<double>(step - warmup) / static_cast<double>(span)) : 1.0;
+  return o.lr() * 0.5 * (1.0 + std::cos(std::numbers::pi * p));
+}
 
 /// What the trainer reports after each epoch.
 struct EpochInfo {
@@ -116,6 +143,7 @@ class Trainer {
     TORCH_CHECK(o.batch_size() >= 1, "Trainer: batch_size must be >= 1, got ", o.batch_size());
     TORCH_CHECK(o.micro_batch() >= 0, "Trainer: micro_batch must be >= 0 (0 = off), got ", o.micro_batch());
     TORCH_CHECK(o.lr() > 0, "Trainer: lr must be > 0, got ", o.lr());
+    TORCH_CHECK(o.warmup_steps() >= 0, "Trainer: warmup_steps must be >= 0 (0 = off), got ", o.warmup_steps());
     TORCH_CHECK(o.weight_decay() >= 0, "Trainer: weight_decay must be >= 0, got ", o.weight_decay());
     TORCH_CHECK(o.grad_clip() >= 0, "Trainer: grad_clip must be >= 0 (0 = off), got ", o.grad_clip());
     TORCH_CHECK(o.ema_decay() >= 0 && o.ema_decay() < 1, "Trainer: ema_decay must be in [0, 1) (0 = off), got ",
@@ -162,6 +190,11 @@ class Trainer {
         const auto x0 = train.index_select(0, idx).to(opts.dtype(schedule_.dtype()));
         const auto t = torch::randint(0, schedule_.timesteps(), {x0.size(0)}, generator_, torch::kLong).to(device_);
         const auto noise = detail::randn(x0.sizes(), x0.options(), generator_);
+        // From the global step alone, so a resumed run continues the same curve.
+        const double lr = learning_rate_at(options_, global_step_, options_.epochs() * steps);
+        for (auto& group : optimizer_->param_groups()) {
+          static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+        }
         optimizer_->zero_grad();
         const double l = accumulate_gradients(x0, t, noise);
         if (options_.grad_clip() > 0) torch::nn::utils::clip_grad_norm_(unwrap(model_).parameters(), options_.grad_clip());
@@ -171,7 +204,7 @@ class Trainer {
         total += l;
         images += x0.size(0);
         bar.update(step + 1, total / static_cast<double>(step + 1));
-        if (on_step) on_step(StepInfo{epoch_ + 1, options_.epochs(), step + 1, steps, global_step_, l, total / (step + 1)});
+        if (on_step) on_step(StepInfo{epoch_ + 1, options_.epochs(), step + 1, steps, global_step_, l, total / (step + 1), lr});
       }
       bar.finish();
       ++epoch_;
@@ -305,6 +338,8 @@ class Trainer {
             {"batch_size", std::to_string(o.batch_size())},
             {"micro_batch", std::to_string(o.micro_batch())},
             {"lr", fmt::format("{}", o.lr())},
+            {"lr_schedule", o.lr_schedule() == LRSchedule::Cosine ? "cosine" : "constant"},
+            {"warmup_steps", std::to_string(o.warmup_steps())},
             {"weight_decay", fmt::format("{}", o.weight_decay())},
             {"grad_clip", fmt::format("{}", o.grad_clip())},
             {"ema_decay", fmt::format("{}", o.ema_decay())},

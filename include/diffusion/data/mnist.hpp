@@ -2,12 +2,18 @@
 
 #include <torch/torch.h>
 
+// zlib reads gzipped idx files (Debian's Fashion-MNIST ships them so). A build without it
+// (DIFFUSION_NO_ZLIB, which CMake sets when zlib is not found) reads plain files and refuses gzipped ones.
+#if !defined(DIFFUSION_NO_ZLIB)
 #include <zlib.h>
+#endif
 
 #include <array>
 #include <cstring>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -19,6 +25,14 @@ namespace detail {
 /// Reads a whole file, transparently gunzipping it (zlib reads uncompressed files as they are).
 inline std::vector<uint8_t> read_file(const std::filesystem::path& path) {
   TORCH_CHECK(std::filesystem::is_regular_file(path), "read_idx: ", path.string(), ": no such file");
+#if defined(DIFFUSION_NO_ZLIB)
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(in.good(), "read_idx: ", path.string(), ": cannot open");
+  std::vector<uint8_t> out((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  TORCH_CHECK(out.size() < 2 || out[0] != 0x1f || out[1] != 0x8b, "read_idx: ", path.string(),
+              " is gzipped but this build has no zlib (DIFFUSION_NO_ZLIB); gunzip it first");
+  return out;
+#else
   gzFile f = gzopen(path.string().c_str(), "rb");
   TORCH_CHECK(f != nullptr, "read_idx: ", path.string(), ": cannot open");
   std::vector<uint8_t> out;
@@ -31,6 +45,7 @@ inline std::vector<uint8_t> read_file(const std::filesystem::path& path) {
   gzclose(f);
   TORCH_CHECK(n >= 0, "read_idx: ", path.string(), ": read error (", error, ")");
   return out;
+#endif
 }
 
 inline uint32_t big_endian(const std::vector<uint8_t>& b, size_t at) {
