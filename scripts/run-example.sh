@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The main job: installs what is missing, fetches MNIST, builds the MNIST example, trains a backbone
-# that fits a CPU (conv-small: the seed's ConvNet at widths 32,64) for one epoch, then samples a grid
-# from the checkpoint. Extra arguments go to `mnist train` (e.g. --epochs 3, --backbone conv --device cuda).
+# The main job: installs what is missing, fetches MNIST, builds the MNIST example, trains the UNet from
+# scratch with the best sample quality per CPU minute we measured (about 25 minutes on 2 cores: widths
+# 16,32,128, 6 epochs at batch 64, AdamW 2e-3 with warm-up and a cosine decay, EMA 0.999), samples a grid
+# with DDIM, then scores 1,000 samples (Frechet distance with its bounds, digit rate, class histogram)
+# with the LeNet classifier, which it trains once (about 80 s) into runs/classifier.pt.
+# Extra arguments go to `mnist train` (e.g. --epochs 10, or --backbone conv --device cuda).
 # Re-running resumes from the newest checkpoint in runs/mnist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +15,12 @@ generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 cmake -S . -B build "${generator[@]}" -DCMAKE_BUILD_TYPE=Release
 cmake --build build --parallel "$(nproc)" --target mnist
+mnist=build/examples/mnist/mnist
 
-build/examples/mnist/mnist train --data data/mnist --out runs/mnist --backbone conv-small --epochs 1 --ema 0.999 \
-  --resume "$@"
+$mnist train --data data/mnist --out runs/mnist --backbone unet --epochs 6 --batch-size 64 --lr 2e-3 \
+  --lr-schedule cosine --warmup 200 --ema 0.999 --grid 25 --resume "$@"
 latest=$(ls runs/mnist/checkpoints/checkpoint_epoch_*.pt | tail -n 1)
-build/examples/mnist/mnist sample --checkpoint "$latest" --n 25 --out runs/mnist/sample_grid.png --seed 0
+$mnist sample --checkpoint "$latest" --n 25 --sampler ddim --steps 50 --out runs/mnist/sample_grid.png --seed 0
+[ -f runs/classifier.pt ] || $mnist classifier --data data/mnist --out runs/classifier.pt
+$mnist evaluate --checkpoint "$latest" --classifier runs/classifier.pt --data data/mnist --sampler ddim --steps 50 \
+  --n 1000 --seed 0 | tee runs/mnist/evaluation.txt

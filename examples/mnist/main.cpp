@@ -31,6 +31,7 @@ const std::vector<std::string> kBackbones = {"conv", "conv-small", "smol", "chun
 std::vector<int64_t> default_widths(const std::string& backbone) {
   if (backbone == "conv-small") return {32, 64};
   if (backbone == "conv") return {32, 64, 128, 256};
+  if (backbone == "unet") return UNetOptions().widths();
   return {};
 }
 
@@ -78,7 +79,7 @@ auto with_backbone(const std::string& name, const std::vector<int64_t>& widths, 
   if (name == "conv" || name == "conv-small") return f(ConvNet(ConvNetOptions().widths(widths)));
   if (name == "smol") return f(SmolMLP());
   if (name == "chunky") return f(ChunkyMLP());
-  if (name == "unet") return f(UNet());
+  if (name == "unet") return f(widths.empty() ? UNet() : UNet(UNetOptions().widths(widths)));
   throw std::invalid_argument("unknown backbone '" + name + "'");
 }
 
@@ -88,7 +89,8 @@ struct TrainArgs {
   std::string data = "data/mnist";
   std::string out = "runs/mnist";
   std::string device = "auto";
-  std::string schedule = "linear";
+  std::string schedule = "linear", lr_schedule = "constant";
+  int64_t warmup = 0;
   int64_t epochs = 100, batch_size = 128, micro_batch = 0, threads = 0, limit = 0, val_size = 1000, max_steps = 0, grid = 25, keep = 1;
   double lr = 1e-3, ema = 0.0, grad_clip = 0.0;
   uint64_t seed = 0;
@@ -98,7 +100,7 @@ struct TrainArgs {
 struct SampleArgs {
   std::string checkpoint, out = "samples.png", singles, device = "auto", sampler = "ddpm";
   int64_t n = 25, nrow = 0, steps = 50;
-  double eta = 0.0;
+  double eta = 0.0, clip_x0 = 1.0;
   uint64_t seed = 0;
   bool no_ema = false;
 };
@@ -120,6 +122,8 @@ int train(const TrainArgs& a) {
                            .batch_size(a.batch_size)
                            .micro_batch(a.micro_batch)
                            .lr(a.lr)
+                           .lr_schedule(a.lr_schedule == "cosine" ? LRSchedule::Cosine : LRSchedule::Constant)
+                           .warmup_steps(a.warmup)
                            .ema_decay(a.ema)
                            .grad_clip(a.grad_clip)
                            .seed(a.seed)
@@ -168,6 +172,7 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
                  info.has_ema && !a.no_ema ? "EMA" : "trained",
                  a.sampler == "ddim" ? fmt::format("DDIM, {} steps, eta {}", a.steps, a.eta) : std::string("DDPM"),
                  device.str());
+      if (a.clip_x0 > 0) fmt::print("predicted x_0 clamped to [-{0}, {0}] at every step\n", a.clip_x0);
       std::fflush(stdout);
     }
     // In chunks of at most 100 images: larger batches' activations (50 MB a tensor at 500 images) are
@@ -178,8 +183,9 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
       const std::vector<int64_t> shape{std::min<int64_t>(100, a.n - done), 1, 28, 28};
       const uint64_t seed = a.seed + static_cast<uint64_t>(k);
       chunks.push_back((a.sampler == "ddim"
-                            ? ddim_sample(model, schedule, shape, DDIMOptions().steps(a.steps).eta(a.eta).seed(seed))
-                            : ddpm_sample(model, schedule, shape, SampleOptions().seed(seed)))
+                            ? ddim_sample(model, schedule, shape,
+                                          DDIMOptions().steps(a.steps).eta(a.eta).clip_x0(a.clip_x0).seed(seed))
+                            : ddpm_sample(model, schedule, shape, SampleOptions().clip_x0(a.clip_x0).seed(seed)))
                            .cpu());
     }
     return torch::cat(chunks);
@@ -271,7 +277,7 @@ int main(int argc, char** argv) {
   tr->add_option("--backbone", t.backbone, "Backbone: conv (the seed's), conv-small (widths 32,64), smol, chunky, unet")
       ->check(CLI::IsMember(kBackbones))
       ->capture_default_str();
-  tr->add_option("--widths", t.widths, "ConvNet encoder widths, comma-separated (default: the backbone's)");
+  tr->add_option("--widths", t.widths, "ConvNet encoder widths, or the UNet's three level widths, comma-separated (default: the backbone's)");
   tr->add_option("--data", t.data, "Directory with the four idx files (plain or .gz), e.g. "
                                     "/usr/share/datasets/fashion-mnist")
       ->capture_default_str();
@@ -283,6 +289,10 @@ int main(int argc, char** argv) {
                  "Accumulate gradients over micro-batches of this size: same gradient, faster on a CPU (0: off)")
       ->check(at_least(0))->capture_default_str();
   tr->add_option("--lr", t.lr, "AdamW learning rate")->check(positive())->capture_default_str();
+  tr->add_option("--lr-schedule", t.lr_schedule, "constant (the seed's) or cosine (decays to 0 at the last step)")
+      ->check(CLI::IsMember({"constant", "cosine"}))->capture_default_str();
+  tr->add_option("--warmup", t.warmup, "Steps of linear learning-rate warm-up (0: off)")->check(at_least(0))
+      ->capture_default_str();
   tr->add_option("--ema", t.ema, "EMA decay of the weights, e.g. 0.999 (0: off)")
       ->check(CLI::Range(0.0, 0.999999))->capture_default_str();
   tr->add_option("--grad-clip", t.grad_clip, "Clip the gradient norm to this (0: off)")
@@ -320,6 +330,9 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     cmd->add_option("--steps", args.steps, "DDIM steps")->check(at_least(1))->capture_default_str();
     cmd->add_option("--eta", args.eta, "DDIM eta (0: deterministic)")->check(at_least(0))->capture_default_str();
+    cmd->add_option("--clip-x0", args.clip_x0,
+                    "Clamp each step's predicted x_0 to [-C, C]; the data lie in [-1, 1] (0: off, as in the seed)")
+        ->check(at_least(0))->capture_default_str();
   };
   sampler_flags(sa, s);
 
@@ -349,7 +362,8 @@ int main(int argc, char** argv) {
   try {
     if (tr->parsed()) {
       if (!t.widths.empty()) {
-        TORCH_CHECK(t.backbone == "conv" || t.backbone == "conv-small", "--widths applies to conv backbones only");
+        TORCH_CHECK(t.backbone == "conv" || t.backbone == "conv-small" || t.backbone == "unet",
+                    "--widths applies to the conv and unet backbones only");
         for (const auto w : parse_widths(t.widths)) TORCH_CHECK(w >= 8 && w % 8 == 0, "--widths: each width must be a multiple of 8, got ", w);
       }
       return train(t);
