@@ -20,7 +20,7 @@ mnist=build/examples/mnist/mnist
 $mnist train --data data/mnist --out runs/mnist --backbone unet --epochs 6 --batch-size 64 --lr 2e-3 \
   --lr-schedule cosine --warmup 200 --ema 0.999 --grid 25 --resume "$@"
 latest=$(ls runs/mnist/checkpoints/checkpoint_epoch_*.pt | tail -n 1)
-$mnist sample --checkpoint "$latest" --n 25 --sampler ddim --steps 50 --out runs/mnist/sample_grid.png --seed 0
+$mnist sample --checkpoint "$latest" --n 25 --sampler ddim --steps 50 --eta 1 --out runs/mnist/sample_grid.png --seed 0
 [ -f runs/classifier.pt ] || $mnist classifier --data data/mnist --out runs/classifier.pt
-$mnist evaluate --checkpoint "$latest" --classifier runs/classifier.pt --data data/mnist --sampler ddim --steps 50 \
+$mnist evaluate --checkpoint "$latest" --classifier runs/classifier.pt --data data/mnist --sampler ddim --steps 50 --eta 1 \
   --n 1000 --seed 0 | tee runs/mnist/evaluation.txt
