@@ -50,12 +50,9 @@ inline torch::Tensor ddim_step(const NoiseSchedule& schedule, const torch::Tenso
   const double abar = h.alphas_cumprod[static_cast<size_t>(t)];
   const double abar_prev = t_prev >= 0 ? h.alphas_cumprod[static_cast<size_t>(t_prev)] : 1.0;
   const double sigma = eta * std::sqrt((1 - abar_prev) / (1 - abar)) * std::sqrt(1 - abar / abar_prev);
-  auto x0_pred = (x_t - eps_pred * std::sqrt(1 - abar)) / std::sqrt(abar);
-  auto eps = eps_pred;
-  if (clip_x0 > 0.0) {
-    x0_pred.clamp_(-clip_x0, clip_x0);
-    eps = (x_t - x0_pred * std::sqrt(abar)) / std::sqrt(1 - abar);
-  }
+  const auto x0_pred = detail::predicted_x0(x_t, eps_pred, abar, clip_x0);
+  // After clamping, the noise that the clamped x0 implies, so both terms of eq. 12 agree.
+  const auto eps = clip_x0 > 0.0 ? (x_t - x0_pred * std::sqrt(abar)) / std::sqrt(1 - abar) : eps_pred;
   auto out = x0_pred * std::sqrt(abar_prev) + eps * std::sqrt(std::max(0.0, 1 - abar_prev - sigma * sigma));
   if (sigma > 0) {
     TORCH_CHECK(noise.defined() && noise.sizes() == x_t.sizes(), fn, ": with sigma > 0 the noise z must have x_t's shape ",

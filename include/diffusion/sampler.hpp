@@ -17,6 +17,17 @@
 /// The DDPM reverse process: one step, and the loop from pure noise to samples.
 namespace diffusion {
 
+namespace detail {
+
+/// The x_0 that x_t and the predicted noise imply, eq. 4 solved for x_0:
+/// (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clamped to [-clip_x0, clip_x0] when clip_x0 > 0.
+inline torch::Tensor predicted_x0(const torch::Tensor& x_t, const torch::Tensor& eps, double abar, double clip_x0) {
+  auto x0 = (x_t - eps * std::sqrt(1.0 - abar)) / std::sqrt(abar);
+  return clip_x0 > 0.0 ? x0.clamp_(-clip_x0, clip_x0) : x0;
+}
+
+}  // namespace detail
+
 /// One reverse step x_t -> x_{t-1} given the predicted noise (Ho et al. 2020, Algorithm 2, line 4):
 ///   mean    = 1 / sqrt(alpha_t) * (x_t - beta_t / sqrt(1 - abar_t) * eps_pred)   (eq. 11)
 ///   x_{t-1} = mean + sqrt(beta-tilde_t) * z,  z ~ N(0, I)                         (sigma_t^2 = eq. 7's beta-tilde)
@@ -44,15 +55,15 @@ inline torch::Tensor ddpm_step(const NoiseSchedule& schedule, const torch::Tenso
   TORCH_CHECK(eps_pred.defined() && eps_pred.sizes() == x_t.sizes(), fn,
               ": the predicted noise must have x_t's shape ", detail::shape_str(x_t), ", got ",
               eps_pred.defined() ? detail::shape_str(eps_pred) : "an undefined tensor");
-  // One t for the whole batch: the coefficients are host scalars (no gather, no device sync).
   TORCH_CHECK(clip_x0 >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", clip_x0);
+  // One t for the whole batch: the coefficients are host scalars (no gather, no device sync).
   const auto& h = schedule.host();
   const auto i = static_cast<size_t>(t);
   const double beta = h.betas[i], sqrt_one_minus_abar = h.sqrt_one_minus_alphas_cumprod[i];
   torch::Tensor mean;
   if (clip_x0 > 0.0) {
     const double abar = h.alphas_cumprod[i], abar_prev = h.alphas_cumprod_prev[i];
-    const auto x0 = ((x_t - eps_pred * sqrt_one_minus_abar) / std::sqrt(abar)).clamp_(-clip_x0, clip_x0);
+    auto x0 = detail::predicted_x0(x_t, eps_pred, abar, clip_x0);
     const double c_x0 = std::sqrt(abar_prev) * beta / (1.0 - abar);
     const double c_xt = std::sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar);
     mean = x0.mul_(c_x0).add_(x_t, c_xt);
