@@ -4,6 +4,7 @@
 //   diffusion_bench                       all backbones, 2 warm-up + 10 timed steps each
 //   diffusion_bench --backbones smol,chunky --steps 20 --json
 //   diffusion_bench --quick               seconds: proves the program works (CI)
+//   diffusion_bench --precision fp32      float32 only (default: fp32 and bf16 rows for each backbone)
 //
 // Each measurement is the median of the timed repetitions after warm-up. On CUDA the clock is read
 // after torch::cuda::synchronize().
@@ -27,6 +28,7 @@ namespace {
 
 struct Config {
   std::vector<std::string> backbones = {"conv", "conv-small", "smol", "chunky"};
+  std::vector<Precision> precisions = {Precision::Float32, Precision::BFloat16};
   std::string device = "cpu", data;
   int64_t threads = 0, batch = 128, micro_batch = 0, sample_batch = 25, warmup = 2, steps = 10, reverse_steps = 5;
   bool json = false, quick = false, full_sample = false, ceiling = true;
@@ -63,16 +65,18 @@ double time_median(const torch::Device& device, int64_t warmup, int64_t reps, co
 
 struct Result {
   std::string backbone;
+  Precision precision = Precision::Float32;
   int64_t parameters = 0;
   double train_img_s = 0, reverse_step_s = 0, full_sample_s = 0, peak_rss_mib = 0;
   bool full_sample_measured = false;
 };
 
 template <Backbone B>
-Result bench_backbone(const std::string& name, B model, const Config& c, const torch::Tensor& dataset,
-                      const torch::Device& device) {
+Result bench_backbone(const std::string& name, B model, Precision precision, const Config& c,
+                      const torch::Tensor& dataset, const torch::Device& device) {
   Result r;
   r.backbone = name;
+  r.precision = precision;
   for (const auto& p : unwrap(model).parameters()) r.parameters += p.numel();
   unwrap(model).to(device);
   const NoiseSchedule schedule = NoiseSchedule().to(device);
@@ -85,6 +89,7 @@ Result bench_backbone(const std::string& name, B model, const Config& c, const t
                        .batch_size(c.batch)
                        .micro_batch(c.micro_batch)
                        .device(device)
+                       .precision(precision)
                        .threads(c.threads)
                        .max_steps_per_epoch(c.warmup + c.steps)
                        .progress(ProgressMode::Off)
@@ -102,7 +107,8 @@ Result bench_backbone(const std::string& name, B model, const Config& c, const t
     r.train_img_s = static_cast<double>(c.batch) / median(times);
   }
 
-  // One reverse step (model call + ddpm_step) on sample_batch images, as the sampler runs it.
+  // One reverse step (model call + ddpm_step) on sample_batch images, as the sampler runs it (the model
+  // call autocast under bf16, the step's arithmetic in float32).
   {
     diffusion::detail::EvalModeGuard eval(unwrap(model));
     c10::InferenceMode no_autograd;
@@ -110,13 +116,18 @@ Result bench_backbone(const std::string& name, B model, const Config& c, const t
                           torch::TensorOptions().device(device));
     const auto t = torch::full({c.sample_batch}, 500, torch::TensorOptions().dtype(torch::kLong).device(device));
     r.reverse_step_s = time_median(device, 1, c.reverse_steps, [&] {
-      x = ddpm_step(schedule, x, 500, unwrap(model).forward(x, t), torch::randn_like(x));
+      torch::Tensor eps;
+      {
+        AutocastGuard amp(precision, device);
+        eps = unwrap(model).forward(x, t);
+      }
+      x = ddpm_step(schedule, x, 500, eps.to(x.scalar_type()), torch::randn_like(x));
     });
   }
   if (c.full_sample) {
     r.full_sample_s = time_median(device, 0, 1, [&] {
       ddpm_sample(model, schedule, {c.sample_batch, dataset.size(1), dataset.size(2), dataset.size(3)},
-                  SampleOptions().seed(0));
+                  SampleOptions().precision(precision).seed(0));
     });
     r.full_sample_measured = true;
   } else {
@@ -126,10 +137,10 @@ Result bench_backbone(const std::string& name, B model, const Config& c, const t
   return r;
 }
 
-/// GFLOP/s of an n x n float32 matmul: the machine's practical FP32 ceiling.
-double matmul_gflops(const torch::Device& device, int64_t n) {
-  const auto a = torch::randn({n, n}, torch::TensorOptions().device(device));
-  const auto b = torch::randn({n, n}, torch::TensorOptions().device(device));
+/// GFLOP/s of an n x n matmul in `dtype`: the machine's practical ceiling for it.
+double matmul_gflops(const torch::Device& device, int64_t n, torch::Dtype dtype) {
+  const auto a = torch::randn({n, n}, torch::TensorOptions().device(device).dtype(dtype));
+  const auto b = torch::randn({n, n}, torch::TensorOptions().device(device).dtype(dtype));
   const double s = time_median(device, 1, 5, [&] { (void)torch::mm(a, b); });
   return 2.0 * static_cast<double>(n * n * n) / s / 1e9;
 }
@@ -138,10 +149,13 @@ double matmul_gflops(const torch::Device& device, int64_t n) {
 
 int main(int argc, char** argv) {
   Config c;
-  std::string backbones = "conv,conv-small,smol,chunky,unet";
+  std::string backbones = "conv,conv-small,smol,chunky,unet", precisions = "fp32,bf16";
   CLI::App app{"Benchmark diffusion's backbones: training throughput, sampling time, memory"};
   app.add_option("--backbones", backbones, "Comma-separated: conv, conv-small, smol, chunky, unet")->capture_default_str();
   app.add_option("--device", c.device, "cpu, cuda or cuda:N")->capture_default_str();
+  app.add_option("--precision", precisions,
+                 "Comma-separated: fp32 (the seed's arithmetic), bf16 (autocast; fast with AMX/AVX512-BF16), auto")
+      ->capture_default_str();
   app.add_option("--threads", c.threads, "CPU threads (0: all cores)")->capture_default_str();
   app.add_option("--batch", c.batch, "Training batch size")->capture_default_str();
   app.add_option("--micro-batch", c.micro_batch, "Accumulate gradients over micro-batches of this size (0: off)")
@@ -159,6 +173,8 @@ int main(int argc, char** argv) {
   c.backbones.clear();
   std::stringstream ss(backbones);
   for (std::string b; std::getline(ss, b, ',');) c.backbones.push_back(b);
+  c.precisions.clear();
+  std::stringstream ps(precisions);
   if (c.quick) {
     c.batch = 8;
     c.sample_batch = 2;
@@ -169,6 +185,10 @@ int main(int argc, char** argv) {
   }
   try {
     const torch::Device device(c.device);
+    for (std::string p; std::getline(ps, p, ',');) {
+      c.precisions.push_back(p == "auto" ? auto_precision(device) : parse_precision(p));
+    }
+    TORCH_CHECK(!c.precisions.empty(), "--precision: expected fp32, bf16 or both, got nothing");
     at::set_num_threads(static_cast<int>(c.threads > 0 ? c.threads : std::thread::hardware_concurrency()));
     const auto dataset = c.data.empty() ? torch::rand({c.quick ? 64 : 4096, 1, 28, 28}) * 2 - 1
                                         : data::load_mnist(c.data, data::Split::Train).images;
@@ -177,31 +197,40 @@ int main(int argc, char** argv) {
                device.str(), at::get_num_threads(), c.batch, c.micro_batch > 0 ? std::to_string(c.micro_batch) : "off",
                c.steps);
     if (!c.quick) {
-      const double g = matmul_gflops(device, device.is_cuda() ? 8192 : 2048);
-      fmt::print("FP32 matmul ceiling: {:.1f} GFLOP/s\n", g);
-      if (c.json) fmt::print("{{\"measure\": \"matmul_gflops\", \"device\": \"{}\", \"value\": {:.2f}}}\n", device.str(), g);
+      for (const auto p : c.precisions) {
+        const auto dtype = p == Precision::BFloat16 ? torch::kBFloat16 : torch::kFloat32;
+        const double g = matmul_gflops(device, device.is_cuda() ? 8192 : 2048, dtype);
+        fmt::print("{} matmul ceiling: {:.1f} GFLOP/s\n", to_string(p), g);
+        if (c.json) {
+          fmt::print("{{\"measure\": \"matmul_gflops\", \"device\": \"{}\", \"precision\": \"{}\", \"value\": {:.2f}}}\n",
+                     device.str(), to_string(p), g);
+        }
+      }
     }
-    fmt::print("{:<11} {:>11} {:>12} {:>16} {:>18} {:>14}\n", "backbone", "parameters", "train img/s",
+    fmt::print("{:<11} {:>9} {:>11} {:>12} {:>16} {:>18} {:>14}\n", "backbone", "precision", "parameters", "train img/s",
                fmt::format("reverse step {}", c.sample_batch), "1000-step sample", "peak RSS MiB");
-    for (const auto& name : c.backbones) {
+    for (const auto& name : c.backbones) for (const auto precision : c.precisions) {
+      // A fresh, identically seeded model for every row.
+      torch::manual_seed(0);
       Result r;
-      if (name == "conv") r = bench_backbone(name, ConvNet(), c, dataset, device);
-      else if (name == "conv-small") r = bench_backbone(name, ConvNet(ConvNetOptions().widths({32, 64})), c, dataset, device);
-      else if (name == "smol") r = bench_backbone(name, SmolMLP(), c, dataset, device);
-      else if (name == "chunky") r = bench_backbone(name, ChunkyMLP(), c, dataset, device);
-      else if (name == "unet") r = bench_backbone(name, UNet(), c, dataset, device);
+      if (name == "conv") r = bench_backbone(name, ConvNet(), precision, c, dataset, device);
+      else if (name == "conv-small") r = bench_backbone(name, ConvNet(ConvNetOptions().widths({32, 64})), precision, c, dataset, device);
+      else if (name == "smol") r = bench_backbone(name, SmolMLP(), precision, c, dataset, device);
+      else if (name == "chunky") r = bench_backbone(name, ChunkyMLP(), precision, c, dataset, device);
+      else if (name == "unet") r = bench_backbone(name, UNet(), precision, c, dataset, device);
       else {
         fmt::print(stderr, "unknown backbone '{}' (conv, conv-small, smol, chunky, unet)\n", name);
         return 2;
       }
-      fmt::print("{:<11} {:>11} {:>12.1f} {:>14.4f} s {:>14.1f} s{} {:>14.0f}\n", r.backbone, r.parameters,
+      fmt::print("{:<11} {:>9} {:>11} {:>12.1f} {:>14.4f} s {:>14.1f} s{} {:>14.0f}\n", r.backbone,
+                 to_string(r.precision), r.parameters,
                  r.train_img_s, r.reverse_step_s, r.full_sample_s, r.full_sample_measured ? " " : "*",
                  r.peak_rss_mib);
       if (c.json) {
-        fmt::print("{{\"backbone\": \"{}\", \"device\": \"{}\", \"threads\": {}, \"batch\": {}, \"micro_batch\": {}, \"parameters\": {}, "
+        fmt::print("{{\"backbone\": \"{}\", \"precision\": \"{}\", \"device\": \"{}\", \"threads\": {}, \"batch\": {}, \"micro_batch\": {}, \"parameters\": {}, "
                    "\"train_img_per_s\": {:.3f}, \"reverse_step_s\": {:.6f}, \"sample_batch\": {}, "
                    "\"full_sample_s\": {:.3f}, \"full_sample\": \"{}\", \"peak_rss_mib\": {:.1f}}}\n",
-                   r.backbone, device.str(), at::get_num_threads(), c.batch, c.micro_batch, r.parameters, r.train_img_s,
+                   r.backbone, to_string(r.precision), device.str(), at::get_num_threads(), c.batch, c.micro_batch, r.parameters, r.train_img_s,
                    r.reverse_step_s, c.sample_batch, r.full_sample_s,
                    r.full_sample_measured ? "measured" : "extrapolated", r.peak_rss_mib);
       }

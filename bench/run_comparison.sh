@@ -8,9 +8,11 @@ threads=${1:-$(nproc)}
 scripts/fetch-mnist.sh data/mnist
 cmake --build build --target diffusion_bench
 b=build/bench/diffusion_bench
-# The ConvNet costs ~10 s a step on 2 cores: fewer timed steps for it.
+# The ConvNet costs ~10 s a step on 2 cores: fewer timed steps for it. Every library row is measured in
+# fp32 (the seed's arithmetic) and bf16 (autocast); the seed runs as published, then under autocast.
 $b --data data/mnist --threads "$threads" --backbones conv --warmup 1 --steps 4 --reverse-steps 5 --json
 $b --data data/mnist --threads "$threads" --backbones conv --warmup 1 --steps 4 --reverse-steps 5 --micro-batch 32 --json
-$b --data data/mnist --threads "$threads" --backbones conv-small,smol,chunky --warmup 2 --steps 20 --reverse-steps 9 --json
+$b --data data/mnist --threads "$threads" --backbones conv-small,smol,chunky,unet --warmup 2 --steps 20 --reverse-steps 9 --json
 /usr/bin/python3 bench/seed_bench.py --data data/mnist --threads "$threads" --backbones conv --warmup 1 --steps 4 --reverse-steps 5
 /usr/bin/python3 bench/seed_bench.py --data data/mnist --threads "$threads" --backbones smol,chunky --warmup 2 --steps 20 --reverse-steps 9
+/usr/bin/python3 bench/seed_bench.py --data data/mnist --threads "$threads" --backbones conv,smol,chunky --warmup 2 --steps 20 --reverse-steps 9 --bf16

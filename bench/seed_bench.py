@@ -7,6 +7,10 @@ timing around them is added. Run it with Debian's python3-torch (LibTorch 1.13.1
 library's) and the same thread count:
 
     /usr/bin/python3 bench/seed_bench.py --data data/mnist --threads 2
+
+--bf16 wraps the model calls in torch.autocast('cpu', dtype=torch.bfloat16), the library's Precision::BFloat16
+in Python, to compare like with like. The seed's ConvNet cannot run that way on LibTorch 1.13: its GroupNorm
+receives bf16 activations beside float32 weights and raises; the script reports that instead of a number.
 """
 import argparse
 import json
@@ -195,8 +199,9 @@ def bench(name, model_cls, dataloader, args):
         t = torch.randint(0, T, (x.shape[0],), device=device).long()
         noise = torch.randn_like(x)
         x_noisy = calc_x_t(x, t, noise)
-        predicted_noise = model(x_noisy, t)
-        loss = F.mse_loss(predicted_noise, noise)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.bf16):
+            predicted_noise = model(x_noisy, t)
+        loss = F.mse_loss(predicted_noise.float(), noise)
         loss.backward()
         optimizer.step()
         _ = loss.item()
@@ -207,18 +212,18 @@ def bench(name, model_cls, dataloader, args):
     train = batch_size / statistics.median(times)
 
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.bf16):
         x = torch.randn(25, 1, 28, 28).to(device)
         t = torch.full((25,), 500, device=device, dtype=torch.long)
         calc_x_t_minus_one(model, x, t, 500)
         rev = []
         for _ in range(args.reverse_steps):
             t0 = time.perf_counter()
-            x = calc_x_t_minus_one(model, x, t, 500)
+            x = calc_x_t_minus_one(model, x, t, 500).float()
             rev.append(time.perf_counter() - t0)
     params = sum(p.numel() for p in model.parameters())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(backbone=name, parameters=params, train_img_per_s=train, reverse_step_s=statistics.median(rev),
+    return dict(backbone=name, precision='bf16' if args.bf16 else 'fp32', parameters=params, train_img_per_s=train, reverse_step_s=statistics.median(rev),
                 full_sample_s=1000 * statistics.median(rev), full_sample='extrapolated', peak_rss_mib=rss)
 
 
@@ -230,6 +235,7 @@ def main():
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--reverse-steps', type=int, default=5)
+    p.add_argument('--bf16', action='store_true', help="autocast the model calls to bfloat16 (torch.autocast('cpu'))")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -243,10 +249,15 @@ def main():
     dataloader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=4)
 
     print(f'seed script, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch_size}, '
-          f'{args.steps} timed steps (median)')
+          f'{args.steps} timed steps (median), {"bf16 autocast" if args.bf16 else "fp32"}')
     models = {'conv': ConvNet, 'smol': SmolMLP, 'chunky': ChunkyMLP}
     for name in args.backbones.split(','):
-        r = bench(name, models[name], dataloader, args)
+        try:
+            r = bench(name, models[name], dataloader, args)
+        except RuntimeError as e:
+            print(f"{name:<8} fails: {str(e).splitlines()[0]}")
+            print(json.dumps(dict(backbone=name, precision='bf16' if args.bf16 else 'fp32', error=str(e).splitlines()[0])))
+            continue
         print(f"{name:<8} {r['parameters']:>10} params  train {r['train_img_per_s']:8.1f} img/s  "
               f"reverse step(25) {r['reverse_step_s']:.4f} s")
         print(json.dumps(r))

@@ -34,11 +34,11 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 for r in rows:
     if r.get("measure") == "matmul_gflops":
-        print(f"FP32 matmul: {r['value']:.0f} GFLOP/s on {r['device']}")
-print(f"{'backbone':<11} {'train img/s':>12} {'reverse step (25 img)':>22} {'1000-step sample':>17} {'peak RSS MiB':>13}")
+        print(f"{r.get('precision', 'fp32')} matmul: {r['value']:.0f} GFLOP/s on {r['device']}")
+print(f"{'backbone':<11} {'precision':>9} {'train img/s':>12} {'reverse step (25 img)':>22} {'1000-step sample':>17} {'peak RSS MiB':>13}")
 for r in rows:
     if "backbone" in r:
-        print(f"{r['backbone']:<11} {r['train_img_per_s']:>12.1f} {r['reverse_step_s']*1e3:>19.2f} ms"
+        print(f"{r['backbone']:<11} {r.get('precision', 'fp32'):>9} {r['train_img_per_s']:>12.1f} {r['reverse_step_s']*1e3:>19.2f} ms"
               f" {r['full_sample_s']:>9.2f} s ({r['full_sample'][:5]}) {r['peak_rss_mib']:>6.0f}")
 PY
 tail -4 "$out/test.log" | grep -E "tests passed|tests failed" || true

@@ -330,3 +330,40 @@ TEST_CASE("samplers with clip_x0 = 1 end inside [-1, 1]", "[sampler][clip]") {
   CHECK_REFUSED(ddpm_sample(oracle, schedule, {2, 1, 2, 2}, SampleOptions().clip_x0(-1)), "clip_x0 must be >= 0");
   CHECK_REFUSED(ddim_sample(oracle, schedule, {2, 1, 2, 2}, DDIMOptions().clip_x0(-1)), "clip_x0 must be >= 0");
 }
+
+namespace {
+/// The oracle, as a bf16 model would answer (its output rounded to bf16), recording whether autocast
+/// was on for each call.
+struct AutocastProbeImpl : torch::nn::Module {
+  explicit AutocastProbeImpl(GaussianOracle oracle) : oracle(std::move(oracle)) {}
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
+    seen.push_back(diffusion::detail::autocast_enabled(c10::DeviceType::CPU));
+    return oracle(x, t).to(torch::kBFloat16);
+  }
+  GaussianOracle oracle;
+  std::vector<bool> seen;
+};
+TORCH_MODULE(AutocastProbe);
+}  // namespace
+
+TEST_CASE("samplers autocast the model call only, and return float32", "[sampler][precision]") {
+  const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(100));
+  const auto all = [](const std::vector<bool>& v, bool value) {
+    return !v.empty() && std::all_of(v.begin(), v.end(), [&](bool b) { return b == value; });
+  };
+  for (const bool ddim : {false, true}) {
+    INFO((ddim ? "ddim" : "ddpm"));
+    const auto run = [&](Precision precision, AutocastProbe& probe) {
+      return ddim ? ddim_sample(probe, schedule, {64, 1, 4, 4}, DDIMOptions().steps(20).eta(1).precision(precision).seed(3))
+                  : ddpm_sample(probe, schedule, {64, 1, 4, 4}, SampleOptions().precision(precision).seed(3));
+    };
+    AutocastProbe p32(GaussianOracle(schedule, 0.5, 0.2)), p16(GaussianOracle(schedule, 0.5, 0.2));
+    const auto x32 = run(Precision::Float32, p32), x16 = run(Precision::BFloat16, p16);
+    CHECK(all(p32->seen, false));
+    CHECK(all(p16->seen, true));
+    CHECK_FALSE(diffusion::detail::autocast_enabled(c10::DeviceType::CPU));
+    CHECK(x16.scalar_type() == torch::kFloat32);
+    // The same bf16 answers, so the same float32 arithmetic around them: equal bit for bit.
+    CHECK(torch::equal(x16, x32));
+  }
+}

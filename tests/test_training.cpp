@@ -92,6 +92,66 @@ TEST_CASE("training lowers the validation loss on a tiny dataset", "[trainer]") 
   CHECK(trainer.global_step() == 5 * 16);
 }
 
+TEST_CASE("training in bf16 lowers the loss like float32, keeps float32 weights and records its precision",
+          "[trainer][precision]") {
+  const auto data = tiny_dataset(256);
+  const auto run = [&](Precision precision, const fs::path& dir) {
+    torch::manual_seed(0);
+    std::vector<double> val;
+    Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().timesteps(100)),
+                    quiet().epochs(5).lr(3e-3).precision(precision).grid_samples(4).out_dir(dir.string()));
+    trainer.on_epoch = [&](const EpochInfo& e) { val.push_back(e.val_loss); };
+    trainer.fit(data, data.slice(0, 0, 32));
+    for (const auto& p : unwrap(trainer.model()).parameters()) CHECK(p.scalar_type() == torch::kFloat32);
+    return val;
+  };
+  const auto dir = scratch("bf16");
+  const auto v32 = run(Precision::Float32, dir / "fp32"), v16 = run(Precision::BFloat16, dir / "bf16");
+  // The float32 run goes from 0.94 to 0.55 (the test above); bf16 must learn as much, up to rounding.
+  CHECK(v16.back() < 0.7 * v16.front());
+  CHECK_THAT(v16.back(), WithinRel(v32.back(), 0.1));
+  CHECK(v16 != v32);  // it did run differently
+  const auto info = read_checkpoint_info(dir / "bf16" / "checkpoints" / "checkpoint_epoch_005.pt");
+  CHECK(info.training.at("precision") == "bf16");
+}
+
+TEST_CASE("min-SNR weights are min(SNR_t, gamma) / SNR_t", "[trainer][min_snr]") {
+  const NoiseSchedule schedule;  // linear, T = 1000
+  const auto t = torch::tensor({0, 100, 500, 999}, torch::kLong);
+  const auto w = min_snr_weights(schedule, t, 5.0);
+  const auto& abar = schedule.host().alphas_cumprod;
+  for (int64_t i = 0; i < 4; ++i) {
+    const double a = abar[static_cast<size_t>(t[i].item<int64_t>())], snr = a / (1 - a);
+    CHECK_THAT(w[i].item<double>(), WithinRel(std::min(snr, 5.0) / snr, 1e-4));
+  }
+  // t = 0: abar = 1 - 1e-4, SNR = 9999, so 5 / 9999; t = 999: SNR = 4e-5 < 5, weight 1.
+  CHECK_THAT(w[0].item<double>(), WithinRel(5.0 / 9999.0, 1e-3));
+  CHECK(w[3].item<double>() == 1.0);
+  CHECK_REFUSED(min_snr_weights(schedule, t, 0.0), "min_snr_weights: gamma must be > 0, got 0");
+  CHECK_REFUSED(min_snr_weights(schedule, torch::tensor({1000}, torch::kLong), 5.0), "min_snr_weights");
+  CHECK_REFUSED(Trainer(tiny_net(), NoiseSchedule(), quiet().min_snr_gamma(-1)), "min_snr_gamma must be >= 0");
+}
+
+TEST_CASE("training with min-SNR weighting learns; a gamma above every SNR is the plain loss", "[trainer][min_snr]") {
+  const auto data = tiny_dataset(256);
+  const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(100));
+  const auto run = [&](double gamma, int64_t epochs) {
+    torch::manual_seed(0);
+    std::vector<double> val;
+    Trainer trainer(tiny_net(), schedule, quiet().epochs(epochs).lr(3e-3).min_snr_gamma(gamma));
+    trainer.on_epoch = [&](const EpochInfo& e) { val.push_back(e.val_loss); };
+    trainer.fit(data, data.slice(0, 0, 32));
+    return val;
+  };
+  const auto v5 = run(5.0, 5);
+  CHECK(v5.back() < 0.8 * v5.front());
+  // Every SNR of this schedule is below 1e4 (abar_0 = 1 - 1e-4), so the weights are all 1.
+  const auto v_off = run(0.0, 2), v_big = run(1e6, 2);
+  // The two differ only in the order of the float32 sums (per image, then over the batch).
+  REQUIRE(v_big.size() == 2);
+  for (size_t i = 0; i < 2; ++i) CHECK_THAT(v_big[i], WithinRel(v_off[i], 1e-3));
+}
+
 TEST_CASE("resuming gives the same weights as an uninterrupted run", "[trainer][checkpoint]") {
   const auto data = tiny_dataset();
   // With a warm-up and the cosine learning rate too: the resumed run must continue the same lr curve.

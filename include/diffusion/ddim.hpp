@@ -76,6 +76,8 @@ struct DDIMOptions {
   TORCH_ARG(std::function<void(const SampleStep&)>, callback) = nullptr;
   /// Clamp each step's predicted x_0 to [-clip_x0, clip_x0] (see ddim_step); 0: off.
   TORCH_ARG(double, clip_x0) = 0.0;
+  /// The backbone's arithmetic (Precision::BFloat16: autocast); the sampler's own stays float32.
+  TORCH_ARG(Precision, precision) = Precision::Float32;
 };
 
 /// Generates samples with DDIM: x_T ~ N(0, I), then ddim_step over ddim_timesteps(T, steps) from the
@@ -94,7 +96,7 @@ torch::Tensor ddim_sample(B& model, const NoiseSchedule& schedule, std::vector<i
                                  const int64_t t = ts[static_cast<size_t>(i)];
                                  const int64_t t_prev = i > 0 ? ts[static_cast<size_t>(i - 1)] : -1;
                                  const auto t_batch = detail::timestep_batch(shape.front(), t, schedule.device());
-                                 const auto eps = detail::predict_noise(fn, model, x, t_batch);
+                                 const auto eps = detail::predict_noise(fn, model, x, t_batch, options.precision());
                                  const bool stochastic = options.eta() > 0 && t_prev >= 0;
                                  x = ddim_step(schedule, x, t, t_prev, eps, options.eta(),
                                                stochastic ? draw_noise() : torch::Tensor{}, options.clip_x0());

@@ -13,6 +13,7 @@
 #include <diffusion/schedule.hpp>
 #include <diffusion/forward.hpp>
 #include <diffusion/backbone.hpp>
+#include <diffusion/precision.hpp>
 #include <diffusion/sampler.hpp>
 #include <diffusion/ddim.hpp>
 #include <diffusion/backbones/embedding.hpp>

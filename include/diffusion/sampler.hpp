@@ -1,6 +1,7 @@
 #pragma once
 
 #include <diffusion/backbone.hpp>
+#include <diffusion/precision.hpp>
 #include <diffusion/detail/check.hpp>
 #include <diffusion/detail/random.hpp>
 #include <diffusion/random.hpp>
@@ -106,6 +107,8 @@ struct SampleOptions {
   /// Clamp each step's predicted x_0 to [-clip_x0, clip_x0] (see ddpm_step); 0: off, as in the seed.
   /// 1 suits data scaled to [-1, 1] such as the MNIST example's.
   TORCH_ARG(double, clip_x0) = 0.0;
+  /// The backbone's arithmetic (Precision::BFloat16: autocast); the sampler's own stays float32.
+  TORCH_ARG(Precision, precision) = Precision::Float32;
 };
 
 namespace detail {
@@ -134,10 +137,17 @@ void check_backbone_device(const char* fn, B& model, const torch::Device& device
   }
 }
 
-/// The model's noise prediction, checked to have x_t's shape (no silent broadcasting downstream).
+/// The model's noise prediction in x_t's dtype, checked to have x_t's shape (no silent broadcasting
+/// downstream). Under Precision::BFloat16 only the model call is autocast.
 template <Backbone B>
-torch::Tensor predict_noise(const char* fn, B& model, const torch::Tensor& x_t, const torch::Tensor& t_batch) {
-  torch::Tensor eps = unwrap(model).forward(x_t, t_batch);
+torch::Tensor predict_noise(const char* fn, B& model, const torch::Tensor& x_t, const torch::Tensor& t_batch,
+                            Precision precision = Precision::Float32) {
+  torch::Tensor eps;
+  {
+    AutocastGuard amp(precision, x_t.device());
+    eps = unwrap(model).forward(x_t, t_batch);
+  }
+  if (eps.scalar_type() != x_t.scalar_type()) eps = eps.to(x_t.scalar_type());
   TORCH_CHECK(eps.sizes() == x_t.sizes(), fn, ": the backbone returned shape ", shape_str(eps), " for input ",
               shape_str(x_t), "; it must predict noise of the input's shape");
   return eps;
@@ -213,7 +223,7 @@ torch::Tensor ddpm_sample(B& model, const NoiseSchedule& schedule, std::vector<i
                                const int64_t T = schedule.timesteps();
                                for (int64_t t = T - 1; t >= 0; --t) {
                                  const auto t_batch = detail::timestep_batch(shape.front(), t, schedule.device());
-                                 const auto eps = detail::predict_noise(fn, model, x, t_batch);
+                                 const auto eps = detail::predict_noise(fn, model, x, t_batch, options.precision());
                                  x = ddpm_step(schedule, x, t, eps, t > 0 ? draw_noise() : torch::Tensor{},
                                                options.clip_x0());
                                  if (options.callback()) options.callback()(SampleStep{T - t, T, t, x});

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <diffusion/backbones/embedding.hpp>
+#include <diffusion/precision.hpp>
 
 #include <torch/torch.h>
 
@@ -47,9 +48,9 @@ class ConvBlockImpl : public torch::nn::Cloneable<ConvBlockImpl> {
 
   /// x: (N, in_channels, H, W); t_emb: (N, time_dim). Returns (N, out_channels, H, W).
   virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t_emb) {
-    auto h = torch::relu(norm1(conv1(x)));
+    auto h = torch::relu(detail::group_norm(norm1, conv1(x)));
     h = h + time_mlp(t_emb).unsqueeze(-1).unsqueeze(-1);
-    return torch::relu(norm2(conv2(h)));
+    return torch::relu(detail::group_norm(norm2, conv2(h)));
   }
 
   ConvBlockOptions options;

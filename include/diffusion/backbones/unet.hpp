@@ -1,6 +1,7 @@
 #pragma once
 
 #include <diffusion/backbones/embedding.hpp>
+#include <diffusion/precision.hpp>
 
 #include <torch/torch.h>
 
@@ -52,9 +53,9 @@ class ResBlockImpl : public torch::nn::Cloneable<ResBlockImpl> {
   }
 
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t_emb) {
-    auto h = conv1(torch::silu(norm1(x)));
+    auto h = conv1(torch::silu(detail::group_norm(norm1, x)));
     h = h + time(t_emb).unsqueeze(-1).unsqueeze(-1);
-    h = conv2(torch::silu(norm2(h)));
+    h = conv2(torch::silu(detail::group_norm(norm2, h)));
     return h + (skip ? skip(x) : x);
   }
 
@@ -81,7 +82,7 @@ class SelfAttentionImpl : public torch::nn::Cloneable<SelfAttentionImpl> {
 
   torch::Tensor forward(const torch::Tensor& x) {
     const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-    const auto parts = qkv(norm(x)).reshape({n, 3, c, hw}).unbind(1);  // each (n, c, hw)
+    const auto parts = qkv(detail::group_norm(norm, x)).reshape({n, 3, c, hw}).unbind(1);  // each (n, c, hw)
     const auto weights = torch::softmax(parts[0].transpose(1, 2).bmm(parts[1]) / std::sqrt(static_cast<double>(c)), -1);
     const auto out = parts[2].bmm(weights.transpose(1, 2)).reshape(x.sizes());  // (n, c, hw) -> (n, c, h, w)
     return x + proj(out);
@@ -147,7 +148,7 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
     // third of this network's FLOPs for little gain at this size.
     h = up1(torch::cat({up(h), s1}, 1), e);   // back to half size, w1
     h = up0(torch::cat({up(h), s0}, 1), e);   // back to full size, w0
-    return out_conv(torch::silu(out_norm(h)));
+    return out_conv(torch::silu(detail::group_norm(out_norm, h)));
   }
 
   UNetOptions options;

@@ -1,0 +1,139 @@
+#pragma once
+
+#include <ATen/autocast_mode.h>
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include <fstream>
+#include <string>
+#include <string_view>
+
+/// Mixed precision: where the backbone's matrix products and convolutions run.
+namespace diffusion {
+
+/// The arithmetic of a backbone's forward (and so backward) pass.
+enum class Precision {
+  /// Everything in float32, as in the seed.
+  Float32,
+  /// Autocast to bfloat16: convolutions and matrix products run in bf16 with float32 accumulation,
+  /// normalization, losses, the optimizer, the EMA and the sampler's arithmetic stay float32 (the
+  /// weights themselves are float32 throughout). bf16 keeps float32's exponent range, so no loss
+  /// scaling is needed. On CPUs with AMX or AVX512-BF16 (Sapphire Rapids and later) the products run
+  /// several times faster (docs/performance.md); elsewhere it may be slower than Float32.
+  BFloat16,
+};
+
+inline std::string_view to_string(Precision p) { return p == Precision::BFloat16 ? "bf16" : "fp32"; }
+
+/// "fp32" or "bf16"; anything else is refused with the accepted spellings.
+inline Precision parse_precision(std::string_view s) {
+  const bool fp32 = s == "fp32" || s == "float32", bf16 = s == "bf16" || s == "bfloat16";
+  TORCH_CHECK(fp32 || bf16, "parse_precision: expected \"fp32\" or \"bf16\", got \"", std::string(s), "\"");
+  return bf16 ? Precision::BFloat16 : Precision::Float32;
+}
+
+/// Whether this CPU has bfloat16 matrix instructions (AMX-BF16 or AVX512-BF16), read once from
+/// /proc/cpuinfo's flags; false where that file does not exist. With them oneDNN runs bf16 convolutions
+/// and matrix products several times faster than float32; without them bf16 is emulated and slower.
+inline bool cpu_has_fast_bf16() {
+  static const bool has = [] {
+    std::ifstream in("/proc/cpuinfo");
+    for (std::string line; std::getline(in, line);) {
+      if (line.rfind("flags", 0) != 0) continue;
+      line += ' ';
+      return line.find(" amx_bf16 ") != std::string::npos || line.find(" avx512_bf16 ") != std::string::npos;
+    }
+    return false;
+  }();
+  return has;
+}
+
+/// The faster precision for `device` where it is known to keep sample quality: BFloat16 on a CPU with
+/// bf16 instructions (cpu_has_fast_bf16), Float32 everywhere else. What the MNIST example's and the
+/// benchmark's "auto" mean; the library's own defaults stay Float32.
+inline Precision auto_precision(const torch::Device& device) {
+  return device.is_cpu() && cpu_has_fast_bf16() ? Precision::BFloat16 : Precision::Float32;
+}
+
+namespace detail {
+
+// LibTorch 2.4 replaced the per-backend autocast switches (set_cpu_enabled, set_enabled for CUDA) with
+// set_autocast_enabled(device_type, ...); the old names were deprecated there and later removed.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+inline bool autocast_enabled(c10::DeviceType d) { return at::autocast::is_autocast_enabled(d); }
+inline void set_autocast_enabled(c10::DeviceType d, bool on) { at::autocast::set_autocast_enabled(d, on); }
+inline at::ScalarType autocast_dtype(c10::DeviceType d) { return at::autocast::get_autocast_dtype(d); }
+inline void set_autocast_dtype(c10::DeviceType d, at::ScalarType t) { at::autocast::set_autocast_dtype(d, t); }
+#else
+inline bool autocast_enabled(c10::DeviceType d) {
+  return d == c10::DeviceType::CUDA ? at::autocast::is_enabled() : at::autocast::is_cpu_enabled();
+}
+inline void set_autocast_enabled(c10::DeviceType d, bool on) {
+  if (d == c10::DeviceType::CUDA) {
+    at::autocast::set_enabled(on);
+  } else {
+    at::autocast::set_cpu_enabled(on);
+  }
+}
+inline at::ScalarType autocast_dtype(c10::DeviceType d) {
+  return d == c10::DeviceType::CUDA ? at::autocast::get_autocast_gpu_dtype() : at::autocast::get_autocast_cpu_dtype();
+}
+inline void set_autocast_dtype(c10::DeviceType d, at::ScalarType t) {
+  if (d == c10::DeviceType::CUDA) {
+    at::autocast::set_autocast_gpu_dtype(t);
+  } else {
+    at::autocast::set_autocast_cpu_dtype(t);
+  }
+}
+#endif
+
+/// Runs a GroupNorm in its weights' dtype. Under autocast a convolution hands it a bf16 tensor;
+/// LibTorch 1.13's CPU autocast passes that on to group_norm beside float32 weights, which it refuses.
+/// Normalizing in float32 is also what autocast does on CUDA, where group_norm is on the float32 list.
+inline torch::Tensor group_norm(torch::nn::GroupNorm& norm, const torch::Tensor& x) {
+  const auto& w = norm->weight;
+  return norm(w.defined() && x.scalar_type() != w.scalar_type() ? x.to(w.scalar_type()) : x);
+}
+
+}  // namespace detail
+
+/// For its lifetime, turns autocast on (BFloat16) or off (Float32) for `device`'s type, and restores
+/// what it found. Like Python's torch.autocast: nests, and drops the cache of cast weights when the
+/// outermost guard ends (the weights change between steps). Float32 on a device other than the CPU or
+/// CUDA does nothing; BFloat16 there is refused.
+///
+/// Example:
+///   {
+///     AutocastGuard amp(Precision::BFloat16, torch::kCPU);
+///     auto eps = model->forward(x, t).to(torch::kFloat32);
+///   }
+class AutocastGuard {
+ public:
+  AutocastGuard(Precision precision, const torch::Device& device)
+      : active_(device.is_cpu() || device.is_cuda()), type_(device.type()) {
+    const bool bf16 = precision == Precision::BFloat16;
+    TORCH_CHECK(active_ || !bf16, "AutocastGuard: bf16 autocast supports CPU and CUDA devices, got ", device);
+    if (!active_) return;
+    was_enabled_ = detail::autocast_enabled(type_);
+    was_dtype_ = detail::autocast_dtype(type_);
+    detail::set_autocast_enabled(type_, bf16);
+    if (bf16) detail::set_autocast_dtype(type_, at::kBFloat16);
+    at::autocast::increment_nesting();
+  }
+  ~AutocastGuard() {
+    if (!active_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    detail::set_autocast_enabled(type_, was_enabled_);
+    detail::set_autocast_dtype(type_, was_dtype_);
+  }
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool active_;
+  c10::DeviceType type_;
+  bool was_enabled_ = false;
+  at::ScalarType was_dtype_ = at::kBFloat16;
+};
+
+}  // namespace diffusion
