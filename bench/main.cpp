@@ -116,12 +116,7 @@ Result bench_backbone(const std::string& name, B model, Precision precision, con
                           torch::TensorOptions().device(device));
     const auto t = torch::full({c.sample_batch}, 500, torch::TensorOptions().dtype(torch::kLong).device(device));
     r.reverse_step_s = time_median(device, 1, c.reverse_steps, [&] {
-      torch::Tensor eps;
-      {
-        AutocastGuard amp(precision, device);
-        eps = unwrap(model).forward(x, t);
-      }
-      x = ddpm_step(schedule, x, 500, eps.to(x.scalar_type()), torch::randn_like(x));
+      x = ddpm_step(schedule, x, 500, diffusion::detail::forward_in(precision, model, x, t), torch::randn_like(x));
     });
   }
   if (c.full_sample) {

@@ -123,6 +123,7 @@ int train(const TrainArgs& a) {
   }
   const NoiseSchedule schedule(
       NoiseScheduleOptions().kind(a.schedule == "cosine" ? ScheduleKind::Cosine : ScheduleKind::Linear));
+  const auto device = parse_device(a.device);
   const auto options = TrainerOptions()
                            .epochs(a.epochs)
                            .batch_size(a.batch_size)
@@ -138,8 +139,8 @@ int train(const TrainArgs& a) {
                            .keep_checkpoints(a.keep)
                            .grid_samples(a.grid)
                            .max_steps_per_epoch(a.max_steps)
-                           .device(parse_device(a.device))
-                           .precision(precision_for(a.precision, parse_device(a.device)))
+                           .device(device)
+                           .precision(precision_for(a.precision, device))
                            .threads(a.threads);
   return with_backbone(a.backbone, widths, [&](auto model) {
     Trainer trainer(std::move(model), schedule, options);

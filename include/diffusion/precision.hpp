@@ -99,8 +99,9 @@ inline torch::Tensor group_norm(torch::nn::GroupNorm& norm, const torch::Tensor&
 
 /// For its lifetime, turns autocast on (BFloat16) or off (Float32) for `device`'s type, and restores
 /// what it found. Like Python's torch.autocast: nests, and drops the cache of cast weights when the
-/// outermost guard ends (the weights change between steps). Float32 on a device other than the CPU or
-/// CUDA does nothing; BFloat16 there is refused.
+/// outermost guard ends (the weights change between steps). Float32 where autocast is already off does
+/// nothing (so the float32 hot paths pay nothing), nor on a device other than the CPU or CUDA; BFloat16
+/// there is refused.
 ///
 /// Example:
 ///   {
@@ -109,10 +110,10 @@ inline torch::Tensor group_norm(torch::nn::GroupNorm& norm, const torch::Tensor&
 ///   }
 class AutocastGuard {
  public:
-  AutocastGuard(Precision precision, const torch::Device& device)
-      : active_(device.is_cpu() || device.is_cuda()), type_(device.type()) {
-    const bool bf16 = precision == Precision::BFloat16;
-    TORCH_CHECK(active_ || !bf16, "AutocastGuard: bf16 autocast supports CPU and CUDA devices, got ", device);
+  AutocastGuard(Precision precision, const torch::Device& device) : type_(device.type()) {
+    const bool bf16 = precision == Precision::BFloat16, supported = device.is_cpu() || device.is_cuda();
+    TORCH_CHECK(supported || !bf16, "AutocastGuard: bf16 autocast supports CPU and CUDA devices, got ", device);
+    active_ = supported && (bf16 || detail::autocast_enabled(type_));
     if (!active_) return;
     was_enabled_ = detail::autocast_enabled(type_);
     was_dtype_ = detail::autocast_dtype(type_);
@@ -130,8 +131,8 @@ class AutocastGuard {
   AutocastGuard& operator=(const AutocastGuard&) = delete;
 
  private:
-  bool active_;
   c10::DeviceType type_;
+  bool active_ = false;
   bool was_enabled_ = false;
   at::ScalarType was_dtype_ = at::kBFloat16;
 };

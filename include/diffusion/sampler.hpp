@@ -137,17 +137,24 @@ void check_backbone_device(const char* fn, B& model, const torch::Device& device
   }
 }
 
-/// The model's noise prediction in x_t's dtype, checked to have x_t's shape (no silent broadcasting
-/// downstream). Under Precision::BFloat16 only the model call is autocast.
+/// The model's output for (x_t, t) in x_t's dtype, the model call (and so its backward) autocast under
+/// Precision::BFloat16. What the samplers and the Trainer call the backbone through.
+template <Backbone B>
+torch::Tensor forward_in(Precision precision, B& model, const torch::Tensor& x_t, const torch::Tensor& t) {
+  torch::Tensor out;
+  {
+    AutocastGuard amp(precision, x_t.device());
+    out = unwrap(model).forward(x_t, t);
+  }
+  return out.scalar_type() == x_t.scalar_type() ? out : out.to(x_t.scalar_type());
+}
+
+/// The model's noise prediction (forward_in), checked to have x_t's shape (no silent broadcasting
+/// downstream).
 template <Backbone B>
 torch::Tensor predict_noise(const char* fn, B& model, const torch::Tensor& x_t, const torch::Tensor& t_batch,
                             Precision precision = Precision::Float32) {
-  torch::Tensor eps;
-  {
-    AutocastGuard amp(precision, x_t.device());
-    eps = unwrap(model).forward(x_t, t_batch);
-  }
-  if (eps.scalar_type() != x_t.scalar_type()) eps = eps.to(x_t.scalar_type());
+  const auto eps = forward_in(precision, model, x_t, t_batch);
   TORCH_CHECK(eps.sizes() == x_t.sizes(), fn, ": the backbone returned shape ", shape_str(eps), " for input ",
               shape_str(x_t), "; it must predict noise of the input's shape");
   return eps;

@@ -121,14 +121,22 @@ inline double learning_rate_at(const TrainerOptions& o, int64_t step, int64_t to
 /// The Min-SNR-gamma loss weight min(SNR_t, gamma) / SNR_t of each timestep in `t` (Hang et al. 2023,
 /// for a noise-predicting model), SNR_t = abar_t / (1 - abar_t), in the schedule's dtype on its device.
 /// 1 where SNR_t <= gamma (the noisy timesteps), gamma / SNR_t below; gamma must be > 0.
+namespace detail {
+/// min_snr_weights without the checks, for the Trainer's own valid timesteps: checking their range
+/// reads two values back from the device every step.
 inline torch::Tensor min_snr_weights(const NoiseSchedule& schedule, const torch::Tensor& t, double gamma) {
-  TORCH_CHECK(gamma > 0, "min_snr_weights: gamma must be > 0, got ", gamma);
-  detail::check_timesteps("min_snr_weights", t, t.defined() ? t.numel() : 0, schedule.device(), schedule.timesteps());
   // From the square-root tables, not abar / (1 - abar): in float32, 1 - abar_1 = 1e-4 keeps only three
   // significant digits, while both square roots are stored to full precision.
   const auto ratio = schedule.sqrt_alphas_cumprod.index_select(0, t) / schedule.sqrt_one_minus_alphas_cumprod.index_select(0, t);
   const auto snr = ratio * ratio;
   return snr.clamp_max(gamma) / snr;
+}
+}  // namespace detail
+
+inline torch::Tensor min_snr_weights(const NoiseSchedule& schedule, const torch::Tensor& t, double gamma) {
+  TORCH_CHECK(gamma > 0, "min_snr_weights: gamma must be > 0, got ", gamma);
+  detail::check_timesteps("min_snr_weights", t, t.defined() ? t.numel() : 0, schedule.device(), schedule.timesteps());
+  return detail::min_snr_weights(schedule, t, gamma);
 }
 
 /// What the trainer reports after each epoch.
@@ -405,18 +413,13 @@ class Trainer {
   torch::Tensor training_loss(const torch::Tensor& pred, const torch::Tensor& noise, const torch::Tensor& t) const {
     if (options_.min_snr_gamma() <= 0) return torch::mse_loss(pred, noise);
     const auto per_image = (pred - noise).pow(2).flatten(1).mean(1);
-    return (per_image * min_snr_weights(schedule_, t, options_.min_snr_gamma())).mean();
+    return (per_image * detail::min_snr_weights(schedule_, t, options_.min_snr_gamma())).mean();
   }
 
-  /// The model's noise prediction in x_t's dtype, its forward autocast under Precision::BFloat16 (the
-  /// backward replays the same casts, so it runs in bf16 too).
+  /// The model's noise prediction in x_t's dtype, autocast under Precision::BFloat16 (the backward
+  /// replays the same casts, so it runs in bf16 too).
   torch::Tensor predict(const torch::Tensor& x_t, const torch::Tensor& t) {
-    torch::Tensor eps;
-    {
-      AutocastGuard amp(options_.precision(), device_);
-      eps = unwrap(model_).forward(x_t, t);
-    }
-    return eps.scalar_type() == x_t.scalar_type() ? eps : eps.to(x_t.scalar_type());
+    return detail::forward_in(options_.precision(), model_, x_t, t);
   }
 
   /// EMA update: shadow <- d shadow + (1 - d) param, with the decay warmed up as
