@@ -146,6 +146,28 @@ TEST_CASE("UNet keeps the shape, depends on t and trains every parameter", "[bac
   CHECK_REFUSED(UNet(UNetOptions().widths({32, 64, 100})), "groups (8) must divide the widths");
 }
 
+TEST_CASE("UNet blocks per level add width-keeping blocks and keep the one-block names", "[backbones][unet]") {
+  // A ResBlock(c, c) with a 128-wide time embedding holds 18c^2 + 135c parameters (two 3x3 convs with
+  // biases, two GroupNorms, the time projection), so {1, 2, 2} adds two at 32 and two at 128 channels.
+  const auto block = [](int64_t c) { return 18 * c * c + 135 * c; };
+  UNet deeper(UNetOptions().blocks({1, 2, 2}));
+  CHECK(parameter_count(*deeper) == 731729 + 2 * block(32) + 2 * block(128));
+  CHECK(parameter_count(*UNet(UNetOptions().blocks({3, 1, 1}))) == 731729 + 4 * block(16));
+  check_backbone_behaviour(deeper, 1, 28);  // every extra block is on the path and trains
+  // One block per level names its parameters as before the option existed, so older checkpoints load.
+  UNet one;
+  for (const auto& p : one->named_parameters()) CHECK(deeper->named_parameters().contains(p.key()));
+  CHECK(deeper->named_parameters().contains("mid1_1.conv1.weight"));
+  // Clones rebuild the extra blocks rather than sharing them.
+  auto copy = std::dynamic_pointer_cast<UNetImpl>(deeper->clone());
+  REQUIRE(copy);
+  CHECK(copy->more[2].size() == 1);
+  CHECK(copy->more[2][0]->conv1->weight.data_ptr() != deeper->more[2][0]->conv1->weight.data_ptr());
+  CHECK(torch::equal(copy->more[2][0]->conv1->weight, deeper->more[2][0]->conv1->weight));
+  CHECK_REFUSED(UNet(UNetOptions().blocks({1, 2})), "blocks must hold 3 entries (28x28, 14x14, 7x7), got 2");
+  CHECK_REFUSED(UNet(UNetOptions().blocks({1, 0, 1})), "blocks per level must be >= 1, got 0");
+}
+
 TEST_CASE("backbones refuse inputs of the wrong shape", "[backbones][errors]") {
   ConvNet conv;
   SmolMLP smol;

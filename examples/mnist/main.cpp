@@ -11,6 +11,7 @@
 #include <fmt/core.h>
 #include <fmt/ranges.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -64,7 +65,7 @@ CLI::Validator positive() {
 
 std::string join(const std::vector<int64_t>& v) { return fmt::format("{}", fmt::join(v, ",")); }
 
-std::vector<int64_t> parse_widths(const std::string& s) {
+std::vector<int64_t> parse_ints(const std::string& s) {
   std::vector<int64_t> out;
   std::stringstream ss(s);
   for (std::string item; std::getline(ss, item, ',');) out.push_back(std::stoll(item));
@@ -79,19 +80,26 @@ Precision precision_for(const std::string& s, const torch::Device& device) {
   return s == "auto" ? auto_precision(device) : parse_precision(s);
 }
 
-/// Calls `f` with the backbone that `name` and `widths` describe.
+/// Calls `f` with the backbone that `name`, `widths` and (for the UNet) `blocks` per level describe;
+/// empty vectors mean the backbone's defaults.
 template <class F>
-auto with_backbone(const std::string& name, const std::vector<int64_t>& widths, F&& f) {
+auto with_backbone(const std::string& name, const std::vector<int64_t>& widths, const std::vector<int64_t>& blocks,
+                   F&& f) {
   if (name == "conv" || name == "conv-small") return f(ConvNet(ConvNetOptions().widths(widths)));
   if (name == "smol") return f(SmolMLP());
   if (name == "chunky") return f(ChunkyMLP());
-  if (name == "unet") return f(widths.empty() ? UNet() : UNet(UNetOptions().widths(widths)));
+  if (name == "unet") {
+    auto options = UNetOptions();
+    if (!widths.empty()) options.widths(widths);
+    if (!blocks.empty()) options.blocks(blocks);
+    return f(UNet(options));
+  }
   throw std::invalid_argument("unknown backbone '" + name + "'");
 }
 
 struct TrainArgs {
   std::string backbone = "conv";
-  std::string widths;
+  std::string widths, blocks;
   std::string data = "data/mnist";
   std::string out = "runs/mnist";
   std::string device = "auto";
@@ -112,7 +120,8 @@ struct SampleArgs {
 };
 
 int train(const TrainArgs& a) {
-  const auto widths = a.widths.empty() ? default_widths(a.backbone) : parse_widths(a.widths);
+  const auto widths = a.widths.empty() ? default_widths(a.backbone) : parse_ints(a.widths);
+  const auto blocks = a.blocks.empty() ? std::vector<int64_t>{} : parse_ints(a.blocks);
   auto train_split = data::load_mnist(a.data, data::Split::Train);
   auto images = train_split.images;
   if (a.limit > 0) images = images.slice(0, 0, std::min<int64_t>(a.limit, images.size(0)));
@@ -142,9 +151,10 @@ int train(const TrainArgs& a) {
                            .device(device)
                            .precision(precision_for(a.precision, device))
                            .threads(a.threads);
-  return with_backbone(a.backbone, widths, [&](auto model) {
+  return with_backbone(a.backbone, widths, blocks, [&](auto model) {
     Trainer trainer(std::move(model), schedule, options);
     trainer.metadata = {{"backbone", a.backbone}, {"widths", join(widths)}, {"image_shape", "1,28,28"}};
+    if (a.backbone == "unet") trainer.metadata["blocks"] = join(blocks.empty() ? UNetOptions().blocks() : blocks);
     if (a.resume && trainer.resume()) {
       fmt::print("resumed from epoch {} (step {}) of {}\n", trainer.epoch(), trainer.global_step(), a.out);
     }
@@ -155,9 +165,12 @@ int train(const TrainArgs& a) {
                to_string(trainer.options().precision()));
     std::fflush(stdout);  // before the progress bar starts on stderr
     trainer.on_epoch = [](const EpochInfo& e) {
-      fmt::print("epoch {}/{}: train loss {:.4f}, val loss {:.4f}, {:.1f} s, {:.1f} img/s; wrote {} and {}\n", e.epoch,
-                 e.epochs, e.train_loss, e.val_loss, e.seconds, e.images_per_second, e.grid.string(),
-                 e.checkpoint.string());
+      // Without validation (--val-size 0) the loss is NaN and without a grid (--grid 0) the path is empty:
+      // print only what this epoch produced.
+      const auto val = std::isnan(e.val_loss) ? std::string() : fmt::format(", val loss {:.4f}", e.val_loss);
+      const auto wrote = e.grid.empty() ? e.checkpoint.string() : e.grid.string() + " and " + e.checkpoint.string();
+      fmt::print("epoch {}/{}: train loss {:.4f}{}, {:.1f} s, {:.1f} img/s; wrote {}\n", e.epoch, e.epochs,
+                 e.train_loss, val, e.seconds, e.images_per_second, wrote);
       std::fflush(stdout);
     };
     trainer.fit(images, val);
@@ -171,10 +184,12 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
   const auto backbone = info.metadata.count("backbone") ? info.metadata.at("backbone") : "";
   TORCH_CHECK(std::find(kBackbones.begin(), kBackbones.end(), backbone) != kBackbones.end(), "sample: ",
               a.checkpoint, " names backbone '", backbone, "', which this program does not know");
-  const auto widths = parse_widths(info.metadata.at("widths"));
+  const auto widths = parse_ints(info.metadata.at("widths"));
+  // Checkpoints from before --blocks existed have one block per level, the default.
+  const auto blocks = info.metadata.count("blocks") ? parse_ints(info.metadata.at("blocks")) : std::vector<int64_t>{};
   const auto device = parse_device(a.device);
   const auto precision = precision_for(a.precision, device);
-  return with_backbone(backbone, widths, [&](auto model) {
+  return with_backbone(backbone, widths, blocks, [&](auto model) {
     load_weights(a.checkpoint, model, !a.no_ema);
     model->to(device);
     const NoiseSchedule schedule = NoiseSchedule(info.schedule).to(device);
@@ -267,10 +282,13 @@ int evaluate(const EvaluateArgs& a) {
   const auto noise = torch::rand({m, 1, 28, 28}, make_generator(a.sample.seed + 1)) * 2 - 1;
   const double ceiling = eval::frechet_distance(eval::feature_statistics(eval::features_of(net, noise)), reference);
   const auto q = eval::evaluate_samples(net, samples, reference);
+  // The digit rate of as many real images, for scale: the classifier is not certain of every real digit.
+  const auto real = eval::evaluate_samples(net, train.images.slice(0, 0, m), reference);
   fmt::print("samples:          {}\n", samples.size(0));
   fmt::print("Frechet distance: {:.3f}   (floor, {} train images vs test: {:.3f}; ceiling, noise vs test: {:.3f})\n",
              q.frechet, m, floor, ceiling);
-  fmt::print("digit rate:       {:.3f}   (share classified with probability >= 0.9)\n", q.digit_rate);
+  fmt::print("digit rate:       {:.3f}   (share classified with probability >= 0.9; {} train images: {:.3f})\n",
+             q.digit_rate, m, real.digit_rate);
   fmt::print("class histogram:  {}\n", fmt::join(q.histogram, " "));
   fmt::print("class entropy:    {:.3f} nats (uniform: {:.3f}); smallest class share {:.3f}\n", q.class_entropy,
              std::log(10.0), q.min_class_share);
@@ -290,6 +308,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember(kBackbones))
       ->capture_default_str();
   tr->add_option("--widths", t.widths, "ConvNet encoder widths, or the UNet's three level widths, comma-separated (default: the backbone's)");
+  tr->add_option("--blocks", t.blocks, "UNet residual blocks per level (28x28,14x14,7x7), comma-separated (default: 1,1,1)");
   tr->add_option("--data", t.data, "Directory with the four idx files (plain or .gz), e.g. "
                                     "/usr/share/datasets/fashion-mnist")
       ->capture_default_str();
@@ -386,7 +405,13 @@ int main(int argc, char** argv) {
       if (!t.widths.empty()) {
         TORCH_CHECK(t.backbone == "conv" || t.backbone == "conv-small" || t.backbone == "unet",
                     "--widths applies to the conv and unet backbones only");
-        for (const auto w : parse_widths(t.widths)) TORCH_CHECK(w >= 8 && w % 8 == 0, "--widths: each width must be a multiple of 8, got ", w);
+        for (const auto w : parse_ints(t.widths)) TORCH_CHECK(w >= 8 && w % 8 == 0, "--widths: each width must be a multiple of 8, got ", w);
+      }
+      if (!t.blocks.empty()) {
+        TORCH_CHECK(t.backbone == "unet", "--blocks applies to the unet backbone only, got --backbone ", t.backbone);
+        const auto blocks = parse_ints(t.blocks);
+        TORCH_CHECK(blocks.size() == 3, "--blocks: expected 3 comma-separated counts (28x28,14x14,7x7), got '", t.blocks, "'");
+        for (const auto b : blocks) TORCH_CHECK(b >= 1 && b <= 8, "--blocks: each count must be in [1, 8], got ", b);
       }
       return train(t);
     }

@@ -5,16 +5,20 @@
 
 #include <torch/torch.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace diffusion {
 
 /// Options for a UNet. The defaults (widths 16, 32, 128 at 28x28, 14x14, 7x7; self-attention at 7x7;
 /// 731,729 parameters) put the channels where the pixels are few: a channel at 28x28 costs 16 times
-/// one at 7x7. On 2 CPU cores they train at about 250 img/s, and within 30 minutes reach the sample
-/// quality in docs/results.md; wider networks learn more per image but see fewer images in that time.
+/// one at 7x7. On 2 CPU cores they train at about 250 img/s in fp32 and 400 in bf16; wider networks
+/// learn more per image but see fewer images in the same minutes. The MNIST example's main command adds
+/// a second block at 7x7 (blocks({1, 1, 2})), the best samples per CPU minute in docs/results.md.
 ///
 /// Example:
 ///   UNet net(UNetOptions().widths({32, 64, 128}).attention(true));
@@ -29,6 +33,10 @@ struct UNetOptions {
   TORCH_ARG(int64_t, groups) = 8;
   /// Single-head self-attention at the lowest resolution.
   TORCH_ARG(bool, attention) = true;
+  /// Residual blocks per level (28x28, 14x14, 7x7), on the way down and again on the way up; at 7x7
+  /// the down blocks come before the attention and the up blocks after it. Extra depth is cheapest at
+  /// the low resolutions: a block at 7x7 with 128 channels costs about what one at 28x28 with 16 does.
+  TORCH_ARG(std::vector<int64_t>, blocks) = std::vector<int64_t>{1, 1, 1};
 };
 
 /// GroupNorm -> SiLU -> conv3x3, twice, with the time embedding added between, and a residual path
@@ -110,6 +118,9 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
     TORCH_CHECK(o.widths().size() == 3, "UNet: widths must hold 3 entries (28x28, 14x14, 7x7), got ",
                 o.widths().size());
     TORCH_CHECK(o.channels() >= 1, "UNet: channels must be >= 1, got ", o.channels());
+    TORCH_CHECK(o.blocks().size() == 3, "UNet: blocks must hold 3 entries (28x28, 14x14, 7x7), got ",
+                o.blocks().size());
+    for (const auto b : o.blocks()) TORCH_CHECK(b >= 1, "UNet: blocks per level must be >= 1, got ", b);
     const auto w0 = o.widths()[0], w1 = o.widths()[1], w2 = o.widths()[2];
     const auto td = o.time_dim(), g = o.groups();
     time_mlp = register_module(
@@ -124,6 +135,18 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
     mid2 = register_module("mid2", ResBlock(w2, w2, td, g));
     up1 = register_module("up1", ResBlock(w2 + w1, w1, td, g));
     up0 = register_module("up0", ResBlock(w1 + w0, w0, td, g));
+    // Blocks beyond the first keep their level's width. The first ones keep their names (down0 ... up0),
+    // so a network with one block per level reads the same checkpoints as before the option existed.
+    const std::array<std::pair<const char*, int64_t>, 6> extra{
+        {{"down0", w0}, {"down1", w1}, {"mid1", w2}, {"mid2", w2}, {"up1", w1}, {"up0", w0}}};
+    const std::array<int64_t, 6> level{0, 1, 2, 2, 1, 0};
+    for (size_t i = 0; i < extra.size(); ++i) {
+      more[i].clear();
+      for (int64_t k = 1; k < o.blocks()[level[i]]; ++k) {
+        more[i].push_back(register_module(std::string(extra[i].first) + "_" + std::to_string(k),
+                                          ResBlock(extra[i].second, extra[i].second, td, g)));
+      }
+    }
     out_norm = register_module("out_norm", GroupNorm(g, w0));
     out_conv = register_module("out_conv", Conv2d(Conv2dOptions(w0, o.channels(), 3).padding(1)));
   }
@@ -138,16 +161,21 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
       return torch::nn::functional::interpolate(
           h, torch::nn::functional::InterpolateFuncOptions().scale_factor(std::vector<double>{2, 2}).mode(torch::kNearest));
     };
-    const auto s0 = down0(in_conv(x), e);           // w0 at full size
-    const auto s1 = down1(pool0(s0), e);            // w1 at half size
-    auto h = mid1(pool1(s1), e);                    // w2 at quarter size
+    // Runs the extra blocks of stage i (0 down0, 1 down1, 2 mid1, 3 mid2, 4 up1, 5 up0) after its first.
+    const auto then = [&](size_t i, torch::Tensor h) {
+      for (auto& block : more[i]) h = block(h, e);
+      return h;
+    };
+    const auto s0 = then(0, down0(in_conv(x), e));   // w0 at full size
+    const auto s1 = then(1, down1(pool0(s0), e));    // w1 at half size
+    auto h = then(2, mid1(pool1(s1), e));            // w2 at quarter size
     if (attn) h = attn(h);
-    h = mid2(h, e);
+    h = then(3, mid2(h, e));
     // Nearest-neighbour upsampling straight into the skip concatenation: the up block's first conv mixes
     // them. A 3x3 conv after upsampling (as in Ho et al.'s code) would run at 4x the pixels and cost a
     // third of this network's FLOPs for little gain at this size.
-    h = up1(torch::cat({up(h), s1}, 1), e);   // back to half size, w1
-    h = up0(torch::cat({up(h), s0}, 1), e);   // back to full size, w0
+    h = then(4, up1(torch::cat({up(h), s1}, 1), e));   // back to half size, w1
+    h = then(5, up0(torch::cat({up(h), s0}, 1), e));   // back to full size, w0
     return out_conv(torch::silu(detail::group_norm(out_norm, h)));
   }
 
@@ -155,6 +183,8 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
   torch::nn::Sequential time_mlp{nullptr};
   torch::nn::Conv2d in_conv{nullptr}, pool0{nullptr}, pool1{nullptr}, out_conv{nullptr};
   ResBlock down0{nullptr}, down1{nullptr}, mid1{nullptr}, mid2{nullptr}, up1{nullptr}, up0{nullptr};
+  /// The blocks after the first of each stage, in the order of the names above (options.blocks()).
+  std::array<std::vector<ResBlock>, 6> more;
   SelfAttention attn{nullptr};
   torch::nn::GroupNorm out_norm{nullptr};
 };
