@@ -276,14 +276,14 @@ int evaluate(const EvaluateArgs& a) {
     samples = generate(a.sample, true);
   }
   // The bounds, on as many images as the samples: train vs test (the floor) and uniform noise vs test.
+  // The real images' scores also give the digit rate for scale: the classifier is not certain of every
+  // real digit either.
   const int64_t m = std::min<int64_t>(samples.size(0), train.images.size(0));
-  const double floor = eval::frechet_distance(
-      eval::feature_statistics(eval::features_of(net, train.images.slice(0, 0, m))), reference);
+  const auto real = eval::evaluate_samples(net, train.images.slice(0, 0, m), reference);
+  const double floor = real.frechet;
   const auto noise = torch::rand({m, 1, 28, 28}, make_generator(a.sample.seed + 1)) * 2 - 1;
   const double ceiling = eval::frechet_distance(eval::feature_statistics(eval::features_of(net, noise)), reference);
   const auto q = eval::evaluate_samples(net, samples, reference);
-  // The digit rate of as many real images, for scale: the classifier is not certain of every real digit.
-  const auto real = eval::evaluate_samples(net, train.images.slice(0, 0, m), reference);
   fmt::print("samples:          {}\n", samples.size(0));
   fmt::print("Frechet distance: {:.3f}   (floor, {} train images vs test: {:.3f}; ceiling, noise vs test: {:.3f})\n",
              q.frechet, m, floor, ceiling);
