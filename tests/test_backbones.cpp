@@ -4,6 +4,8 @@
 #include <diffusion/diffusion.hpp>
 
 #include <memory>
+#include <string>
+#include <vector>
 
 using namespace diffusion;
 
@@ -140,9 +142,10 @@ TEST_CASE("UNet keeps the shape, depends on t and trains every parameter", "[bac
   check_backbone_behaviour(net, 1, 28);  // attention's parameters included
   UNet plain(UNetOptions().widths({16, 32, 64}).attention(false).channels(3));
   check_backbone_behaviour(plain, 3, 12);
-  CHECK_REFUSED(net(torch::zeros({2, 1, 30, 30}), torch::tensor({1, 2})), "divisible by 4, got 30x30");
+  CHECK_REFUSED(net(torch::zeros({2, 1, 30, 30}), torch::tensor({1, 2})),
+                "divisible by 4 (patch 1 times 2^2 for 3 levels), got 30x30");
   CHECK_REFUSED(net(torch::zeros({2, 2, 28, 28}), torch::tensor({1, 2})), "UNet: expected 1 channel(s), got 2");
-  CHECK_REFUSED(UNet(UNetOptions().widths({32, 64})), "widths must hold 3 entries");
+  CHECK_REFUSED(UNet(UNetOptions().widths({32, 64})), "blocks must hold one count per level (2, as widths), got 3");
   CHECK_REFUSED(UNet(UNetOptions().widths({32, 64, 100})), "groups (8) must divide the widths");
 }
 
@@ -158,14 +161,66 @@ TEST_CASE("UNet blocks per level add width-keeping blocks and keep the one-block
   UNet one;
   for (const auto& p : one->named_parameters()) CHECK(deeper->named_parameters().contains(p.key()));
   CHECK(deeper->named_parameters().contains("mid1_1.conv1.weight"));
+  // The registration order is the order of the parameters in a checkpoint's optimizer state, so it is
+  // the one the network had before levels, blocks and patches were options: extra blocks come last.
+  std::vector<std::string> order;
+  for (const auto& child : deeper->named_children()) order.push_back(child.key());
+  CHECK(order == std::vector<std::string>{"time_mlp", "in_conv", "down0", "pool0", "down1", "pool1", "mid1", "attn",
+                                          "mid2", "up1", "up0", "down1_1", "mid1_1", "mid2_1", "up1_1", "out_norm",
+                                          "out_conv"});
   // Clones rebuild the extra blocks rather than sharing them.
   auto copy = std::dynamic_pointer_cast<UNetImpl>(deeper->clone());
   REQUIRE(copy);
-  CHECK(copy->more[2].size() == 1);
-  CHECK(copy->more[2][0]->conv1->weight.data_ptr() != deeper->more[2][0]->conv1->weight.data_ptr());
-  CHECK(torch::equal(copy->more[2][0]->conv1->weight, deeper->more[2][0]->conv1->weight));
-  CHECK_REFUSED(UNet(UNetOptions().blocks({1, 2})), "blocks must hold 3 entries (28x28, 14x14, 7x7), got 2");
+  REQUIRE(copy->mid1.size() == 2);
+  CHECK(copy->mid1[1]->conv1->weight.data_ptr() != deeper->mid1[1]->conv1->weight.data_ptr());
+  CHECK(torch::equal(copy->mid1[1]->conv1->weight, deeper->mid1[1]->conv1->weight));
+  CHECK_REFUSED(UNet(UNetOptions().blocks({1, 2})), "blocks must hold one count per level (3, as widths), got 2");
   CHECK_REFUSED(UNet(UNetOptions().blocks({1, 0, 1})), "blocks per level must be >= 1, got 0");
+}
+
+TEST_CASE("UNet takes any number of levels, named as the three-level one", "[backbones][unet]") {
+  UNet one_level(UNetOptions().widths({16}).blocks({2}));  // mid1, attention, mid2 at full resolution
+  check_backbone_behaviour(one_level, 1, 6);
+  CHECK(one_level->down.empty());
+  CHECK(one_level->named_parameters().contains("mid2_1.conv2.weight"));
+  UNet four(UNetOptions().widths({8, 16, 16, 32}).blocks({1, 1, 2, 1}));
+  check_backbone_behaviour(four, 1, 16);  // 16 -> 8 -> 4 -> 2
+  for (const auto* name : {"down2.conv1.weight", "down2_1.conv1.weight", "pool2.weight", "up2_1.conv2.weight",
+                           "up0.skip.weight", "mid1.skip.weight"}) {
+    INFO(name);
+    CHECK(four->named_parameters().contains(name));
+  }
+  CHECK_REFUSED(four(torch::zeros({1, 1, 12, 12}), torch::tensor({1})),
+                "divisible by 8 (patch 1 times 2^3 for 4 levels), got 12x12");
+  CHECK_REFUSED(UNet(UNetOptions().widths({}).blocks({})), "widths must hold at least one level, got none");
+}
+
+TEST_CASE("UNet with patches is the unpatched network on pixel-unshuffled images", "[backbones][unet]") {
+  const auto options = UNetOptions().widths({32, 128}).blocks({1, 2});
+  UNet patched(UNetOptions(options).patch(2));
+  // Folding 2x2 patches changes only the convolutions at the ends: in_conv reads 4 channels instead of 1
+  // (3 * 32 * 9 more weights), out_conv writes 4 (3 * (32 * 9 + 1) more weights and biases).
+  CHECK(parameter_count(*patched) == parameter_count(*UNet(options)) + 3 * 32 * 9 + 3 * (32 * 9 + 1));
+  CHECK(parameter_count(*patched) == 1340964);  // the configuration of docs/results.md
+  check_backbone_behaviour(patched, 1, 28);
+  // Same weights, by name, in a network of 4 channels that never folds: patch(2) is exactly
+  // pixel_shuffle(flat(pixel_unshuffle(x))).
+  UNet flat(UNetOptions(options).channels(4));
+  {
+    torch::NoGradGuard no_grad;
+    const auto from = patched->named_parameters();
+    for (auto& p : flat->named_parameters()) p.value().copy_(from[p.key()]);
+  }
+  torch::manual_seed(1);
+  const auto x = torch::randn({3, 1, 28, 28});
+  const auto t = torch::tensor({0, 250, 999});
+  const auto expected = torch::pixel_shuffle(flat(torch::pixel_unshuffle(x, 2), t), 2);
+  CHECK(torch::allclose(patched(x, t), expected, 1e-5, 1e-6));
+  // Each output pixel keeps its place: output (i, j) comes from channel 2 * (i % 2) + j % 2 at (i / 2, j / 2).
+  CHECK(torch::equal(expected.index({0, 0, 5, 8}), flat(torch::pixel_unshuffle(x, 2), t).index({0, 2, 2, 4})));
+  CHECK_REFUSED(patched(torch::zeros({1, 1, 26, 26}), torch::tensor({1})),
+                "divisible by 4 (patch 2 times 2^1 for 2 levels), got 26x26");
+  CHECK_REFUSED(UNet(UNetOptions().patch(0)), "UNet: patch must be >= 1, got 0");
 }
 
 TEST_CASE("backbones refuse inputs of the wrong shape", "[backbones][errors]") {

@@ -80,18 +80,25 @@ Precision precision_for(const std::string& s, const torch::Device& device) {
   return s == "auto" ? auto_precision(device) : parse_precision(s);
 }
 
-/// Calls `f` with the backbone that `name`, `widths` and (for the UNet) `blocks` per level describe;
-/// empty vectors mean the backbone's defaults.
+/// The backbone's shape beyond its name: widths (ConvNet, UNet), and for the UNet blocks per level and the
+/// patch size. Empty vectors and a zero patch mean the backbone's defaults.
+struct Shape {
+  std::vector<int64_t> widths, blocks;
+  int64_t patch = 0;
+};
+
+/// Calls `f` with the backbone that `name` and `shape` describe.
 template <class F>
-auto with_backbone(const std::string& name, const std::vector<int64_t>& widths, const std::vector<int64_t>& blocks,
-                   F&& f) {
-  if (name == "conv" || name == "conv-small") return f(ConvNet(ConvNetOptions().widths(widths)));
+auto with_backbone(const std::string& name, const Shape& shape, F&& f) {
+  if (name == "conv" || name == "conv-small") return f(ConvNet(ConvNetOptions().widths(shape.widths)));
   if (name == "smol") return f(SmolMLP());
   if (name == "chunky") return f(ChunkyMLP());
   if (name == "unet") {
     auto options = UNetOptions();
-    if (!widths.empty()) options.widths(widths);
-    if (!blocks.empty()) options.blocks(blocks);
+    if (!shape.widths.empty()) options.widths(shape.widths);
+    // One block per level unless --blocks says otherwise, for however many levels --widths gives.
+    options.blocks(shape.blocks.empty() ? std::vector<int64_t>(options.widths().size(), 1) : shape.blocks);
+    if (shape.patch > 0) options.patch(shape.patch);
     return f(UNet(options));
   }
   throw std::invalid_argument("unknown backbone '" + name + "'");
@@ -100,6 +107,7 @@ auto with_backbone(const std::string& name, const std::vector<int64_t>& widths, 
 struct TrainArgs {
   std::string backbone = "conv";
   std::string widths, blocks;
+  int64_t patch = 0;
   std::string data = "data/mnist";
   std::string out = "runs/mnist";
   std::string device = "auto";
@@ -120,8 +128,13 @@ struct SampleArgs {
 };
 
 int train(const TrainArgs& a) {
-  const auto widths = a.widths.empty() ? default_widths(a.backbone) : parse_ints(a.widths);
-  const auto blocks = a.blocks.empty() ? std::vector<int64_t>{} : parse_ints(a.blocks);
+  Shape shape{a.widths.empty() ? default_widths(a.backbone) : parse_ints(a.widths),
+              a.blocks.empty() ? std::vector<int64_t>{} : parse_ints(a.blocks), a.patch};
+  if (a.backbone == "unet") {
+    // Stored in the checkpoint's metadata in full, so the sampler rebuilds exactly this network.
+    if (shape.blocks.empty()) shape.blocks.assign(shape.widths.size(), 1);
+    if (shape.patch == 0) shape.patch = UNetOptions().patch();
+  }
   auto train_split = data::load_mnist(a.data, data::Split::Train);
   auto images = train_split.images;
   if (a.limit > 0) images = images.slice(0, 0, std::min<int64_t>(a.limit, images.size(0)));
@@ -151,10 +164,13 @@ int train(const TrainArgs& a) {
                            .device(device)
                            .precision(precision_for(a.precision, device))
                            .threads(a.threads);
-  return with_backbone(a.backbone, widths, blocks, [&](auto model) {
+  return with_backbone(a.backbone, shape, [&](auto model) {
     Trainer trainer(std::move(model), schedule, options);
-    trainer.metadata = {{"backbone", a.backbone}, {"widths", join(widths)}, {"image_shape", "1,28,28"}};
-    if (a.backbone == "unet") trainer.metadata["blocks"] = join(blocks.empty() ? UNetOptions().blocks() : blocks);
+    trainer.metadata = {{"backbone", a.backbone}, {"widths", join(shape.widths)}, {"image_shape", "1,28,28"}};
+    if (a.backbone == "unet") {
+      trainer.metadata["blocks"] = join(shape.blocks);
+      trainer.metadata["patch"] = std::to_string(shape.patch);
+    }
     if (a.resume && trainer.resume()) {
       fmt::print("resumed from epoch {} (step {}) of {}\n", trainer.epoch(), trainer.global_step(), a.out);
     }
@@ -184,12 +200,13 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
   const auto backbone = info.metadata.count("backbone") ? info.metadata.at("backbone") : "";
   TORCH_CHECK(std::find(kBackbones.begin(), kBackbones.end(), backbone) != kBackbones.end(), "sample: ",
               a.checkpoint, " names backbone '", backbone, "', which this program does not know");
-  const auto widths = parse_ints(info.metadata.at("widths"));
-  // Checkpoints from before --blocks existed have one block per level, the default.
-  const auto blocks = info.metadata.count("blocks") ? parse_ints(info.metadata.at("blocks")) : std::vector<int64_t>{};
+  // Checkpoints from before --blocks and --patch existed have one block per level and no patches.
+  const auto& m = info.metadata;
+  const Shape shape{parse_ints(m.at("widths")), m.count("blocks") ? parse_ints(m.at("blocks")) : std::vector<int64_t>{},
+                    m.count("patch") ? std::stoll(m.at("patch")) : 0};
   const auto device = parse_device(a.device);
   const auto precision = precision_for(a.precision, device);
-  return with_backbone(backbone, widths, blocks, [&](auto model) {
+  return with_backbone(backbone, shape, [&](auto model) {
     load_weights(a.checkpoint, model, !a.no_ema);
     model->to(device);
     const NoiseSchedule schedule = NoiseSchedule(info.schedule).to(device);
@@ -307,8 +324,14 @@ int main(int argc, char** argv) {
   tr->add_option("--backbone", t.backbone, "Backbone: conv (the seed's), conv-small (widths 32,64), smol, chunky, unet")
       ->check(CLI::IsMember(kBackbones))
       ->capture_default_str();
-  tr->add_option("--widths", t.widths, "ConvNet encoder widths, or the UNet's three level widths, comma-separated (default: the backbone's)");
-  tr->add_option("--blocks", t.blocks, "UNet residual blocks per level (28x28,14x14,7x7), comma-separated (default: 1,1,1)");
+  tr->add_option("--widths", t.widths,
+                 "ConvNet encoder widths, or the UNet's widths per level (each level halves the resolution), "
+                 "comma-separated (default: the backbone's)");
+  tr->add_option("--blocks", t.blocks, "UNet residual blocks per level, one count per width, comma-separated (default: 1 each)");
+  tr->add_option("--patch", t.patch,
+                 "UNet patch size: fold PxP pixels into channels first, e.g. 2 runs the levels at 14x14 and 7x7 "
+                 "with --widths 32,128 (default: 1, none)")
+      ->check(CLI::Range(1, 28));
   tr->add_option("--data", t.data, "Directory with the four idx files (plain or .gz), e.g. "
                                     "/usr/share/datasets/fashion-mnist")
       ->capture_default_str();
@@ -407,11 +430,22 @@ int main(int argc, char** argv) {
                     "--widths applies to the conv and unet backbones only");
         for (const auto w : parse_ints(t.widths)) TORCH_CHECK(w >= 8 && w % 8 == 0, "--widths: each width must be a multiple of 8, got ", w);
       }
+      const auto levels = t.widths.empty() ? UNetOptions().widths().size() : parse_ints(t.widths).size();
       if (!t.blocks.empty()) {
         TORCH_CHECK(t.backbone == "unet", "--blocks applies to the unet backbone only, got --backbone ", t.backbone);
         const auto blocks = parse_ints(t.blocks);
-        TORCH_CHECK(blocks.size() == 3, "--blocks: expected 3 comma-separated counts (28x28,14x14,7x7), got '", t.blocks, "'");
+        TORCH_CHECK(blocks.size() == levels, "--blocks: expected one count per UNet level (", levels, "), got '",
+                    t.blocks, "'");
         for (const auto b : blocks) TORCH_CHECK(b >= 1 && b <= 8, "--blocks: each count must be in [1, 8], got ", b);
+      }
+      if (t.patch != 0) {
+        TORCH_CHECK(t.backbone == "unet", "--patch applies to the unet backbone only, got --backbone ", t.backbone);
+      }
+      if (t.backbone == "unet") {
+        // The network halves the resolution levels - 1 times after folding the patches.
+        const int64_t factor = std::max<int64_t>(t.patch, 1) << (levels - 1);
+        TORCH_CHECK(28 % factor == 0, "--patch ", std::max<int64_t>(t.patch, 1), " with ", levels,
+                    " UNet levels needs images divisible by ", factor, "; MNIST's 28x28 are not");
       }
       return train(t);
     }

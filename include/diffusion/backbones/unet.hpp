@@ -5,7 +5,6 @@
 
 #include <torch/torch.h>
 
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -17,15 +16,17 @@ namespace diffusion {
 /// Options for a UNet. The defaults (widths 16, 32, 128 at 28x28, 14x14, 7x7; self-attention at 7x7;
 /// 731,729 parameters) put the channels where the pixels are few: a channel at 28x28 costs 16 times
 /// one at 7x7. On 2 CPU cores they train at about 250 img/s in fp32 and 400 in bf16; wider networks
-/// learn more per image but see fewer images in the same minutes. The MNIST example's main command adds
-/// a second block at 7x7 (blocks({1, 1, 2})), the best samples per CPU minute in docs/results.md.
+/// learn more per image but see fewer images in the same minutes. docs/results.md measures which
+/// configuration gives the best samples per CPU minute; the MNIST example's main command uses it.
 ///
 /// Example:
 ///   UNet net(UNetOptions().widths({32, 64, 128}).attention(true));
+///   UNet patched(UNetOptions().patch(2).widths({32, 128}).blocks({1, 2}));  // 14x14 and 7x7 for MNIST
 struct UNetOptions {
   /// Image channels.
   TORCH_ARG(int64_t, channels) = 1;
-  /// Widths at full, half and quarter resolution.
+  /// One width per level, from the full resolution down; each level halves the height and width, so
+  /// {16, 32, 128} runs at 28x28, 14x14 and 7x7 on MNIST.
   TORCH_ARG(std::vector<int64_t>, widths) = std::vector<int64_t>{16, 32, 128};
   /// Width of the sinusoidal time embedding and of its MLP.
   TORCH_ARG(int64_t, time_dim) = 128;
@@ -33,11 +34,16 @@ struct UNetOptions {
   TORCH_ARG(int64_t, groups) = 8;
   /// Single-head self-attention at the lowest resolution.
   TORCH_ARG(bool, attention) = true;
-  /// Residual blocks per level (28x28, 14x14, 7x7), on the way down and again on the way up; at 7x7
-  /// the down blocks come before the attention and the up blocks after it. Extra depth is cheapest at
-  /// the low resolutions: on a CPU a block at 7x7 with 128 channels takes about the time of one at 28x28
-  /// with 16 (4x its FLOPs, but the large, thin maps are memory-bound).
+  /// Residual blocks per level (one count per width), on the way down and again on the way up; at the
+  /// lowest level the down blocks come before the attention and the up blocks after it. Extra depth is
+  /// cheapest at the low resolutions: on a CPU a block at 7x7 with 128 channels takes about the time of
+  /// one at 28x28 with 16 (4x its FLOPs, but the large, thin maps are memory-bound).
   TORCH_ARG(std::vector<int64_t>, blocks) = std::vector<int64_t>{1, 1, 1};
+  /// Side of the square patches folded into channels before the first level and unfolded after the
+  /// last (pixel unshuffle and shuffle, as in the patch embedding of Peebles & Xie 2023 but convolutional).
+  /// patch(2) turns a 1x28x28 image into 4x14x14, so the network never touches the memory-bound full
+  /// resolution; 1 folds nothing.
+  TORCH_ARG(int64_t, patch) = 1;
 };
 
 /// GroupNorm -> SiLU -> conv3x3, twice, with the time embedding added between, and a residual path
@@ -105,10 +111,15 @@ class SelfAttentionImpl : public torch::nn::Cloneable<SelfAttentionImpl> {
 };
 TORCH_MODULE(SelfAttention);
 
-/// A small U-Net (Ronneberger et al. 2015, as used by Ho et al. 2020) for 28x28 images: 28 -> 14 -> 7
-/// and back, one residual block per level on each side with skip connections, GroupNorm, SiLU, the
-/// sinusoidal time embedding through an MLP, and optional self-attention at 7x7. Height and width must
-/// be divisible by 4.
+/// A small U-Net (Ronneberger et al. 2015, as used by Ho et al. 2020): with the default three levels,
+/// 28 -> 14 -> 7 and back, residual blocks on each side with skip connections between them, GroupNorm,
+/// SiLU, the sinusoidal time embedding through an MLP, and optional self-attention at the lowest level.
+/// Height and width must be divisible by patch * 2^(levels - 1).
+///
+/// Submodules are named down{i}, pool{i}, mid1, attn, mid2, up{i} (level i from the top), the extra
+/// blocks of options.blocks down{i}_{k}, mid1_{k}, mid2_{k}, up{i}_{k}: a three-level network with one
+/// block per level has the names it had before levels, blocks and patches were options, so older
+/// checkpoints load.
 class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
  public:
   explicit UNetImpl(UNetOptions options = {}) : options(std::move(options)) { reset(); }
@@ -116,76 +127,94 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
   void reset() override {
     using namespace torch::nn;
     const auto& o = options;
-    TORCH_CHECK(o.widths().size() == 3, "UNet: widths must hold 3 entries (28x28, 14x14, 7x7), got ",
-                o.widths().size());
+    const auto& w = o.widths();
+    const auto levels = w.size();
+    TORCH_CHECK(levels >= 1, "UNet: widths must hold at least one level, got none");
     TORCH_CHECK(o.channels() >= 1, "UNet: channels must be >= 1, got ", o.channels());
-    TORCH_CHECK(o.blocks().size() == 3, "UNet: blocks must hold 3 entries (28x28, 14x14, 7x7), got ",
-                o.blocks().size());
+    TORCH_CHECK(o.patch() >= 1, "UNet: patch must be >= 1, got ", o.patch());
+    TORCH_CHECK(o.blocks().size() == levels, "UNet: blocks must hold one count per level (", levels,
+                ", as widths), got ", o.blocks().size());
     for (const auto b : o.blocks()) TORCH_CHECK(b >= 1, "UNet: blocks per level must be >= 1, got ", b);
-    const auto w0 = o.widths()[0], w1 = o.widths()[1], w2 = o.widths()[2];
-    const auto td = o.time_dim(), g = o.groups();
+    const auto td = o.time_dim(), g = o.groups(), folded = o.channels() * o.patch() * o.patch();
+    const auto top = levels - 1;  // the lowest resolution
     time_mlp = register_module(
         "time_mlp", Sequential(SinusoidalPositionEmbeddings(td), Linear(td, td), SiLU(), Linear(td, td)));
-    in_conv = register_module("in_conv", Conv2d(Conv2dOptions(o.channels(), w0, 3).padding(1)));
-    down0 = register_module("down0", ResBlock(w0, w0, td, g));
-    pool0 = register_module("pool0", Conv2d(Conv2dOptions(w0, w0, 3).stride(2).padding(1)));
-    down1 = register_module("down1", ResBlock(w0, w1, td, g));
-    pool1 = register_module("pool1", Conv2d(Conv2dOptions(w1, w1, 3).stride(2).padding(1)));
-    mid1 = register_module("mid1", ResBlock(w1, w2, td, g));
-    if (o.attention()) attn = register_module("attn", SelfAttention(w2, g));
-    mid2 = register_module("mid2", ResBlock(w2, w2, td, g));
-    up1 = register_module("up1", ResBlock(w2 + w1, w1, td, g));
-    up0 = register_module("up0", ResBlock(w1 + w0, w0, td, g));
-    // Blocks beyond the first keep their level's width. The first ones keep their names (down0 ... up0),
-    // so a network with one block per level reads the same checkpoints as before the option existed.
-    const std::array<std::pair<const char*, size_t>, 6> stages{
-        {{"down0", 0}, {"down1", 1}, {"mid1", 2}, {"mid2", 2}, {"up1", 1}, {"up0", 0}}};  // name, level
-    for (size_t i = 0; i < stages.size(); ++i) {
-      const auto [name, level] = stages[i];
-      const auto width = o.widths()[level];
-      more[i].clear();
-      for (int64_t k = 1; k < o.blocks()[level]; ++k) {
-        more[i].push_back(register_module(std::string(name) + "_" + std::to_string(k), ResBlock(width, width, td, g)));
-      }
+    in_conv = register_module("in_conv", Conv2d(Conv2dOptions(folded, w[0], 3).padding(1)));
+    // Registration order (first blocks top to bottom and back, then the extra blocks) is the order of the
+    // parameters in a checkpoint's optimizer state, so it stays what the three-level network always had.
+    down.assign(top, {});
+    up.assign(top, {});
+    pools.clear();
+    for (size_t i = 0; i < top; ++i) {
+      const auto name = std::to_string(i);
+      down[i].push_back(register_module("down" + name, ResBlock(i == 0 ? w[0] : w[i - 1], w[i], td, g)));
+      pools.push_back(register_module("pool" + name, Conv2d(Conv2dOptions(w[i], w[i], 3).stride(2).padding(1))));
     }
-    out_norm = register_module("out_norm", GroupNorm(g, w0));
-    out_conv = register_module("out_conv", Conv2d(Conv2dOptions(w0, o.channels(), 3).padding(1)));
+    mid1 = {register_module("mid1", ResBlock(top == 0 ? w[0] : w[top - 1], w[top], td, g))};
+    attn = nullptr;
+    if (o.attention()) attn = register_module("attn", SelfAttention(w[top], g));
+    mid2 = {register_module("mid2", ResBlock(w[top], w[top], td, g))};
+    for (size_t i = top; i-- > 0;) {
+      up[i].push_back(register_module("up" + std::to_string(i), ResBlock(w[i + 1] + w[i], w[i], td, g)));
+    }
+    // Blocks beyond the first keep their level's width.
+    const auto extra = [&](std::vector<ResBlock>& stage, const std::string& name, size_t level) {
+      for (int64_t k = 1; k < o.blocks()[level]; ++k) {
+        stage.push_back(register_module(name + "_" + std::to_string(k), ResBlock(w[level], w[level], td, g)));
+      }
+    };
+    for (size_t i = 0; i < top; ++i) extra(down[i], "down" + std::to_string(i), i);
+    extra(mid1, "mid1", top);
+    extra(mid2, "mid2", top);
+    for (size_t i = top; i-- > 0;) extra(up[i], "up" + std::to_string(i), i);
+    out_norm = register_module("out_norm", GroupNorm(g, w[0]));
+    out_conv = register_module("out_conv", Conv2d(Conv2dOptions(w[0], folded, 3).padding(1)));
   }
 
-  /// x: (N, channels, H, W) with H, W divisible by 4; t: (N,). Returns the predicted noise, x's shape.
+  /// x: (N, channels, H, W) with H, W divisible by patch * 2^(levels - 1); t: (N,). Returns the
+  /// predicted noise, x's shape.
   virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
     detail::check_image_batch("UNet", x, t, options.channels(), 0);
-    TORCH_CHECK(x.size(2) % 4 == 0 && x.size(3) % 4 == 0, "UNet: height and width must be divisible by 4, got ",
-                x.size(2), "x", x.size(3));
+    const int64_t factor = options.patch() << (options.widths().size() - 1);
+    TORCH_CHECK(x.size(2) % factor == 0 && x.size(3) % factor == 0, "UNet: height and width must be divisible by ",
+                factor, " (patch ", options.patch(), " times 2^", options.widths().size() - 1, " for ",
+                options.widths().size(), " levels), got ", x.size(2), "x", x.size(3));
     const auto e = time_mlp->forward(t.to(x.scalar_type()));
-    const auto up = [](const torch::Tensor& h) {
-      return torch::nn::functional::interpolate(
-          h, torch::nn::functional::InterpolateFuncOptions().scale_factor(std::vector<double>{2, 2}).mode(torch::kNearest));
-    };
-    // Runs the extra blocks of stage i (0 down0, 1 down1, 2 mid1, 3 mid2, 4 up1, 5 up0) after its first.
-    const auto then = [&](size_t i, torch::Tensor h) {
-      for (auto& block : more[i]) h = block(h, e);
+    const auto run = [&](std::vector<ResBlock>& stage, torch::Tensor h) {
+      for (auto& block : stage) h = block(h, e);
       return h;
     };
-    const auto s0 = then(0, down0(in_conv(x), e));   // w0 at full size
-    const auto s1 = then(1, down1(pool0(s0), e));    // w1 at half size
-    auto h = then(2, mid1(pool1(s1), e));            // w2 at quarter size
+    const auto p = options.patch();
+    auto h = in_conv(p > 1 ? torch::pixel_unshuffle(x, p) : x);
+    std::vector<torch::Tensor> skips;
+    for (size_t i = 0; i < down.size(); ++i) {
+      skips.push_back(run(down[i], h));
+      h = pools[i](skips.back());
+    }
+    h = run(mid1, h);
     if (attn) h = attn(h);
-    h = then(3, mid2(h, e));
+    h = run(mid2, h);
     // Nearest-neighbour upsampling straight into the skip concatenation: the up block's first conv mixes
     // them. A 3x3 conv after upsampling (as in Ho et al.'s code) would run at 4x the pixels and cost a
     // third of this network's FLOPs for little gain at this size.
-    h = then(4, up1(torch::cat({up(h), s1}, 1), e));   // back to half size, w1
-    h = then(5, up0(torch::cat({up(h), s0}, 1), e));   // back to full size, w0
-    return out_conv(torch::silu(detail::group_norm(out_norm, h)));
+    for (size_t i = up.size(); i-- > 0;) {
+      const auto upsampled = torch::nn::functional::interpolate(
+          h, torch::nn::functional::InterpolateFuncOptions().scale_factor(std::vector<double>{2, 2}).mode(torch::kNearest));
+      h = run(up[i], torch::cat({upsampled, skips[i]}, 1));
+    }
+    h = out_conv(torch::silu(detail::group_norm(out_norm, h)));
+    return p > 1 ? torch::pixel_shuffle(h, p) : h;
   }
 
   UNetOptions options;
   torch::nn::Sequential time_mlp{nullptr};
-  torch::nn::Conv2d in_conv{nullptr}, pool0{nullptr}, pool1{nullptr}, out_conv{nullptr};
-  ResBlock down0{nullptr}, down1{nullptr}, mid1{nullptr}, mid2{nullptr}, up1{nullptr}, up0{nullptr};
-  /// The blocks after the first of each stage, in the order of the names above (options.blocks()).
-  std::array<std::vector<ResBlock>, 6> more;
+  torch::nn::Conv2d in_conv{nullptr}, out_conv{nullptr};
+  /// down[i] and up[i]: the blocks of level i (its first block, then the extras options.blocks asks
+  /// for); pools[i] halves level i's resolution; mid1 and mid2 are the lowest level's blocks before and
+  /// after the attention.
+  std::vector<std::vector<ResBlock>> down, up;
+  std::vector<torch::nn::Conv2d> pools;
+  std::vector<ResBlock> mid1, mid2;
   SelfAttention attn{nullptr};
   torch::nn::GroupNorm out_norm{nullptr};
 };
