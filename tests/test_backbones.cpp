@@ -190,6 +190,9 @@ TEST_CASE("UNet takes any number of levels, named as the three-level one", "[bac
     INFO(name);
     CHECK(four->named_parameters().contains(name));
   }
+  CHECK(UNetOptions().size_multiple() == 4);
+  CHECK(four->options.size_multiple() == 8);
+  CHECK(UNetOptions().patch(2).widths({32, 128}).size_multiple() == 4);
   CHECK_REFUSED(four(torch::zeros({1, 1, 12, 12}), torch::tensor({1})),
                 "divisible by 8 (patch 1 times 2^3 for 4 levels), got 12x12");
   CHECK_REFUSED(UNet(UNetOptions().widths({}).blocks({})), "widths must hold at least one level, got none");

@@ -87,20 +87,23 @@ struct Shape {
   int64_t patch = 0;
 };
 
+/// The UNet that `shape` describes: one block per level unless it says otherwise, for however many levels
+/// its widths give.
+UNetOptions unet_options(const Shape& shape) {
+  auto options = UNetOptions();
+  if (!shape.widths.empty()) options.widths(shape.widths);
+  options.blocks(shape.blocks.empty() ? std::vector<int64_t>(options.widths().size(), 1) : shape.blocks);
+  if (shape.patch > 0) options.patch(shape.patch);
+  return options;
+}
+
 /// Calls `f` with the backbone that `name` and `shape` describe.
 template <class F>
 auto with_backbone(const std::string& name, const Shape& shape, F&& f) {
   if (name == "conv" || name == "conv-small") return f(ConvNet(ConvNetOptions().widths(shape.widths)));
   if (name == "smol") return f(SmolMLP());
   if (name == "chunky") return f(ChunkyMLP());
-  if (name == "unet") {
-    auto options = UNetOptions();
-    if (!shape.widths.empty()) options.widths(shape.widths);
-    // One block per level unless --blocks says otherwise, for however many levels --widths gives.
-    options.blocks(shape.blocks.empty() ? std::vector<int64_t>(options.widths().size(), 1) : shape.blocks);
-    if (shape.patch > 0) options.patch(shape.patch);
-    return f(UNet(options));
-  }
+  if (name == "unet") return f(UNet(unet_options(shape)));
   throw std::invalid_argument("unknown backbone '" + name + "'");
 }
 
@@ -128,13 +131,8 @@ struct SampleArgs {
 };
 
 int train(const TrainArgs& a) {
-  Shape shape{a.widths.empty() ? default_widths(a.backbone) : parse_ints(a.widths),
-              a.blocks.empty() ? std::vector<int64_t>{} : parse_ints(a.blocks), a.patch};
-  if (a.backbone == "unet") {
-    // Stored in the checkpoint's metadata in full, so the sampler rebuilds exactly this network.
-    if (shape.blocks.empty()) shape.blocks.assign(shape.widths.size(), 1);
-    if (shape.patch == 0) shape.patch = UNetOptions().patch();
-  }
+  const Shape shape{a.widths.empty() ? default_widths(a.backbone) : parse_ints(a.widths),
+                    a.blocks.empty() ? std::vector<int64_t>{} : parse_ints(a.blocks), a.patch};
   auto train_split = data::load_mnist(a.data, data::Split::Train);
   auto images = train_split.images;
   if (a.limit > 0) images = images.slice(0, 0, std::min<int64_t>(a.limit, images.size(0)));
@@ -168,8 +166,10 @@ int train(const TrainArgs& a) {
     Trainer trainer(std::move(model), schedule, options);
     trainer.metadata = {{"backbone", a.backbone}, {"widths", join(shape.widths)}, {"image_shape", "1,28,28"}};
     if (a.backbone == "unet") {
-      trainer.metadata["blocks"] = join(shape.blocks);
-      trainer.metadata["patch"] = std::to_string(shape.patch);
+      // In full, defaults included, so the sampler rebuilds exactly this network.
+      const auto unet = unet_options(shape);
+      trainer.metadata["blocks"] = join(unet.blocks());
+      trainer.metadata["patch"] = std::to_string(unet.patch());
     }
     if (a.resume && trainer.resume()) {
       fmt::print("resumed from epoch {} (step {}) of {}\n", trainer.epoch(), trainer.global_step(), a.out);
@@ -442,10 +442,10 @@ int main(int argc, char** argv) {
         TORCH_CHECK(t.backbone == "unet", "--patch applies to the unet backbone only, got --backbone ", t.backbone);
       }
       if (t.backbone == "unet") {
-        // The network halves the resolution levels - 1 times after folding the patches.
-        const int64_t factor = std::max<int64_t>(t.patch, 1) << (levels - 1);
-        TORCH_CHECK(28 % factor == 0, "--patch ", std::max<int64_t>(t.patch, 1), " with ", levels,
-                    " UNet levels needs images divisible by ", factor, "; MNIST's 28x28 are not");
+        // Refused here rather than at the first training step, after MNIST has loaded.
+        const auto unet = unet_options({t.widths.empty() ? std::vector<int64_t>{} : parse_ints(t.widths), {}, t.patch});
+        TORCH_CHECK(28 % unet.size_multiple() == 0, "--patch ", unet.patch(), " with ", levels,
+                    " UNet levels needs images divisible by ", unet.size_multiple(), "; MNIST's 28x28 are not");
       }
       return train(t);
     }

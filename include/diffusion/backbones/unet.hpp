@@ -23,6 +23,10 @@ namespace diffusion {
 ///   UNet net(UNetOptions().widths({32, 64, 128}).attention(true));
 ///   UNet patched(UNetOptions().patch(2).widths({32, 128}).blocks({1, 2}));  // 14x14 and 7x7 for MNIST
 struct UNetOptions {
+  /// What the height and width must be divisible by: patch * 2^(levels - 1). (Declared before the
+  /// TORCH_ARG members, which leave what follows them private.)
+  int64_t size_multiple() const { return patch() << (widths().size() - 1); }
+
   /// Image channels.
   TORCH_ARG(int64_t, channels) = 1;
   /// One width per level, from the full resolution down; each level halves the height and width, so
@@ -175,7 +179,7 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
   /// predicted noise, x's shape.
   virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
     detail::check_image_batch("UNet", x, t, options.channels(), 0);
-    const int64_t factor = options.patch() << (options.widths().size() - 1);
+    const int64_t factor = options.size_multiple();
     TORCH_CHECK(x.size(2) % factor == 0 && x.size(3) % factor == 0, "UNet: height and width must be divisible by ",
                 factor, " (patch ", options.patch(), " times 2^", options.widths().size() - 1, " for ",
                 options.widths().size(), " levels), got ", x.size(2), "x", x.size(3));
