@@ -16,6 +16,7 @@
 #include <diffusion/precision.hpp>
 #include <diffusion/sampler.hpp>
 #include <diffusion/ddim.hpp>
+#include <diffusion/guidance.hpp>
 #include <diffusion/backbones/embedding.hpp>
 #include <diffusion/backbones/conv_net.hpp>
 #include <diffusion/backbones/mlp.hpp>
