@@ -319,6 +319,39 @@ TEST_CASE("checkpoints are written atomically, the newest N kept, with metrics a
   CHECK(info.training.at("device") == "cpu");
 }
 
+TEST_CASE("keep_epochs pins early checkpoints besides the newest N", "[trainer][checkpoint]") {
+  CHECK(checkpoint_filename(7) == "checkpoint_epoch_007.pt");
+  CHECK(checkpoint_filename(1234) == "checkpoint_epoch_1234.pt");
+  const auto dir = scratch("pinned");
+  const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(20));
+  Trainer trainer(tiny_net(), schedule,
+                  quiet().epochs(5).keep_checkpoints(1).keep_epochs({2, 9}).grid_samples(0).out_dir(dir.string()));
+  trainer.fit(tiny_dataset(16));
+  const auto kept = list_checkpoints(dir / "checkpoints");
+  REQUIRE(kept.size() == 2);
+  CHECK(kept[0].filename() == "checkpoint_epoch_002.pt");
+  CHECK(kept[1].filename() == "checkpoint_epoch_005.pt");
+  CHECK(read_checkpoint_info(kept[0]).epoch == 2);
+  CHECK_REFUSED(Trainer(tiny_net(), schedule, quiet().keep_epochs({3, 0})), "keep_epochs must hold epochs >= 1, got 0");
+}
+
+TEST_CASE("grid_ddim_steps samples the grids with DDIM at eta 1", "[trainer]") {
+  const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(20));
+  const auto dir = scratch("ddim_grid");
+  Trainer trainer(tiny_net(), schedule, quiet().epochs(1).grid_samples(4).grid_ddim_steps(5).out_dir(dir.string()));
+  trainer.fit(tiny_dataset(16));
+  CHECK(fs::exists(dir / "samples" / "epoch_001.png"));
+  const auto grid = trainer.sample({4, 1, 8, 8}, 3);
+  CHECK(torch::equal(grid, ddim_sample(trainer.model(), trainer.schedule(), {4, 1, 8, 8},
+                                       DDIMOptions().steps(5).eta(1.0).seed(3))));
+  Trainer ddpm(tiny_net(), schedule, quiet());
+  CHECK(torch::equal(ddpm.sample({4, 1, 8, 8}, 3), ddpm_sample(ddpm.model(), ddpm.schedule(), {4, 1, 8, 8},
+                                                                 SampleOptions().seed(3))));
+  CHECK_REFUSED(Trainer(tiny_net(), schedule, quiet().grid_ddim_steps(21)),
+                "grid_ddim_steps must be in [0, 20] (0: DDPM), got 21");
+  CHECK_REFUSED(Trainer(tiny_net(), schedule, quiet().grid_ddim_steps(-1)), "grid_ddim_steps must be in [0, 20]");
+}
+
 TEST_CASE("a checkpoint round trip reproduces sampling exactly, EMA weights included", "[checkpoint]") {
   const auto dir = scratch("roundtrip");
   Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().timesteps(30)),

@@ -180,6 +180,14 @@ void load_weights(const std::filesystem::path& path, B& model, bool use_ema = tr
   detail::load_module(archive, ema ? "ema" : "model", unwrap(model), path);
 }
 
+/// The file name the Trainer gives epoch `epoch`'s checkpoint: `checkpoint_epoch_NNN.pt` (three digits at
+/// least, so that names sort by epoch up to 999).
+inline std::string checkpoint_filename(int64_t epoch) {
+  auto digits = std::to_string(epoch);
+  if (digits.size() < 3) digits.insert(0, 3 - digits.size(), '0');
+  return "checkpoint_epoch_" + digits + ".pt";
+}
+
 /// The checkpoints `checkpoint_epoch_NNN.pt` in `dir`, oldest first.
 inline std::vector<std::filesystem::path> list_checkpoints(const std::filesystem::path& dir) {
   std::vector<std::filesystem::path> out;
