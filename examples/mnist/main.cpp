@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace fs = std::filesystem;
@@ -68,11 +69,27 @@ std::string join(const std::vector<int64_t>& v) { return fmt::format("{}", fmt::
 std::vector<int64_t> parse_ints(const std::string& s) {
   std::vector<int64_t> out;
   std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');) out.push_back(std::stoll(item));
+  for (std::string item; std::getline(ss, item, ',');) {
+    size_t used = 0;
+    try {
+      out.push_back(std::stoll(item, &used));
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != item.size()) {
+      throw std::invalid_argument(fmt::format("expected comma-separated integers, got '{}'", s));
+    }
+  }
   return out;
 }
 
 torch::Device parse_device(const std::string& s) { return s == "auto" ? auto_device() : torch::Device(s); }
+
+/// Debian's LibTorch starts with one intra-op thread: sample, evaluate and classifier use every core
+/// unless told otherwise (train's Trainer does the same with its own --threads).
+void use_threads(int64_t n) {
+  at::set_num_threads(static_cast<int>(n > 0 ? n : std::max<int64_t>(1, std::thread::hardware_concurrency())));
+}
 
 /// "auto" picks bf16 on a CPU with bf16 instructions (same sample quality, 1.5x the UNet's training
 /// speed: docs/results.md), else fp32.
@@ -109,14 +126,14 @@ auto with_backbone(const std::string& name, const Shape& shape, F&& f) {
 
 struct TrainArgs {
   std::string backbone = "conv";
-  std::string widths, blocks;
+  std::string widths, blocks, keep_epochs;
   int64_t patch = 0;
   std::string data = "data/mnist";
   std::string out = "runs/mnist";
   std::string device = "auto";
   std::string schedule = "linear", lr_schedule = "constant", precision = "auto";
   int64_t warmup = 0;
-  int64_t epochs = 100, batch_size = 128, micro_batch = 0, threads = 0, limit = 0, val_size = 1000, max_steps = 0, grid = 25, keep = 1;
+  int64_t epochs = 100, batch_size = 128, micro_batch = 0, threads = 0, limit = 0, val_size = 1000, max_steps = 0, grid = 25, grid_steps = 0, keep = 1;
   double lr = 1e-3, ema = 0.0, grad_clip = 0.0, min_snr_gamma = 0.0;
   uint64_t seed = 0;
   bool resume = false;
@@ -126,6 +143,10 @@ struct SampleArgs {
   std::string checkpoint, out = "samples.png", singles, device = "auto", sampler = "ddpm", precision = "auto";
   int64_t n = 25, nrow = 0, steps = 50;
   double eta = 0.0, clip_x0 = 1.0;
+  /// Autoguidance: a second, weaker checkpoint and the weight (1: the main model alone).
+  std::string guide;
+  double guidance = 2.0;
+  int64_t threads = 0;
   uint64_t seed = 0;
   bool no_ema = false;
 };
@@ -157,7 +178,9 @@ int train(const TrainArgs& a) {
                            .seed(a.seed)
                            .out_dir(a.out)
                            .keep_checkpoints(a.keep)
+                           .keep_epochs(a.keep_epochs.empty() ? std::vector<int64_t>{} : parse_ints(a.keep_epochs))
                            .grid_samples(a.grid)
+                           .grid_ddim_steps(a.grid_steps)
                            .max_steps_per_epoch(a.max_steps)
                            .device(device)
                            .precision(precision_for(a.precision, device))
@@ -194,27 +217,46 @@ int train(const TrainArgs& a) {
   });
 }
 
-/// n images from a checkpoint with the chosen sampler, in [-1, 1] on the CPU.
-torch::Tensor generate(const SampleArgs& a, bool verbose) {
-  const auto info = read_checkpoint_info(a.checkpoint);
+/// Calls `f(model, info)` with the backbone that the checkpoint at `path` describes, its weights loaded (the
+/// EMA weights if it has them and `ema`) and moved to `device`.
+template <class F>
+auto with_checkpoint(const std::string& path, bool ema, const torch::Device& device, F&& f) {
+  const auto info = read_checkpoint_info(path);
   const auto backbone = info.metadata.count("backbone") ? info.metadata.at("backbone") : "";
-  TORCH_CHECK(std::find(kBackbones.begin(), kBackbones.end(), backbone) != kBackbones.end(), "sample: ",
-              a.checkpoint, " names backbone '", backbone, "', which this program does not know");
+  TORCH_CHECK(std::find(kBackbones.begin(), kBackbones.end(), backbone) != kBackbones.end(), "sample: ", path,
+              " names backbone '", backbone, "', which this program does not know");
   // Checkpoints from before --blocks and --patch existed have one block per level and no patches.
   const auto& m = info.metadata;
   const Shape shape{parse_ints(m.at("widths")), m.count("blocks") ? parse_ints(m.at("blocks")) : std::vector<int64_t>{},
                     m.count("patch") ? std::stoll(m.at("patch")) : 0};
+  return with_backbone(backbone, shape, [&](auto model) {
+    load_weights(path, model, ema);
+    model->to(device);
+    return f(model, info);
+  });
+}
+
+bool same_schedule(const NoiseScheduleOptions& a, const NoiseScheduleOptions& b) {
+  return a.timesteps() == b.timesteps() && a.kind() == b.kind() && a.beta_start() == b.beta_start() &&
+         a.beta_end() == b.beta_end() && a.cosine_s() == b.cosine_s() && a.max_beta() == b.max_beta();
+}
+
+/// n images from a checkpoint (guided by a second one if a.guide is set) with the chosen sampler, in
+/// [-1, 1] on the CPU.
+torch::Tensor generate(const SampleArgs& a, bool verbose) {
+  use_threads(a.threads);
   const auto device = parse_device(a.device);
   const auto precision = precision_for(a.precision, device);
-  return with_backbone(backbone, shape, [&](auto model) {
-    load_weights(a.checkpoint, model, !a.no_ema);
-    model->to(device);
+  const auto run = [&](auto& model, const CheckpointInfo& info) {
     const NoiseSchedule schedule = NoiseSchedule(info.schedule).to(device);
     if (verbose) {
       fmt::print("sampling {} images from {} (epoch {}, {} weights) with {} on {}, {}\n", a.n, a.checkpoint,
                  info.epoch, info.has_ema && !a.no_ema ? "EMA" : "trained",
                  a.sampler == "ddim" ? fmt::format("DDIM, {} steps, eta {}", a.steps, a.eta) : std::string("DDPM"),
                  device.str(), to_string(precision));
+      if (!a.guide.empty()) {
+        fmt::print("autoguidance: weight {} against {} (two model calls per step)\n", a.guidance, a.guide);
+      }
       if (a.clip_x0 > 0) fmt::print("predicted x_0 clamped to [-{0}, {0}] at every step\n", a.clip_x0);
       std::fflush(stdout);
     }
@@ -233,6 +275,17 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
                            .cpu());
     }
     return torch::cat(chunks);
+  };
+  if (a.guide.empty()) return with_checkpoint(a.checkpoint, !a.no_ema, device, run);
+  // One Guided type whatever the two backbones are, so the samplers are compiled once more, not per pair.
+  return with_checkpoint(a.checkpoint, !a.no_ema, device, [&](auto model, const CheckpointInfo& info) {
+    return with_checkpoint(a.guide, !a.no_ema, device, [&](auto guide, const CheckpointInfo& guide_info) {
+      TORCH_CHECK(same_schedule(info.schedule, guide_info.schedule), "sample: --guide ", a.guide,
+                  " was trained with another noise schedule than ", a.checkpoint,
+                  "; autoguidance needs both to predict the noise of the same x_t");
+      Guided guided(model, guide, a.guidance);
+      return run(guided, info);
+    });
   });
 }
 
@@ -252,11 +305,12 @@ int sample(const SampleArgs& a) {
 
 struct ClassifierArgs {
   std::string data = "data/mnist", out = "runs/classifier.pt";
-  int64_t epochs = 3;
+  int64_t epochs = 3, threads = 0;
   uint64_t seed = 0;
 };
 
 int classifier(const ClassifierArgs& a) {
+  use_threads(a.threads);
   const auto train = data::load_mnist(a.data, data::Split::Train);
   const auto test = data::load_mnist(a.data, data::Split::Test);
   eval::LeNet net;
@@ -278,6 +332,7 @@ struct EvaluateArgs {
 };
 
 int evaluate(const EvaluateArgs& a) {
+  use_threads(a.sample.threads);
   eval::LeNet net;
   torch::load(net, a.classifier);
   net->eval();
@@ -372,7 +427,12 @@ int main(int argc, char** argv) {
       ->check(at_least(0))->capture_default_str();
   tr->add_option("--grid", t.grid, "Images in each epoch's sample grid (0: none)")->check(at_least(0))
       ->capture_default_str();
+  tr->add_option("--grid-steps", t.grid_steps,
+                 "Sample each epoch's grid with DDIM in this many steps at eta 1 (0: DDPM over all T steps, the seed's)")
+      ->check(at_least(0))->capture_default_str();
   tr->add_option("--keep", t.keep, "Checkpoints to keep")->check(at_least(1))->capture_default_str();
+  tr->add_option("--keep-epochs", t.keep_epochs,
+                 "Also keep these epochs' checkpoints, comma-separated, e.g. 2: an early one to --guide sampling with");
   tr->add_flag("--resume", t.resume, "Continue from the newest checkpoint in OUT/checkpoints");
 
   SampleArgs s;
@@ -397,6 +457,15 @@ int main(int argc, char** argv) {
     cmd->add_option("--precision", args.precision,
                     "The backbone's arithmetic: fp32, bf16 (autocast), or auto (bf16 on a CPU with AMX/AVX512-BF16)")
         ->check(CLI::IsMember({"auto", "fp32", "bf16"}))->capture_default_str();
+    cmd->add_option("--threads", args.threads, "CPU threads (0: all cores)")->check(at_least(0))->capture_default_str();
+    auto* guide = cmd->add_option("--guide", args.guide,
+                    "Autoguidance (Karras et al. 2024): a weaker checkpoint of the same kind of model, e.g. an early "
+                    "epoch of the same run, whose errors each step is steered away from (two model calls per step)")
+        ->check(CLI::ExistingFile);
+    cmd->add_option("--guidance", args.guidance,
+                    "Autoguidance weight w with --guide: guide + w (main - guide); 1 is the main model alone")
+        ->needs(guide)
+        ->capture_default_str();
   };
   sampler_flags(sa, s);
 
@@ -406,6 +475,7 @@ int main(int argc, char** argv) {
   cl->add_option("--out", c.out, "Where to save it")->capture_default_str();
   cl->add_option("--epochs", c.epochs, "Epochs")->check(at_least(1))->capture_default_str();
   cl->add_option("--seed", c.seed, "Seed")->capture_default_str();
+  cl->add_option("--threads", c.threads, "CPU threads (0: all cores)")->check(at_least(0))->capture_default_str();
 
   EvaluateArgs e;
   e.sample.n = 1000;
@@ -437,6 +507,9 @@ int main(int argc, char** argv) {
         TORCH_CHECK(blocks.size() == levels, "--blocks: expected one count per UNet level (", levels, "), got '",
                     t.blocks, "'");
         for (const auto b : blocks) TORCH_CHECK(b >= 1 && b <= 8, "--blocks: each count must be in [1, 8], got ", b);
+      }
+      if (!t.keep_epochs.empty()) {
+        for (const auto e : parse_ints(t.keep_epochs)) TORCH_CHECK(e >= 1, "--keep-epochs: each epoch must be >= 1, got ", e);
       }
       if (t.patch != 0) {
         TORCH_CHECK(t.backbone == "unet", "--patch applies to the unet backbone only, got --backbone ", t.backbone);
