@@ -478,7 +478,7 @@ int main(int argc, char** argv) {
   cl->add_option("--threads", c.threads, "CPU threads (0: all cores)")->check(at_least(0))->capture_default_str();
 
   EvaluateArgs e;
-  e.sample.n = 1000;
+  e.sample.n = 10000;  // the usual size for FID-style scores; --n 1000 for a quick run
   auto* ev = app.add_subcommand("evaluate", "Score samples: Frechet distance in the classifier's features (with "
                                             "its floor and ceiling), digit rate, class histogram and entropy");
   ev->add_option("--checkpoint", e.sample.checkpoint, "Checkpoint to sample from")->check(CLI::ExistingFile);
