@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace diffusion;
@@ -333,6 +334,16 @@ TEST_CASE("keep_epochs pins early checkpoints besides the newest N", "[trainer][
   CHECK(kept[1].filename() == "checkpoint_epoch_005.pt");
   CHECK(read_checkpoint_info(kept[0]).epoch == 2);
   CHECK_REFUSED(Trainer(tiny_net(), schedule, quiet().keep_epochs({3, 0})), "keep_epochs must hold epochs >= 1, got 0");
+}
+
+TEST_CASE("set_threads sets the intra-op threads, every core at 0", "[trainer]") {
+  const int before = at::get_num_threads();
+  set_threads(1);
+  CHECK(at::get_num_threads() == 1);
+  set_threads(0);
+  CHECK(at::get_num_threads() == static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  CHECK_REFUSED(set_threads(-1), "set_threads: threads must be >= 0 (0 = all cores), got -1");
+  at::set_num_threads(before);
 }
 
 TEST_CASE("grid_ddim_steps samples the grids with DDIM at eta 1", "[trainer]") {

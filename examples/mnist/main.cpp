@@ -17,7 +17,6 @@
 #include <filesystem>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace fs = std::filesystem;
@@ -84,12 +83,6 @@ std::vector<int64_t> parse_ints(const std::string& s) {
 }
 
 torch::Device parse_device(const std::string& s) { return s == "auto" ? auto_device() : torch::Device(s); }
-
-/// Debian's LibTorch starts with one intra-op thread: sample, evaluate and classifier use every core
-/// unless told otherwise (train's Trainer does the same with its own --threads).
-void use_threads(int64_t n) {
-  at::set_num_threads(static_cast<int>(n > 0 ? n : std::max<int64_t>(1, std::thread::hardware_concurrency())));
-}
 
 /// "auto" picks bf16 on a CPU with bf16 instructions (same sample quality, 1.5x the UNet's training
 /// speed: docs/results.md), else fp32.
@@ -244,7 +237,7 @@ bool same_schedule(const NoiseScheduleOptions& a, const NoiseScheduleOptions& b)
 /// n images from a checkpoint (guided by a second one if a.guide is set) with the chosen sampler, in
 /// [-1, 1] on the CPU.
 torch::Tensor generate(const SampleArgs& a, bool verbose) {
-  use_threads(a.threads);
+  set_threads(a.threads);
   const auto device = parse_device(a.device);
   const auto precision = precision_for(a.precision, device);
   const auto run = [&](auto& model, const CheckpointInfo& info) {
@@ -310,7 +303,7 @@ struct ClassifierArgs {
 };
 
 int classifier(const ClassifierArgs& a) {
-  use_threads(a.threads);
+  set_threads(a.threads);
   const auto train = data::load_mnist(a.data, data::Split::Train);
   const auto test = data::load_mnist(a.data, data::Split::Test);
   eval::LeNet net;
@@ -332,7 +325,7 @@ struct EvaluateArgs {
 };
 
 int evaluate(const EvaluateArgs& a) {
-  use_threads(a.sample.threads);
+  set_threads(a.sample.threads);
   eval::LeNet net;
   torch::load(net, a.classifier);
   net->eval();

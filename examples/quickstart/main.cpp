@@ -8,7 +8,6 @@
 
 #include <chrono>
 #include <cstdlib>
-#include <thread>
 
 namespace {
 
@@ -40,8 +39,7 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "usage: quickstart [steps >= 1], got '{}'\n", argv[1]);
     return 2;
   }
-  // Debian's LibTorch starts with one intra-op thread; use every core.
-  at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  diffusion::set_threads();  // every core: Debian's LibTorch starts with one intra-op thread
   torch::manual_seed(0);
 
   using namespace diffusion;

@@ -36,6 +36,14 @@ namespace diffusion {
 /// Picks CUDA when this LibTorch has it and a GPU is present, else the CPU.
 inline torch::Device auto_device() { return torch::cuda::is_available() ? torch::kCUDA : torch::kCPU; }
 
+/// Sets LibTorch's CPU intra-op threads to `threads`, or to every core when 0: Debian's LibTorch starts
+/// with one, and sampling and training on a CPU then use a single core.
+inline void set_threads(int64_t threads = 0) {
+  TORCH_CHECK(threads >= 0, "set_threads: threads must be >= 0 (0 = all cores), got ", threads);
+  at::set_num_threads(
+      static_cast<int>(threads > 0 ? threads : std::max<int64_t>(1, std::thread::hardware_concurrency())));
+}
+
 /// How the learning rate moves over a run (after the linear warm-up, if any).
 enum class LRSchedule {
   /// lr throughout, as in the seed.
@@ -200,8 +208,7 @@ class Trainer {
     TORCH_CHECK(o.threads() >= 0, "Trainer: threads must be >= 0 (0 = all cores), got ", o.threads());
     TORCH_CHECK(!device_.is_cuda() || torch::cuda::is_available(), "Trainer: device ", device_,
                 " requested but this LibTorch sees no CUDA device");
-    at::set_num_threads(static_cast<int>(
-        o.threads() > 0 ? o.threads() : std::max<int64_t>(1, std::thread::hardware_concurrency())));
+    set_threads(o.threads());
     unwrap(model_).to(device_);
     optimizer_ = std::make_unique<torch::optim::AdamW>(
         unwrap(model_).parameters(), torch::optim::AdamWOptions(o.lr()).weight_decay(o.weight_decay()));
