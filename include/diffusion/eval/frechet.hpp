@@ -37,14 +37,16 @@ inline double frechet_distance(const FeatureStatistics& a, const FeatureStatisti
               "frechet_distance: the two feature sets must have the same dimension, got ",
               a.mean.defined() ? detail::shape_str(a.mean) : "undefined", " and ",
               b.mean.defined() ? detail::shape_str(b.mean) : "undefined");
+  // The ATen spellings (torch::linalg_eigh), not torch::linalg::eigh: Debian's LibTorch 2.x ships no
+  // torch/linalg.h, and these exist in 1.13 and 2.x alike.
   const auto sym_sqrt = [](const torch::Tensor& s) {
-    const auto [values, vectors] = torch::linalg::eigh(s, "L");
+    const auto [values, vectors] = torch::linalg_eigh(s, "L");
     return vectors.mm(torch::diag(values.clamp_min(0).sqrt())).mm(vectors.t());
   };
   const auto root_a = sym_sqrt(a.covariance);
   auto m = root_a.mm(b.covariance).mm(root_a);
   m = (m + m.t()) / 2;  // symmetric up to rounding
-  const double trace_sqrt = torch::linalg::eigvalsh(m, "L").clamp_min(0).sqrt().sum().item<double>();
+  const double trace_sqrt = torch::linalg_eigvalsh(m, "L").clamp_min(0).sqrt().sum().item<double>();
   const double mean_term = (a.mean - b.mean).pow(2).sum().item<double>();
   return mean_term + a.covariance.trace().item<double>() + b.covariance.trace().item<double>() - 2 * trace_sqrt;
 }
