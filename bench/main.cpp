@@ -121,8 +121,8 @@ Result bench_backbone(const std::string& name, B model, Precision precision, con
   }
   if (c.full_sample) {
     r.full_sample_s = time_median(device, 0, 1, [&] {
-      ddpm_sample(model, schedule, {c.sample_batch, dataset.size(1), dataset.size(2), dataset.size(3)},
-                  SampleOptions().precision(precision).seed(0));
+      sample(model, schedule, {c.sample_batch, dataset.size(1), dataset.size(2), dataset.size(3)}, DDPM(),
+             SampleOptions().precision(precision).seed(0));
     });
     r.full_sample_measured = true;
   } else {

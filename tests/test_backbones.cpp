@@ -282,7 +282,7 @@ TEST_CASE("a subclassed backbone trains and samples", "[backbones][subclass]") {
       opt.step();
     }
     CHECK(last < 0.5 * first);
-    const auto x = ddpm_sample(net, schedule, {4, 1, 8, 8}, SampleOptions().seed(1));
+    const auto x = sample(net, schedule, {4, 1, 8, 8}, DDPM(), SampleOptions().seed(1));
     CHECK(x.sizes() == torch::IntArrayRef({4, 1, 8, 8}));
     CHECK(torch::isfinite(x).all().template item<bool>());
   };

@@ -3,14 +3,6 @@
 
 #include <diffusion/diffusion.hpp>
 
-#define STB_IMAGE_IMPLEMENTATION
-#define STB_IMAGE_STATIC
-#if __has_include(<stb/stb_image.h>)
-#include <stb/stb_image.h>
-#else
-#include <stb_image.h>
-#endif
-
 #if !defined(DIFFUSION_NO_ZLIB)
 #include <zlib.h>
 #endif
@@ -198,11 +190,11 @@ TEST_CASE("on CUDA, when present: the CPU's noise, training, and checkpoints tha
   const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(50));
   torch::manual_seed(0);
   auto net = tiny_net();
-  const auto on_cpu = ddpm_sample(net, schedule, {4, 1, 8, 8}, SampleOptions().seed(3));
-  const auto ddim_cpu = ddim_sample(net, schedule, {4, 1, 8, 8}, DDIMOptions().steps(10).seed(3));
+  const auto on_cpu = sample(net, schedule, {4, 1, 8, 8}, DDPM(), SampleOptions().seed(3));
+  const auto ddim_cpu = sample(net, schedule, {4, 1, 8, 8}, DDIM().steps(10), SampleOptions().seed(3));
   net->to(cuda);
-  const auto on_cuda = ddpm_sample(net, schedule.to(cuda), {4, 1, 8, 8}, SampleOptions().seed(3));
-  const auto ddim_cuda = ddim_sample(net, schedule.to(cuda), {4, 1, 8, 8}, DDIMOptions().steps(10).seed(3));
+  const auto on_cuda = sample(net, schedule.to(cuda), {4, 1, 8, 8}, DDPM(), SampleOptions().seed(3));
+  const auto ddim_cuda = sample(net, schedule.to(cuda), {4, 1, 8, 8}, DDIM().steps(10), SampleOptions().seed(3));
   CHECK(on_cuda.device().is_cuda());
   CHECK((on_cuda.cpu() - on_cpu).abs().max().item<double>() < 1e-2);
   CHECK((ddim_cuda.cpu() - ddim_cpu).abs().max().item<double>() < 1e-2);
@@ -353,11 +345,11 @@ TEST_CASE("grid_ddim_steps samples the grids with DDIM at eta 1", "[trainer]") {
   trainer.fit(tiny_dataset(16));
   CHECK(fs::exists(dir / "samples" / "epoch_001.png"));
   const auto grid = trainer.sample({4, 1, 8, 8}, 3);
-  CHECK(torch::equal(grid, ddim_sample(trainer.model(), trainer.schedule(), {4, 1, 8, 8},
-                                       DDIMOptions().steps(5).eta(1.0).seed(3))));
+  CHECK(torch::equal(grid, sample(trainer.model(), trainer.schedule(), {4, 1, 8, 8}, DDIM().steps(5).eta(1.0),
+                                  SampleOptions().seed(3))));
   Trainer ddpm(tiny_net(), schedule, quiet());
-  CHECK(torch::equal(ddpm.sample({4, 1, 8, 8}, 3), ddpm_sample(ddpm.model(), ddpm.schedule(), {4, 1, 8, 8},
-                                                                 SampleOptions().seed(3))));
+  CHECK(torch::equal(ddpm.sample({4, 1, 8, 8}, 3), sample(ddpm.model(), ddpm.schedule(), {4, 1, 8, 8}, DDPM(),
+                                                            SampleOptions().seed(3))));
   CHECK_REFUSED(Trainer(tiny_net(), schedule, quiet().grid_ddim_steps(21)),
                 "grid_ddim_steps must be in [0, 20] (0: DDPM), got 21");
   CHECK_REFUSED(Trainer(tiny_net(), schedule, quiet().grid_ddim_steps(-1)), "grid_ddim_steps must be in [0, 20]");
@@ -375,7 +367,7 @@ TEST_CASE("a checkpoint round trip reproduces sampling exactly, EMA weights incl
   REQUIRE(info.has_ema);
   auto model = tiny_net();
   load_weights(path, model);  // EMA by default
-  const auto got = ddpm_sample(model, NoiseSchedule(info.schedule), {4, 1, 8, 8}, SampleOptions().seed(11));
+  const auto got = sample(model, NoiseSchedule(info.schedule), {4, 1, 8, 8}, DDPM(), SampleOptions().seed(11));
   CHECK(torch::equal(expected, got));
 
   auto raw = tiny_net();
@@ -426,7 +418,7 @@ TEST_CASE("progress shows epoch, percent, steps, rate and loss", "[trainer]") {
   CHECK(line.find("it/s, loss=0.0412]") != std::string::npos);
 }
 
-TEST_CASE("a grid PNG reads back with the right size and pixel values", "[image]") {
+TEST_CASE("a grid PNG reads back with the right size and pixel values; bad PNGs are refused", "[image]") {
   const auto dir = scratch("png");
   // Four 1x3x2 images with values -1, 0, 0.5, 1 -> grid of 2x2 with padding 2.
   auto images = torch::stack({torch::full({1, 3, 2}, -1.0), torch::full({1, 3, 2}, 0.0), torch::full({1, 3, 2}, 0.5),
@@ -434,19 +426,22 @@ TEST_CASE("a grid PNG reads back with the right size and pixel values", "[image]
   const auto grid = make_grid(to_unit_range(images), 2, 2);
   REQUIRE(grid.sizes() == torch::IntArrayRef({1, 2 + 2 * (3 + 2), 2 + 2 * (2 + 2)}));
   write_png(dir / "grid.png", grid);
-  int w = 0, h = 0, c = 0;
-  unsigned char* px = stbi_load((dir / "grid.png").string().c_str(), &w, &h, &c, 0);
-  REQUIRE(px != nullptr);
-  CHECK(w == 10);
-  CHECK(h == 12);
-  CHECK(c == 1);
-  const auto at = [&](int y, int x) { return static_cast<int>(px[y * w + x]); };
+  const auto back = read_png(dir / "grid.png");
+  REQUIRE(back.sizes() == torch::IntArrayRef({1, 12, 10}));
+  const auto at = [&](int y, int x) { return static_cast<int>(std::lround(back[0][y][x].item<float>() * 255)); };
   CHECK(at(0, 0) == 0);      // padding
   CHECK(at(2, 2) == 0);      // -1 -> 0
   CHECK(at(2, 6) == 128);    // 0 -> 0.5 -> round(127.5)
   CHECK(at(7, 2) == 191);    // 0.5 -> 0.75 -> round(191.25)
   CHECK(at(9, 7) == 255);    // 1 -> 1
-  stbi_image_free(px);
+  // Converted on reading: grey to RGB repeats the value.
+  const auto rgb = read_png(dir / "grid.png", 3);
+  CHECK(rgb.sizes() == torch::IntArrayRef({3, 12, 10}));
+  CHECK(torch::equal(rgb[2], back[0]));
+  write_bytes(dir / "not.png", {'n', 'o', 't', ' ', 'a', ' ', 'p', 'n', 'g'});
+  CHECK_REFUSED(read_png(dir / "not.png"), "not.png is not a readable PNG");
+  CHECK_REFUSED(read_png(dir / "missing.png"), "missing.png: no such file");
+  CHECK_REFUSED(read_png(dir / "grid.png", 2), "channels must be 0 (as stored), 1, 3 or 4, got 2");
   CHECK_REFUSED(write_png(dir / "x.png", torch::zeros({2, 4, 4})), "expected 1, 3 or 4 channels, got 2");
   CHECK_REFUSED(make_grid(torch::zeros({4, 4})), "images must be (N, C, H, W)");
 }

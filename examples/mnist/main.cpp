@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -134,8 +135,14 @@ struct TrainArgs {
 
 struct SampleArgs {
   std::string checkpoint, out = "samples.png", singles, device = "auto", sampler = "ddpm", precision = "auto";
-  int64_t n = 25, nrow = 0, steps = 50;
-  double eta = 0.0, clip_x0 = 1.0;
+  int64_t n = 25, nrow = 0;
+  double clip_x0 = 1.0;
+  /// Set only when given: each method has its own defaults and refuses what it does not use.
+  SamplerSettings settings;
+  /// Image-to-image and inpainting (sample only): a PNG to start from, how much of it to change, and a PNG
+  /// mask of the pixels to keep (white).
+  std::string init, mask;
+  std::optional<double> strength;
   /// Autoguidance: a second, weaker checkpoint and the weight (1: the main model alone).
   std::string guide;
   double guidance = 2.0;
@@ -234,19 +241,36 @@ bool same_schedule(const NoiseScheduleOptions& a, const NoiseScheduleOptions& b)
          a.beta_end() == b.beta_end() && a.cosine_s() == b.cosine_s() && a.max_beta() == b.max_beta();
 }
 
+/// A 28x28 PNG as a (1, 1, 28, 28) tensor on `device`, in [0, 1].
+torch::Tensor read_mnist_png(const std::string& path, const torch::Device& device) {
+  const auto image = read_png(path, 1);
+  TORCH_CHECK(image.size(1) == 28 && image.size(2) == 28, path, " is ", image.size(2), "x", image.size(1),
+              "; this program's models take 28x28 images");
+  return image.unsqueeze(0).to(device);
+}
+
 /// n images from a checkpoint (guided by a second one if a.guide is set) with the chosen sampler, in
 /// [-1, 1] on the CPU.
 torch::Tensor generate(const SampleArgs& a, bool verbose) {
   set_threads(a.threads);
   const auto device = parse_device(a.device);
   const auto precision = precision_for(a.precision, device);
+  const auto method = make_sampler(a.sampler, a.settings);
+  auto base = SampleOptions().clip_x0(a.clip_x0).precision(precision);
+  if (!a.init.empty()) base.image(read_mnist_png(a.init, device) * 2 - 1);  // data are in [-1, 1]
+  if (a.strength) base.strength(*a.strength);
+  if (!a.mask.empty()) base.mask(read_mnist_png(a.mask, device));
   const auto run = [&](auto& model, const CheckpointInfo& info) {
     const NoiseSchedule schedule = NoiseSchedule(info.schedule).to(device);
     if (verbose) {
       fmt::print("sampling {} images from {} (epoch {}, {} weights) with {} on {}, {}\n", a.n, a.checkpoint,
-                 info.epoch, info.has_ema && !a.no_ema ? "EMA" : "trained",
-                 a.sampler == "ddim" ? fmt::format("DDIM, {} steps, eta {}", a.steps, a.eta) : std::string("DDPM"),
-                 device.str(), to_string(precision));
+                 info.epoch, info.has_ema && !a.no_ema ? "EMA" : "trained", method->describe(), device.str(),
+                 to_string(precision));
+      if (!a.init.empty()) {
+        fmt::print("starting from {}{}\n", a.init,
+                   a.mask.empty() ? fmt::format(" at strength {}", *a.strength)
+                                  : fmt::format(", keeping the pixels {} marks", a.mask));
+      }
       if (!a.guide.empty()) {
         fmt::print("autoguidance: weight {} against {} (two model calls per step)\n", a.guidance, a.guide);
       }
@@ -260,12 +284,7 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
     for (int64_t done = 0, k = 0; done < a.n; done += 100, ++k) {
       const std::vector<int64_t> shape{std::min<int64_t>(100, a.n - done), 1, 28, 28};
       const uint64_t seed = a.seed + static_cast<uint64_t>(k);
-      chunks.push_back((a.sampler == "ddim"
-                            ? ddim_sample(model, schedule, shape,
-                                          DDIMOptions().steps(a.steps).eta(a.eta).clip_x0(a.clip_x0).precision(precision).seed(seed))
-                            : ddpm_sample(model, schedule, shape,
-                                          SampleOptions().clip_x0(a.clip_x0).precision(precision).seed(seed)))
-                           .cpu());
+      chunks.push_back(sample(model, schedule, shape, *method, SampleOptions(base).seed(seed)).cpu());
     }
     return torch::cat(chunks);
   };
@@ -440,10 +459,20 @@ int main(int argc, char** argv) {
   sa->add_option("--device", s.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
   sa->add_flag("--no-ema", s.no_ema, "Use the trained weights even if the checkpoint has EMA weights");
   const auto sampler_flags = [](CLI::App* cmd, SampleArgs& args) {
-    cmd->add_option("--sampler", args.sampler, "ddpm (all T steps) or ddim")->check(CLI::IsMember({"ddpm", "ddim"}))
+    cmd->add_option("--sampler", args.sampler,
+                    "ddpm (all T steps), ddim, or dpmpp-2m (DPM-Solver++(2M): DDIM-50's quality in fewer steps)")
+        ->check(CLI::IsMember(sampler_names()))
         ->capture_default_str();
-    cmd->add_option("--steps", args.steps, "DDIM steps")->check(at_least(1))->capture_default_str();
-    cmd->add_option("--eta", args.eta, "DDIM eta (0: deterministic)")->check(at_least(0))->capture_default_str();
+    cmd->add_option_function<int64_t>("--steps", [&args](const int64_t& v) { args.settings.steps(v); },
+                                      "Model evaluations for ddim (default 50) and dpmpp-2m (default 20)")
+        ->check(at_least(1));
+    cmd->add_option_function<double>("--eta", [&args](const double& v) { args.settings.eta(v); },
+                                     "DDIM eta: 0 deterministic (default), 1 DDPM-like noise")
+        ->check(at_least(0));
+    cmd->add_option_function<std::string>("--spacing", [&args](const std::string& v) { args.settings.spacing(parse_spacing(v)); },
+                                          "Which timesteps ddim and dpmpp-2m visit: leading (default; ends at 0), "
+                                          "trailing (starts at T-1) or linspace (both)")
+        ->check(CLI::IsMember({"leading", "trailing", "linspace"}));
     cmd->add_option("--clip-x0", args.clip_x0,
                     "Clamp each step's predicted x_0 to [-C, C]; the data lie in [-1, 1] (0: off, as in the seed)")
         ->check(at_least(0))->capture_default_str();
@@ -461,6 +490,18 @@ int main(int argc, char** argv) {
         ->capture_default_str();
   };
   sampler_flags(sa, s);
+  auto* init = sa->add_option("--init", s.init,
+                              "Image-to-image (SDEdit): start from this 28x28 PNG noised part-way (see --strength), "
+                              "or inpaint it with --mask")
+                   ->check(CLI::ExistingFile);
+  sa->add_option_function<double>("--strength", [&s](const double& v) { s.strength = v; },
+                                  "With --init: how much of the sampling to run from it, 0 (return it) to 1 (ignore it)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->needs(init);
+  sa->add_option("--mask", s.mask, "With --init: a 28x28 PNG, white where --init's pixels are kept, black where "
+                                   "they are generated (inpainting)")
+      ->check(CLI::ExistingFile)
+      ->needs(init);
 
   ClassifierArgs c;
   auto* cl = app.add_subcommand("classifier", "Train the LeNet feature classifier that evaluate uses");
@@ -514,6 +555,10 @@ int main(int argc, char** argv) {
                     " UNet levels needs images divisible by ", unet.size_multiple(), "; MNIST's 28x28 are not");
       }
       return train(t);
+    }
+    if (sa->parsed() && !s.init.empty()) {
+      TORCH_CHECK(s.strength || !s.mask.empty(), "sample: --init needs --strength S (how much of it to change, "
+                                                 "0 to 1) or --mask (which pixels to keep)");
     }
     if (cl->parsed()) return classifier(c);
     if (ev->parsed()) {

@@ -66,7 +66,7 @@ int main(int argc, char** argv) {
     }
   }
 
-  const auto samples = ddpm_sample(model, schedule, {64, 1, 8, 8}, SampleOptions().seed(1));
+  const auto samples = sample(model, schedule, {64, 1, 8, 8}, DDPM(), SampleOptions().seed(1));
   int clean = 0;
   for (int64_t i = 0; i < samples.size(0); ++i) clean += is_clean_bar(samples[i]);
   fmt::print("\nThe first 8 of 64 samples ('#' above 0.5, '+' above 0, '.' below):\n");

@@ -172,7 +172,7 @@ inline CheckpointInfo read_checkpoint_info(const std::filesystem::path& path) {
 ///   auto info = read_checkpoint_info("checkpoints/checkpoint_epoch_010.pt");
 ///   ConvNet model;
 ///   load_weights("checkpoints/checkpoint_epoch_010.pt", model);
-///   auto x = ddpm_sample(model, NoiseSchedule(info.schedule), {25, 1, 28, 28});
+///   auto x = sample(model, NoiseSchedule(info.schedule), {25, 1, 28, 28}, DDIM());
 template <Backbone B>
 void load_weights(const std::filesystem::path& path, B& model, bool use_ema = true) {
   auto archive = detail::open_checkpoint(path);

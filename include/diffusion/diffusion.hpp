@@ -6,7 +6,7 @@
 ///   #include <diffusion/diffusion.hpp>
 ///   diffusion::ConvNet model;
 ///   diffusion::NoiseSchedule schedule;
-///   auto images = diffusion::ddpm_sample(model, schedule, {25, 1, 28, 28});
+///   auto images = diffusion::sample(model, schedule, {25, 1, 28, 28}, diffusion::DDPM());
 
 #include <diffusion/version.hpp>
 #include <diffusion/random.hpp>
@@ -14,8 +14,11 @@
 #include <diffusion/forward.hpp>
 #include <diffusion/backbone.hpp>
 #include <diffusion/precision.hpp>
-#include <diffusion/sampler.hpp>
-#include <diffusion/ddim.hpp>
+#include <diffusion/sampling/spacing.hpp>
+#include <diffusion/sampling/loop.hpp>
+#include <diffusion/sampling/ddpm.hpp>
+#include <diffusion/sampling/ddim.hpp>
+#include <diffusion/sampling/dpm_solver.hpp>
 #include <diffusion/guidance.hpp>
 #include <diffusion/backbones/embedding.hpp>
 #include <diffusion/backbones/conv_net.hpp>

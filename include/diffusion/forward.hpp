@@ -6,9 +6,12 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
 #include <optional>
+#include <string>
+#include <string_view>
 
-/// The forward (noising) process in closed form.
+/// The forward (noising) process in closed form, and what a network may predict about it.
 namespace diffusion {
 
 /// Draws x_t ~ q(x_t | x_0) in one step:
@@ -51,6 +54,79 @@ inline torch::Tensor q_sample(const NoiseSchedule& schedule, const torch::Tensor
 inline torch::Tensor q_sample(const NoiseSchedule& schedule, const torch::Tensor& x0, const torch::Tensor& t,
                               const torch::Generator& generator) {
   return q_sample(schedule, x0, t, torch::Tensor{}, generator);
+}
+
+/// What a backbone's output stands for. With a = sqrt(abar_t), b = sqrt(1 - abar_t) and
+/// x_t = a x_0 + b eps (eq. 4), each determines the other two given x_t.
+enum class Prediction {
+  /// The noise eps (Ho et al. 2020; the seed's).
+  Epsilon,
+  /// The velocity v = a eps - b x_0 (Salimans & Ho 2022, sec. 4); x_0 = a x_t - b v, eps = b x_t + a v.
+  V,
+  /// The clean data x_0 itself ("sample" in diffusers).
+  Sample,
+};
+
+inline std::string_view to_string(Prediction p) {
+  return p == Prediction::Epsilon ? "epsilon" : p == Prediction::V ? "v" : "sample";
+}
+
+/// "epsilon" (or "eps"), "v" (or "v_prediction") or "sample" (or "x0"); anything else is refused, naming it.
+inline Prediction parse_prediction(std::string_view s) {
+  if (s == "epsilon" || s == "eps") return Prediction::Epsilon;
+  if (s == "v" || s == "v_prediction") return Prediction::V;
+  if (s == "sample" || s == "x0") return Prediction::Sample;
+  TORCH_CHECK(false, "parse_prediction: expected \"epsilon\", \"v\" or \"sample\", got \"", std::string(s), "\"");
+  return Prediction::Epsilon;
+}
+
+/// A prediction at one timestep as both the noise and the clean data it implies, consistent with x_t:
+/// x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
+struct Denoised {
+  torch::Tensor eps, x0;
+};
+
+/// The noise and clean data that a backbone's `output` at timestep index t (shared by the batch) implies
+/// for x_t, for any Prediction; the one conversion every sampler uses. `clip_x0` > 0 clamps x0 to
+/// [-clip_x0, clip_x0] and recomputes eps from the clamped x0, so the two stay consistent (data in
+/// [-1, 1] never leaves that range, so a model's out-of-range guesses are errors; Ho et al.'s code clamps
+/// them). An epsilon prediction at a timestep with abar_t = 0 (a zero-terminal-SNR schedule's last) has
+/// no x0: refused.
+///
+/// Example:
+///   auto d = denoise(schedule, x_t, 500, model(x_t, t_batch), Prediction::Epsilon, 1.0);
+///   preview(d.x0);
+inline Denoised denoise(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t, const torch::Tensor& output,
+                        Prediction prediction = Prediction::Epsilon, double clip_x0 = 0.0) {
+  constexpr const char* fn = "denoise";
+  TORCH_CHECK(t >= 0 && t < schedule.timesteps(), fn, ": t must be in [0, ", schedule.timesteps(), "), got ", t);
+  TORCH_CHECK(clip_x0 >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", clip_x0);
+  TORCH_CHECK(output.defined() && output.sizes() == x_t.sizes(), fn, ": the prediction must have x_t's shape ",
+              detail::shape_str(x_t), ", got ", output.defined() ? detail::shape_str(output) : "an undefined tensor");
+  const auto i = static_cast<size_t>(t);
+  const double a = schedule.host().sqrt_alphas_cumprod[i], b = schedule.host().sqrt_one_minus_alphas_cumprod[i];
+  Denoised d;
+  switch (prediction) {
+    case Prediction::Epsilon:
+      TORCH_CHECK(a > 0.0, fn, ": an epsilon prediction at t = ", t,
+                  " where abar_t = 0 (zero terminal SNR) determines no x_0; train with v or sample prediction");
+      d.eps = output;
+      d.x0 = (x_t - output * b) / a;
+      break;
+    case Prediction::V:
+      d.x0 = x_t * a - output * b;
+      d.eps = x_t * b + output * a;
+      break;
+    case Prediction::Sample:
+      d.x0 = output;
+      d.eps = (x_t - output * a) / b;
+      break;
+  }
+  if (clip_x0 > 0.0) {
+    d.x0 = d.x0.clamp(-clip_x0, clip_x0);
+    if (b > 0.0) d.eps = (x_t - d.x0 * a) / b;
+  }
+  return d;
 }
 
 }  // namespace diffusion

@@ -32,7 +32,7 @@ namespace diffusion {
 /// Example:
 ///   UNet main = ..., early = ...;          // e.g. the last and an early checkpoint of one run
 ///   Guided guided(main, early, 2.0);
-///   auto images = ddim_sample(guided, schedule, {25, 1, 28, 28}, DDIMOptions().steps(50).eta(1));
+///   auto images = sample(guided, schedule, {25, 1, 28, 28}, DDIM().steps(50).eta(1));
 class GuidedImpl : public torch::nn::Module {
  public:
   /// `main` and `guide` hold backbones with `forward(x, t)` (any TORCH_MODULE holder or shared_ptr of

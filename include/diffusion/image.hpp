@@ -15,13 +15,24 @@
 #include <stb_image_write.h>
 #endif
 #endif
+// stb_image, PNG only, static likewise, for read_png.
+#ifndef STBI_INCLUDE_STB_IMAGE_H
+#define STB_IMAGE_IMPLEMENTATION
+#define STB_IMAGE_STATIC
+#define STBI_ONLY_PNG
+#if __has_include(<stb/stb_image.h>)
+#include <stb/stb_image.h>
+#else
+#include <stb_image.h>
+#endif
+#endif
 
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <string>
 
-/// Sample grids and PNG files.
+/// Sample grids and PNG files (written and read with stb, Debian's libstb-dev).
 namespace diffusion {
 
 /// Tiles a batch (N, C, H, W) into one image (C, rows * (H + padding) + padding, nrow * (W + padding) +
@@ -65,6 +76,32 @@ inline void write_png(const std::filesystem::path& path, const torch::Tensor& im
   const int ok = stbi_write_png(path.string().c_str(), static_cast<int>(bytes.size(1)), static_cast<int>(bytes.size(0)),
                                 static_cast<int>(c), bytes.data_ptr<uint8_t>(), static_cast<int>(bytes.size(1) * c));
   TORCH_CHECK(ok != 0, "write_png: could not write ", path.string());
+}
+
+/// Reads a PNG into a float32 tensor (C, H, W) with values in [0, 1] (v / 255 for 8-bit files, v / 65535
+/// for 16-bit ones). `channels` 0 keeps the file's (1 grey, 2 grey and alpha, 3 RGB, 4 RGBA); 1, 3 or 4
+/// converts (RGB to grey by stb's luma weights). Refused, naming the file: a missing or unreadable file,
+/// and one that is not a PNG or is damaged (stb's reason).
+///
+/// Example:
+///   auto digit = read_png("seven.png", 1);            // (1, 28, 28) in [0, 1]
+///   auto x = digit.unsqueeze(0) * 2 - 1;              // a batch of one in [-1, 1]
+inline torch::Tensor read_png(const std::filesystem::path& path, int channels = 0) {
+  TORCH_CHECK(channels >= 0 && channels <= 4 && channels != 2, "read_png: channels must be 0 (as stored), 1, 3 or 4, got ",
+              channels);
+  TORCH_CHECK(std::filesystem::is_regular_file(path), "read_png: ", path.string(), ": no such file");
+  int w = 0, h = 0, stored = 0;
+  const bool wide = stbi_is_16_bit(path.string().c_str()) != 0;
+  void* data = wide ? static_cast<void*>(stbi_load_16(path.string().c_str(), &w, &h, &stored, channels))
+                    : static_cast<void*>(stbi_load(path.string().c_str(), &w, &h, &stored, channels));
+  TORCH_CHECK(data != nullptr, "read_png: ", path.string(), " is not a readable PNG (", stbi_failure_reason(), ")");
+  const int c = channels > 0 ? channels : stored;
+  const auto pixels = torch::from_blob(data, {h, w, c}, wide ? torch::kInt16 : torch::kUInt8);
+  // 16-bit values arrive as uint16; read them as int32 without the sign.
+  const auto values = wide ? pixels.to(torch::kInt32).bitwise_and(0xFFFF) : pixels.to(torch::kInt32);
+  auto out = values.permute({2, 0, 1}).to(torch::kFloat32).div(wide ? 65535.0 : 255.0).contiguous();
+  stbi_image_free(data);
+  return out;
 }
 
 }  // namespace diffusion

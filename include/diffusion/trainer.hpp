@@ -2,7 +2,6 @@
 
 #include <diffusion/backbone.hpp>
 #include <diffusion/checkpoint.hpp>
-#include <diffusion/ddim.hpp>
 #include <diffusion/detail/check.hpp>
 #include <diffusion/detail/random.hpp>
 #include <diffusion/forward.hpp>
@@ -10,7 +9,9 @@
 #include <diffusion/progress.hpp>
 #include <diffusion/precision.hpp>
 #include <diffusion/random.hpp>
-#include <diffusion/sampler.hpp>
+#include <diffusion/sampling/ddim.hpp>
+#include <diffusion/sampling/ddpm.hpp>
+#include <diffusion/sampling/loop.hpp>
 #include <diffusion/schedule.hpp>
 
 #include <fmt/core.h>
@@ -340,13 +341,13 @@ class Trainer {
 
   /// Samples `shape` images with DDPM (or DDIM at eta 1 when grid_ddim_steps is set: what the grids use),
   /// from the EMA weights when kept.
-  torch::Tensor sample(std::vector<int64_t> shape, uint64_t seed) {
+  torch::Tensor sample(const std::vector<int64_t>& shape, uint64_t seed) {
     WeightSwap swap(*this);
+    const auto options = SampleOptions().seed(seed).precision(options_.precision());
     if (options_.grid_ddim_steps() > 0) {
-      return ddim_sample(model_, schedule_, std::move(shape),
-                         DDIMOptions().steps(options_.grid_ddim_steps()).eta(1.0).seed(seed).precision(options_.precision()));
+      return diffusion::sample(model_, schedule_, shape, DDIM().steps(options_.grid_ddim_steps()).eta(1.0), options);
     }
-    return ddpm_sample(model_, schedule_, std::move(shape), SampleOptions().seed(seed).precision(options_.precision()));
+    return diffusion::sample(model_, schedule_, shape, DDPM(), options);
   }
 
   B& model() noexcept { return model_; }
