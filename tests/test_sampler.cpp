@@ -483,7 +483,7 @@ TEST_CASE("timestep spacings give the exact lists of Lin et al. and diffusers", 
   CHECK_REFUSED(timestep_plan(1000, 1001), "steps must be in [1, 1000], got 1001");
 }
 
-TEST_CASE("every spacing gives S distinct descending indices in [0, T) for every S in 1..T", "[sampler][spacing]") {
+TEST_CASE("every spacing gives S distinct descending indices in 0..T-1 for every S in 1..T", "[sampler][spacing]") {
   for (const int64_t T : {1, 7, 10, 1000}) {
     for (const auto spacing : {TimestepSpacing::Leading, TimestepSpacing::Trailing, TimestepSpacing::Linspace}) {
       for (int64_t S = 1; S <= T; ++S) {
