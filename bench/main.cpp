@@ -89,15 +89,13 @@ Result bench_backbone(const std::string& name, B model, Precision precision, con
                        .batch_size(c.batch)
                        .micro_batch(c.micro_batch)
                        .device(device)
-                       .precision(precision)
-                       .threads(c.threads)
+                       .loss(LossOptions().precision(precision))
                        .max_steps_per_epoch(c.warmup + c.steps)
-                       .progress(ProgressMode::Off)
-                       .grid_samples(0);
+                       .progress(ProgressMode::Off);
     Trainer trainer(model, NoiseSchedule(), options);
     std::vector<double> times;
     auto last = std::chrono::steady_clock::now();
-    trainer.on_step = [&](const StepInfo& s) {
+    trainer.on_step = [&](const TrainStep& s) {
       if (device.is_cuda()) torch::cuda::synchronize();
       const auto now = std::chrono::steady_clock::now();
       if (s.step > c.warmup) times.push_back(std::chrono::duration<double>(now - last).count());
@@ -126,7 +124,7 @@ Result bench_backbone(const std::string& name, B model, Precision precision, con
     });
     r.full_sample_measured = true;
   } else {
-    r.full_sample_s = r.reverse_step_s * static_cast<double>(schedule.timesteps());
+    r.full_sample_s = r.reverse_step_s * static_cast<double>(schedule.num_timesteps());
   }
   r.peak_rss_mib = peak_rss_mib();
   return r;
@@ -179,12 +177,12 @@ int main(int argc, char** argv) {
     c.full_sample = false;
   }
   try {
-    const torch::Device device(c.device);
+    const auto device = parse_device(c.device);
     for (std::string p; std::getline(ps, p, ',');) {
-      c.precisions.push_back(p == "auto" ? auto_precision(device) : parse_precision(p));
+      c.precisions.push_back(resolve_precision(p, device));
     }
     TORCH_CHECK(!c.precisions.empty(), "--precision: expected fp32, bf16 or both, got nothing");
-    at::set_num_threads(static_cast<int>(c.threads > 0 ? c.threads : std::thread::hardware_concurrency()));
+    set_threads(c.threads);
     const auto dataset = c.data.empty() ? torch::rand({c.quick ? 64 : 4096, 1, 28, 28}) * 2 - 1
                                         : data::load_mnist(c.data, data::Split::Train).images;
     fmt::print("diffusion {}.{}.{}, LibTorch {}.{}, device {}, {} threads, batch {} (micro-batch {}), {} timed steps "

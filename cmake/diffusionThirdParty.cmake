@@ -1,6 +1,7 @@
 # Header-only stand-ins for machines without Debian's packages (a GPU box with only a pip PyTorch):
 # DIFFUSION_THIRD_PARTY_DIR names a folder that scripts/vendor-headers.sh fills from this machine's
-# /usr/include: fmt/ (used header-only), catch2/ (v2 single header + its CMake scripts), CLI/ and stb/.
+# /usr/include: fmt/ (used header-only), catch2/ (v2 single header + its CMake scripts), CLI/, stb/ and
+# nlohmann/.
 # Each package is still looked for first; the folder only fills what is missing.
 set(DIFFUSION_THIRD_PARTY_DIR "" CACHE PATH
     "Folder with fmt/, catch2/, CLI/ and stb/ headers for what find_package does not find (scripts/vendor-headers.sh)")
@@ -18,6 +19,19 @@ if(NOT fmt_FOUND)
   add_library(fmt::fmt ALIAS diffusion_fmt_header_only)
   set(DIFFUSION_VENDORED ON)
   message(STATUS "diffusion: fmt header-only from ${_tp}")
+endif()
+
+find_package(nlohmann_json 3 QUIET)
+if(NOT nlohmann_json_FOUND)
+  if(NOT _tp OR NOT EXISTS "${_tp}/nlohmann/json.hpp")
+    message(FATAL_ERROR "nlohmann-json not found: install nlohmann-json3-dev, or set DIFFUSION_THIRD_PARTY_DIR to a "
+                        "folder holding nlohmann/ (scripts/vendor-headers.sh makes one)")
+  endif()
+  add_library(diffusion_nlohmann_json INTERFACE)
+  target_include_directories(diffusion_nlohmann_json INTERFACE "${_tp}")
+  add_library(nlohmann_json::nlohmann_json ALIAS diffusion_nlohmann_json)
+  set(DIFFUSION_VENDORED ON)
+  message(STATUS "diffusion: nlohmann-json from ${_tp}")
 endif()
 
 find_package(CLI11 QUIET)

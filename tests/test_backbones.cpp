@@ -1,15 +1,7 @@
-// The seed's backbones, the Backbone concept, and subclassing a backbone for an experiment.
-#include "catch.hpp"
+// The seed's backbones, the Backbone concept, subclassing, and the backbone registry.
+#include "helpers.hpp"
 
-#include <diffusion/diffusion.hpp>
-
-#include <memory>
-#include <string>
-#include <vector>
-
-using namespace diffusion;
-
-namespace {
+namespace backbone_helpers {
 
 int64_t parameter_count(const torch::nn::Module& m) {
   int64_t n = 0;
@@ -75,7 +67,9 @@ static_assert(!Backbone<int> && !Backbone<torch::nn::Linear>);
 static_assert(std::is_same_v<module_type_t<ConvNet>, ConvNetImpl>);
 static_assert(std::is_same_v<module_type_t<std::shared_ptr<SmolMLPImpl>>, SmolMLPImpl>);
 
-}  // namespace
+}  // namespace backbone_helpers
+using namespace backbone_helpers;
+
 
 TEST_CASE("parameter counts equal the seed's PyTorch modules", "[backbones]") {
   CHECK(parameter_count(*ConvNet()) == 3276129);
@@ -260,7 +254,7 @@ TEST_CASE("a subclassed backbone trains and samples", "[backbones][subclass]") {
       "final", torch::nn::Conv2d(torch::nn::Conv2dOptions(8, 1, 3).padding(1)));
   CHECK(swapped->named_parameters()["final.weight"].sizes() == torch::IntArrayRef({1, 8, 3, 3}));
 
-  NoiseSchedule schedule(NoiseScheduleOptions().timesteps(50));
+  NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(50));
   // Data: one fixed 8x8 pattern; the loss of predicting its noise must fall.
   const auto pattern = torch::linspace(-1, 1, 64).reshape({1, 1, 8, 8});
   const auto train = [&](auto& net) {
@@ -292,73 +286,3 @@ TEST_CASE("a subclassed backbone trains and samples", "[backbones][subclass]") {
 
 // --- Mixed precision -----------------------------------------------------------------------------------
 
-TEST_CASE("precision names parse; other names are refused", "[precision][errors]") {
-  CHECK(parse_precision("fp32") == Precision::Float32);
-  CHECK(parse_precision("float32") == Precision::Float32);
-  CHECK(parse_precision("bf16") == Precision::BFloat16);
-  CHECK(parse_precision("bfloat16") == Precision::BFloat16);
-  CHECK(to_string(Precision::Float32) == "fp32");
-  CHECK(to_string(Precision::BFloat16) == "bf16");
-  CHECK_REFUSED(parse_precision("fp16"), "parse_precision: expected \"fp32\" or \"bf16\", got \"fp16\"");
-}
-
-TEST_CASE("AutocastGuard runs products in bf16 inside, float32 outside, and nests", "[precision]") {
-  const auto a = torch::randn({4, 4}), b = torch::randn({4, 4});
-  const auto mm_dtype = [&] { return torch::mm(a, b).scalar_type(); };
-  CHECK(mm_dtype() == torch::kFloat32);
-  {
-    AutocastGuard amp(Precision::BFloat16, torch::kCPU);
-    CHECK(mm_dtype() == torch::kBFloat16);
-    {
-      AutocastGuard fp32(Precision::Float32, torch::kCPU);  // turns it off for its scope
-      CHECK(mm_dtype() == torch::kFloat32);
-    }
-    CHECK(mm_dtype() == torch::kBFloat16);
-    {
-      AutocastGuard again(Precision::BFloat16, torch::kCPU);
-      CHECK(mm_dtype() == torch::kBFloat16);
-    }
-    CHECK(mm_dtype() == torch::kBFloat16);
-  }
-  CHECK(mm_dtype() == torch::kFloat32);
-  CHECK_REFUSED(AutocastGuard(Precision::BFloat16, torch::Device(c10::DeviceType::Meta)),
-                "AutocastGuard: bf16 autocast supports CPU and CUDA devices, got meta");
-}
-
-TEST_CASE("every backbone runs under bf16 autocast, near its float32 output, with float32 gradients",
-          "[precision][backbones]") {
-  torch::manual_seed(0);
-  const auto x = torch::randn({4, 1, 28, 28});
-  const auto t = torch::tensor({0, 10, 500, 999});
-  const auto check = [&](auto net, const char* name) {
-    INFO(name);
-    const auto y32 = net(x, t);
-    torch::Tensor y16;
-    {
-      AutocastGuard amp(Precision::BFloat16, torch::kCPU);
-      y16 = net(x, t);
-    }
-    CHECK(y16.scalar_type() == torch::kBFloat16);  // the last layer really ran in bf16
-    // bf16 rounds weights and activations to 8 significant bits (relative error <= 2^-8 = 0.4% each);
-    // through a dozen layers with float32 accumulation that stays within a few percent of the output.
-    const double rel = ((y16.to(torch::kFloat32) - y32).norm() / y32.norm()).template item<double>();
-    CHECK(rel > 0);
-    CHECK(rel < 0.05);
-    net->zero_grad();
-    y16.to(torch::kFloat32).pow(2).mean().backward();
-    for (const auto& p : net->named_parameters()) {
-      INFO(p.key());
-      REQUIRE(p.value().grad().defined());
-      CHECK(p.value().grad().scalar_type() == torch::kFloat32);
-    }
-  };
-  check(UNet(), "UNet");
-  check(ConvNet(ConvNetOptions().widths({16, 32})), "ConvNet");
-  check(SmolMLP(), "SmolMLP");
-  check(ChunkyMLP(), "ChunkyMLP");
-}
-
-TEST_CASE("auto precision is bf16 only on a CPU with bf16 instructions", "[precision]") {
-  CHECK(auto_precision(torch::Device(torch::kCUDA)) == Precision::Float32);
-  CHECK(auto_precision(torch::kCPU) == (cpu_has_fast_bf16() ? Precision::BFloat16 : Precision::Float32));
-}

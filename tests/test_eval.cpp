@@ -1,14 +1,9 @@
 // Sample-quality evaluation: the Frechet distance, the feature classifier, digit rate and class histogram.
-#include "catch.hpp"
+#include "helpers.hpp"
 
-#include <diffusion/diffusion.hpp>
-
-#include <cmath>
-
-using namespace diffusion;
 using namespace diffusion::eval;
 
-namespace {
+namespace eval_helpers {
 
 FeatureStatistics stats(torch::Tensor mean, torch::Tensor cov) {
   return {mean.to(torch::kFloat64), cov.to(torch::kFloat64), 1000};
@@ -23,7 +18,9 @@ std::pair<torch::Tensor, torch::Tensor> bars(int64_t n, uint64_t seed) {
   return {x.clamp(-1, 1), labels};
 }
 
-}  // namespace
+}  // namespace eval_helpers
+using namespace eval_helpers;
+
 
 TEST_CASE("Frechet distance of two Gaussians equals its closed form", "[eval]") {
   // Diagonal covariances: sum (m1 - m2)^2 + sum (s1 + s2 - 2 sqrt(s1 s2)).

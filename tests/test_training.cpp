@@ -1,183 +1,370 @@
-// Training, checkpoints, sample grids and the idx dataset loader.
-#include "catch.hpp"
+// Training: the loss, the EMA, the Trainer, run outputs, and faults during a run.
+#include "helpers.hpp"
 
-#include <diffusion/diffusion.hpp>
-
-#if !defined(DIFFUSION_NO_ZLIB)
-#include <zlib.h>
-#endif
-
-#include <filesystem>
-#include <stdexcept>
-#include <fstream>
-#include <string>
 #include <thread>
-#include <vector>
 
-using namespace diffusion;
-namespace fs = std::filesystem;
+namespace training_helpers {
 
-namespace {
-
-/// A fresh, empty directory under the system temp dir for one test.
-fs::path scratch(const std::string& name) {
-  const auto dir = fs::temp_directory_path() / ("diffusion_tests_" + name);
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
+/// Trains `net` on the tiny dataset and returns the validation loss of each epoch.
+template <class Net>
+std::vector<double> validation_curve(Net net, const NoiseSchedule& schedule, const TrainerOptions& options,
+                                     int64_t n = 256) {
+  const auto data = tiny_dataset(n);
+  std::vector<double> val;
+  Trainer trainer(std::move(net), schedule, options);
+  trainer.on_epoch = [&](const TrainEpoch& e) { val.push_back(*e.val_loss); };
+  trainer.fit(data, data.slice(0, 0, 32));
+  return val;
 }
 
-/// 64 images of 1x8x8 in [-1, 1]: a bright square at one of four positions.
-torch::Tensor tiny_dataset(int64_t n = 64) {
-  auto x = torch::full({n, 1, 8, 8}, -1.0f);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = (i % 2) * 4, c = ((i / 2) % 2) * 4;
-    x[i][0].slice(0, r, r + 4).slice(1, c, c + 4).fill_(1.0f);
-  }
-  return x;
+std::vector<std::string> lines_of(const fs::path& path) {
+  std::ifstream in(path);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  return lines;
 }
 
-ConvNet tiny_net() { return ConvNet(ConvNetOptions().widths({8, 16}).time_dim(32)); }
-
-TrainerOptions quiet() {
-  return TrainerOptions().batch_size(16).lr(2e-3).progress(ProgressMode::Off).device(torch::kCPU).threads(1);
-}
-
-std::vector<uint8_t> idx_bytes(uint32_t magic, std::vector<uint32_t> dims, size_t data_bytes, uint8_t fill = 7) {
-  std::vector<uint8_t> out;
-  const auto be = [&](uint32_t v) {
-    for (int s = 24; s >= 0; s -= 8) out.push_back(static_cast<uint8_t>(v >> s));
-  };
-  be(magic);
-  for (auto d : dims) be(d);
-  out.insert(out.end(), data_bytes, fill);
+std::vector<std::string> names_in(const fs::path& dir) {
+  std::vector<std::string> out;
+  for (const auto& p : list_checkpoints(dir)) out.push_back(p.filename().string());
   return out;
 }
 
-void write_bytes(const fs::path& path, const std::vector<uint8_t>& bytes) {
-  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()),
-                                               static_cast<std::streamsize>(bytes.size()));
+}  // namespace training_helpers
+using namespace training_helpers;
+
+// ---- The loss --------------------------------------------------------------------------------------
+
+TEST_CASE("diffusion_loss is each sample's mean squared error against the prediction's target", "[loss]") {
+  const NoiseSchedule schedule(NoiseScheduleOptions().dtype(torch::kFloat64));
+  ScaleNet net(0.5);
+  net->to(torch::kFloat64);
+  auto gen = make_generator(1);
+  const auto x0 = torch::randn({3, 2, 2}, gen, torch::kFloat64), eps = torch::randn({3, 2, 2}, gen, torch::kFloat64);
+  const auto t = torch::tensor({0, 400, 999}, torch::kLong);
+  const auto& h = schedule.host();
+  for (const auto prediction : {Prediction::Epsilon, Prediction::V, Prediction::Sample}) {
+    for (const double gamma : {0.0, 5.0}) {
+      INFO(to_string(prediction) << ", gamma " << gamma);
+      const auto loss = diffusion_loss(net, schedule, x0, t, eps, LossOptions().prediction(prediction).min_snr_gamma(gamma));
+      REQUIRE(loss.sizes() == torch::IntArrayRef({3}));
+      for (int64_t i = 0; i < 3; ++i) {
+        const auto k = static_cast<size_t>(t[i].item<int64_t>());
+        const double a = h.sqrt_alphas_cumprod[k], b = h.sqrt_one_minus_alphas_cumprod[k], snr = a * a / (b * b);
+        const auto x_t = x0[i] * a + eps[i] * b;
+        const auto target = prediction == Prediction::Epsilon ? eps[i] : prediction == Prediction::V ? eps[i] * a - x0[i] * b : x0[i];
+        double expected = (x_t * 0.5 - target).pow(2).mean().item<double>();
+        if (gamma > 0) {
+          const double clipped = std::min(snr, gamma);
+          expected *= prediction == Prediction::Epsilon ? clipped / snr : prediction == Prediction::V ? clipped / (snr + 1) : clipped;
+        }
+        CHECK_THAT(loss[i].item<double>(), WithinRel(expected, 1e-9));
+      }
+    }
+  }
+  // The gradient reaches the model.
+  diffusion_loss(net, schedule, x0, t, eps).mean().backward();
+  CHECK(net->scale.grad().abs().item<double>() > 0);
+  CHECK_REFUSED(diffusion_loss(net, schedule, x0, torch::tensor({0, 1}), eps), "t has 2 timesteps but the batch has 3");
+  CHECK_REFUSED(diffusion_loss(net, schedule, x0, t, eps.slice(0, 0, 2)), "noise must have x0's shape [3, 2, 2]");
+  CHECK_REFUSED(diffusion_loss(net, schedule, x0, t, eps, LossOptions().min_snr_gamma(-1)), "min_snr_gamma must be >= 0");
 }
 
-#if !defined(DIFFUSION_NO_ZLIB)
-void write_gz(const fs::path& path, const std::vector<uint8_t>& bytes) {
-  gzFile f = gzopen(path.string().c_str(), "wb");
-  REQUIRE(f != nullptr);
-  gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size()));
-  gzclose(f);
+TEST_CASE("min-SNR weights per prediction type, never NaN, also where SNR = 0", "[loss][min_snr]") {
+  const NoiseSchedule schedule;  // linear, T = 1000
+  const auto t = torch::tensor({0, 100, 500, 999}, torch::kLong);
+  const auto& abar = schedule.host().alphas_cumprod;
+  for (const auto prediction : {Prediction::Epsilon, Prediction::V, Prediction::Sample}) {
+    INFO(to_string(prediction));
+    const auto w = min_snr_weights(schedule, t, 5.0, prediction);
+    for (int64_t i = 0; i < 4; ++i) {
+      const double a = abar[static_cast<size_t>(t[i].item<int64_t>())], snr = a / (1 - a), c = std::min(snr, 5.0);
+      const double expected = prediction == Prediction::Epsilon ? c / snr : prediction == Prediction::V ? c / (snr + 1) : c;
+      CHECK_THAT(w[i].item<double>(), WithinRel(expected, 1e-4));
+    }
+  }
+  // t = 0: abar = 1 - 1e-4, SNR = 9999, so 5 / 9999 for epsilon; t = 999: SNR = 4e-5 < 5, weight 1.
+  const auto eps_w = min_snr_weights(schedule, t, 5.0);
+  CHECK_THAT(eps_w[0].item<double>(), WithinRel(5.0 / 9999.0, 1e-3));
+  CHECK(eps_w[3].item<double>() == 1.0);
+  // Zero terminal SNR: at T-1 the epsilon weight is its limit 1, the v and sample weights 0.
+  const NoiseSchedule zero(NoiseScheduleOptions().zero_terminal_snr(true));
+  const auto last = torch::tensor({999}, torch::kLong);
+  CHECK(min_snr_weights(zero, last, 5.0, Prediction::Epsilon).item<double>() == 1.0);
+  CHECK(min_snr_weights(zero, last, 5.0, Prediction::V).item<double>() == 0.0);
+  CHECK(min_snr_weights(zero, last, 5.0, Prediction::Sample).item<double>() == 0.0);
+  for (const auto p : {Prediction::Epsilon, Prediction::V, Prediction::Sample}) {
+    CHECK(torch::isfinite(min_snr_weights(zero, torch::arange(1000), 5.0, p)).all().item<bool>());
+  }
+  CHECK_REFUSED(min_snr_weights(schedule, t, 0.0), "min_snr_weights: gamma must be > 0, got 0");
+  CHECK_REFUSED(min_snr_weights(schedule, torch::tensor({1000}, torch::kLong), 5.0), "min_snr_weights");
 }
-#endif
 
-}  // namespace
+TEST_CASE("an epsilon prediction on a zero-terminal-SNR schedule is refused", "[loss][errors]") {
+  const NoiseSchedule zero(NoiseScheduleOptions().num_timesteps(50).zero_terminal_snr(true));
+  ScaleNet net;
+  const auto x0 = torch::zeros({2, 3});
+  CHECK_REFUSED(diffusion_loss(net, zero, x0, torch::tensor({1, 49}), x0),
+                "an epsilon prediction cannot be trained for a zero-terminal-SNR schedule");
+  CHECK_NOTHROW(diffusion_loss(net, zero, x0, torch::tensor({1, 49}), x0, LossOptions().prediction(Prediction::V)));
+  CHECK_REFUSED(Trainer(tiny_net(), zero, quiet()), "Trainer: an epsilon prediction cannot be trained");
+}
+
+// ---- The EMA ---------------------------------------------------------------------------------------
+
+TEST_CASE("the EMA follows its warmed-up decay, swaps in for a scope, and round-trips", "[ema]") {
+  ScaleNet net(1.0);
+  EMA ema(*net, 0.9);
+  CHECK(ema.shadow()["scale"].item<double>() == 1.0);
+  double expected = 1.0;
+  for (int64_t n = 0; n < 30; ++n) {
+    const double d = std::min(0.9, (1.0 + n) / (10.0 + n));
+    CHECK_THAT(ema.current_decay(), WithinRel(d, 1e-12));
+    torch::NoGradGuard no_grad;
+    net->scale.fill_(static_cast<double>(n));
+    ema.update(*net);
+    expected = d * expected + (1 - d) * static_cast<double>(n);
+  }
+  CHECK(ema.updates() == 30);
+  CHECK_THAT(ema.shadow()["scale"].item<double>(), WithinRel(expected, 1e-6));
+  {
+    auto scope = ema.scope(*net);
+    CHECK_THAT(net->scale.item<double>(), WithinRel(expected, 1e-6));
+  }
+  CHECK(net->scale.item<double>() == 29.0);  // its own weights back
+  // Saved as a model's weights: a fresh model loads it as its own; another EMA reads it back.
+  torch::serialize::OutputArchive out;
+  ema.save(out, "ema", *net);
+  std::stringstream bytes;
+  out.save_to(bytes);
+  torch::serialize::InputArchive in;
+  in.load_from(bytes);
+  ScaleNet fresh(0.0);
+  EMA restored(*fresh, 0.9);
+  restored.load(in, "ema", *fresh, "memory", 0);
+  CHECK(restored.updates() == 30);
+  CHECK_THAT(restored.shadow()["scale"].item<double>(), WithinRel(expected, 1e-6));
+  CHECK(fresh->scale.item<double>() == 0.0);  // loading an EMA leaves the model's own weights
+  CHECK_REFUSED(EMA(*net, 1.0), "EMA: decay must be in (0, 1), got 1");
+  CHECK_REFUSED(EMA(*net, 0.0), "EMA: decay must be in (0, 1), got 0");
+}
+
+// ---- The Trainer -----------------------------------------------------------------------------------
 
 TEST_CASE("training lowers the validation loss on a tiny dataset", "[trainer]") {
   torch::manual_seed(0);
-  const auto data = tiny_dataset(256);
-  std::vector<double> val;
-  Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().timesteps(100)), quiet().epochs(5).lr(3e-3));
-  trainer.on_epoch = [&](const EpochInfo& e) { val.push_back(e.val_loss); };
-  trainer.fit(data, data.slice(0, 0, 32));
+  const auto val = validation_curve(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(100)), quiet(3e-3).epochs(5));
   REQUIRE(val.size() == 5);
   // An untrained net's MSE is near 1 (eps has unit variance); the fixed validation draws make epochs
   // compare. Measured: 0.94 after the first epoch, 0.55 after the fifth.
   CHECK(val.back() < 0.7 * val.front());
-  CHECK(trainer.epoch() == 5);
-  CHECK(trainer.global_step() == 5 * 16);
+}
+
+TEST_CASE("v and sample prediction train too, also on a zero-terminal-SNR schedule", "[trainer][prediction]") {
+  for (const bool zero : {false, true}) {
+    for (const auto prediction : {Prediction::V, Prediction::Sample}) {
+      INFO(to_string(prediction) << (zero ? ", zero terminal SNR" : ""));
+      torch::manual_seed(0);
+      const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(100).zero_terminal_snr(zero));
+      const auto val = validation_curve(tiny_net(), schedule, quiet(3e-3).epochs(4).loss(LossOptions().prediction(prediction)));
+      CHECK(val.back() < 0.8 * val.front());
+    }
+  }
 }
 
 TEST_CASE("training in bf16 lowers the loss like float32, keeps float32 weights and records its precision",
           "[trainer][precision]") {
-  const auto data = tiny_dataset(256);
-  const auto run = [&](Precision precision, const fs::path& dir) {
+  const auto dir = scratch("bf16");
+  const auto run = [&](Precision precision) {
     torch::manual_seed(0);
+    const auto data = tiny_dataset(256);
     std::vector<double> val;
-    Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().timesteps(100)),
-                    quiet().epochs(5).lr(3e-3).precision(precision).grid_samples(4).out_dir(dir.string()));
-    trainer.on_epoch = [&](const EpochInfo& e) { val.push_back(e.val_loss); };
+    Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(100)),
+                    quiet(3e-3).epochs(5).loss(LossOptions().precision(precision)));
+    trainer.on_epoch = [&](const TrainEpoch& e) { val.push_back(*e.val_loss); };
     trainer.fit(data, data.slice(0, 0, 32));
     for (const auto& p : unwrap(trainer.model()).parameters()) CHECK(p.scalar_type() == torch::kFloat32);
+    trainer.save_checkpoint(dir / (std::string(to_string(precision)) + ".pt"));
     return val;
   };
-  const auto dir = scratch("bf16");
-  const auto v32 = run(Precision::Float32, dir / "fp32"), v16 = run(Precision::BFloat16, dir / "bf16");
+  const auto v32 = run(Precision::Float32), v16 = run(Precision::BFloat16);
   // The float32 run goes from 0.94 to 0.55 (the test above); bf16 must learn as much, up to rounding.
   CHECK(v16.back() < 0.7 * v16.front());
   CHECK_THAT(v16.back(), WithinRel(v32.back(), 0.1));
   CHECK(v16 != v32);  // it did run differently
-  const auto info = read_checkpoint_info(dir / "bf16" / "checkpoints" / "checkpoint_epoch_005.pt");
-  CHECK(info.training.at("precision") == "bf16");
-}
-
-TEST_CASE("min-SNR weights are min(SNR_t, gamma) / SNR_t", "[trainer][min_snr]") {
-  const NoiseSchedule schedule;  // linear, T = 1000
-  const auto t = torch::tensor({0, 100, 500, 999}, torch::kLong);
-  const auto w = min_snr_weights(schedule, t, 5.0);
-  const auto& abar = schedule.host().alphas_cumprod;
-  for (int64_t i = 0; i < 4; ++i) {
-    const double a = abar[static_cast<size_t>(t[i].item<int64_t>())], snr = a / (1 - a);
-    CHECK_THAT(w[i].item<double>(), WithinRel(std::min(snr, 5.0) / snr, 1e-4));
-  }
-  // t = 0: abar = 1 - 1e-4, SNR = 9999, so 5 / 9999; t = 999: SNR = 4e-5 < 5, weight 1.
-  CHECK_THAT(w[0].item<double>(), WithinRel(5.0 / 9999.0, 1e-3));
-  CHECK(w[3].item<double>() == 1.0);
-  CHECK_REFUSED(min_snr_weights(schedule, t, 0.0), "min_snr_weights: gamma must be > 0, got 0");
-  CHECK_REFUSED(min_snr_weights(schedule, torch::tensor({1000}, torch::kLong), 5.0), "min_snr_weights");
-  CHECK_REFUSED(Trainer(tiny_net(), NoiseSchedule(), quiet().min_snr_gamma(-1)), "min_snr_gamma must be >= 0");
+  CHECK(read_checkpoint_info(dir / "bf16.pt").training.at("loss").at("precision") == "bf16");
 }
 
 TEST_CASE("training with min-SNR weighting learns; a gamma above every SNR is the plain loss", "[trainer][min_snr]") {
-  const auto data = tiny_dataset(256);
-  const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(100));
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(100));
   const auto run = [&](double gamma, int64_t epochs) {
     torch::manual_seed(0);
-    std::vector<double> val;
-    Trainer trainer(tiny_net(), schedule, quiet().epochs(epochs).lr(3e-3).min_snr_gamma(gamma));
-    trainer.on_epoch = [&](const EpochInfo& e) { val.push_back(e.val_loss); };
-    trainer.fit(data, data.slice(0, 0, 32));
-    return val;
+    return validation_curve(tiny_net(), schedule, quiet(3e-3).epochs(epochs).loss(LossOptions().min_snr_gamma(gamma)));
   };
   const auto v5 = run(5.0, 5);
   CHECK(v5.back() < 0.8 * v5.front());
   // Every SNR of this schedule is below 1e4 (abar_0 = 1 - 1e-4), so the weights are all 1.
   const auto v_off = run(0.0, 2), v_big = run(1e6, 2);
-  // The two differ only in the order of the float32 sums (per image, then over the batch).
   REQUIRE(v_big.size() == 2);
   for (size_t i = 0; i < 2; ++i) CHECK_THAT(v_big[i], WithinRel(v_off[i], 1e-3));
+}
+
+TEST_CASE("the trainer takes any optimizer, and sets no process-wide state", "[trainer]") {
+  torch::manual_seed(2);
+  const int before = at::get_num_threads();
+  auto net = tiny_net();
+  auto sgd = std::make_shared<torch::optim::SGD>(net->parameters(), torch::optim::SGDOptions(0.1));
+  Trainer trainer(net, NoiseSchedule(NoiseScheduleOptions().num_timesteps(20)),
+                  quiet(0.05).epochs(1).max_steps_per_epoch(1), sgd);
+  CHECK(at::get_num_threads() == before);
+  CHECK(&trainer.optimizer() == sgd.get());
+  const auto w0 = snapshot(*net);
+  trainer.fit(tiny_dataset(16));
+  // One plain SGD step at the trainer's learning rate (0.05, which it sets on the optimizer): w - lr g.
+  for (const auto& p : net->named_parameters()) {
+    INFO(p.key());
+    CHECK(torch::allclose(p.value(), w0.at(p.key()) - 0.05 * p.value().grad(), 1e-6, 1e-7));
+  }
 }
 
 TEST_CASE("resuming gives the same weights as an uninterrupted run", "[trainer][checkpoint]") {
   const auto data = tiny_dataset();
   // With a warm-up and the cosine learning rate too: the resumed run must continue the same lr curve.
-  const auto opts =
-      quiet().epochs(2).ema_decay(0.9).grad_clip(1.0).grid_samples(0).lr_schedule(LRSchedule::Cosine).warmup_steps(3);
-  const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(100));
+  const auto opts = quiet().epochs(2).ema_decay(0.9).optimization(
+      OptimizationOptions().lr(2e-3).grad_clip(1.0).lr_schedule(LRSchedule::Cosine).warmup_steps(3));
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(100));
+  const auto outputs = [](const fs::path& dir) { return std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(0)); };
 
   torch::manual_seed(1);
-  Trainer straight(tiny_net(), schedule, TrainerOptions(opts).out_dir(scratch("straight").string()));
+  Trainer straight(tiny_net(), schedule, opts);
   straight.fit(data);
 
   torch::manual_seed(1);  // same initial weights
-  const auto dir = scratch("resumed").string();
-  // Interrupted after epoch 1's checkpoint, as a killed run would be (its options, epochs included, unchanged).
-  Trainer first(tiny_net(), schedule, TrainerOptions(opts).out_dir(dir));
-  first.on_epoch = [](const EpochInfo& e) {
-    if (e.epoch == 1) throw std::runtime_error("interrupted");
-  };
-  CHECK_THROWS_WITH(first.fit(data), "interrupted");
+  const auto dir = scratch("resumed");
+  {
+    // Interrupted after epoch 1's checkpoint, as a killed run would be (its options, epochs included, unchanged).
+    Trainer first(tiny_net(), schedule, opts);
+    first.add_hook(outputs(dir));
+    first.on_epoch = [](const TrainEpoch& e) {
+      if (e.epoch == 1) throw std::runtime_error("interrupted");
+    };
+    CHECK_THROWS_WITH(first.fit(data), "interrupted");
+  }
   torch::manual_seed(99);  // a different initialisation, overwritten by the checkpoint
-  Trainer second(tiny_net(), schedule, TrainerOptions(opts).out_dir(dir));
-  REQUIRE(second.resume());
+  Trainer second(tiny_net(), schedule, opts);
+  auto out = outputs(dir);
+  second.add_hook(out);
+  REQUIRE(out->latest_checkpoint());
+  second.load_checkpoint(*out->latest_checkpoint());
   CHECK(second.epoch() == 1);
   second.fit(data);
   CHECK(second.epoch() == 2);
   CHECK(second.global_step() == straight.global_step());
-
-  const auto a = straight.model()->named_parameters(), b = second.model()->named_parameters();
-  for (const auto& p : a) {
+  CHECK(max_difference(snapshot(*straight.model()), snapshot(*second.model())) <= 1e-6);
+  for (const auto& p : straight.ema()->shadow()) {
     INFO(p.key());
-    CHECK((p.value() - b[p.key()]).abs().max().item<double>() <= 1e-6);
-    CHECK((straight.ema()[p.key()] - second.ema()[p.key()]).abs().max().item<double>() <= 1e-6);
+    CHECK((p.value() - second.ema()->shadow()[p.key()]).abs().max().item<double>() <= 1e-6);
   }
+}
+
+TEST_CASE("a run stopped mid-epoch resumes from its mid-epoch checkpoint and equals the uninterrupted one",
+          "[trainer][checkpoint][faults]") {
+  // 64 images at batch 16: 4 steps an epoch. Checkpoints every 3 steps; the stop comes after step 6
+  // (epoch 2, step 2), so the run resumes from "1 epoch + 2 steps" and must redraw epoch 2's shuffle.
+  const auto data = tiny_dataset(64);
+  const auto opts = quiet().epochs(3).ema_decay(0.9);
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(100));
+  torch::manual_seed(1);
+  Trainer straight(tiny_net(), schedule, opts);
+  straight.fit(data);
+
+  const auto dir = scratch("midepoch");
+  torch::manual_seed(1);
+  {
+    Trainer first(tiny_net(), schedule, opts);
+    auto outputs = std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(0).checkpoint_every_steps(3).keep_checkpoints(5));
+    first.add_hook(outputs);
+    first.on_step = [](const TrainStep& s) {
+      if (s.global_step == 6) request_stop();
+    };
+    try {
+      first.fit(data);
+      FAIL("the stop request was ignored");
+    } catch (const TrainingInterrupted& e) {
+      REQUIRE(e.checkpoint);
+      CHECK(e.checkpoint->filename() == "checkpoint_epoch_001_step_000002.pt");
+      CHECK_THAT(std::string(e.what()), diffusion_test::contains("stopped on request at epoch 2, step 2 (global step 6)"));
+    }
+    clear_stop_request();
+  }
+  CHECK(names_in(dir / "checkpoints") ==
+        std::vector<std::string>{"checkpoint_epoch_000_step_000003.pt", "checkpoint_epoch_001.pt",
+                                 "checkpoint_epoch_001_step_000002.pt"});
+  const auto info = read_checkpoint_info(dir / "checkpoints" / "checkpoint_epoch_001_step_000002.pt");
+  CHECK(info.epoch == 1);
+  CHECK(info.global_step == 6);
+
+  torch::manual_seed(7);
+  Trainer second(tiny_net(), schedule, opts);
+  second.load_checkpoint(dir / "checkpoints" / "checkpoint_epoch_001_step_000002.pt");
+  CHECK(second.step_in_epoch() == 2);
+  second.fit(data);
+  CHECK(second.global_step() == straight.global_step());
+  CHECK(max_difference(snapshot(*straight.model()), snapshot(*second.model())) <= 1e-6);
+  for (const auto& p : straight.ema()->shadow()) {
+    CHECK((p.value() - second.ema()->shadow()[p.key()]).abs().max().item<double>() <= 1e-6);
+  }
+}
+
+TEST_CASE("a non-finite loss stops the run naming epoch and step; no checkpoint is written from it",
+          "[trainer][faults]") {
+  const auto dir = scratch("nonfinite");
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(50));
+  torch::manual_seed(0);
+  Trainer trainer(tiny_net(), schedule, quiet().epochs(3));
+  auto outputs = std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(0));
+  trainer.add_hook(outputs);
+  // Divergence, as a too-large learning rate causes it: the weights turn non-finite once epoch 1 is saved.
+  trainer.on_epoch = [&](const TrainEpoch& e) {
+    if (e.epoch == 1) {
+      torch::NoGradGuard no_grad;
+      unwrap(trainer.model()).parameters().front().fill_(std::nan(""));
+    }
+  };
+  CHECK_REFUSED(trainer.fit(tiny_dataset(32)), "Trainer: non-finite loss at epoch 2, step 1 (global step 3; loss nan");
+  CHECK(names_in(dir / "checkpoints") == std::vector<std::string>{"checkpoint_epoch_001.pt"});
+  auto good = tiny_net();
+  load_weights(dir / "checkpoints" / "checkpoint_epoch_001.pt", good);
+  for (const auto& p : good->parameters()) CHECK(torch::isfinite(p).all().item<bool>());
+  // A checkpoint of non-finite weights is refused outright.
+  CHECK_REFUSED(trainer.save_checkpoint(dir / "bad.pt"), "holds non-finite values");
+  CHECK_FALSE(fs::exists(dir / "bad.pt"));
+}
+
+TEST_CASE("skip_nonfinite skips up to N bad steps, counts them, then stops", "[trainer][faults]") {
+  const auto dir = scratch("skip");
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(50));
+  // Every third batch is poisoned with a NaN image: its loss is NaN and the step must not update.
+  auto data = tiny_dataset(48);
+  const auto poison = [&](int64_t every) {
+    auto d = data.clone();
+    for (int64_t i = 0; i < d.size(0); i += every) d[i][0][0][0] = std::nan("");
+    return d;
+  };
+  torch::manual_seed(0);
+  Trainer skipping(tiny_net(), schedule, quiet().epochs(2).batch_size(48).skip_nonfinite(5));
+  skipping.add_hook(std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(0)));
+  std::vector<bool> skipped;
+  skipping.on_step = [&](const TrainStep& s) { skipped.push_back(s.skipped); };
+  const auto before = snapshot(*skipping.model());
+  skipping.fit(poison(48));  // one poisoned image per (whole-set) batch: every step is bad
+  CHECK(skipped == std::vector<bool>{true, true});
+  CHECK(max_difference(before, snapshot(*skipping.model())) == 0.0);  // nothing was applied
+  const auto metrics = lines_of(dir / "metrics.jsonl");
+  REQUIRE(metrics.size() == 2);
+  CHECK(nlohmann::json::parse(metrics[1]).at("skipped_steps") == 2);
+  Trainer strict(tiny_net(), schedule, quiet().epochs(5).batch_size(48).skip_nonfinite(1));
+  CHECK_REFUSED(strict.fit(poison(48)), "Trainer: non-finite loss at epoch 2, step 1");
 }
 
 TEST_CASE("on CUDA, when present: the CPU's noise, training, and checkpoints that load on the CPU", "[cuda]") {
@@ -187,82 +374,89 @@ TEST_CASE("on CUDA, when present: the CPU's noise, training, and checkpoints tha
   }
   const torch::Device cuda(torch::kCUDA);
   // A seed draws every noise tensor on the CPU, so CUDA samples match the CPU's up to arithmetic.
-  const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(50));
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(50));
   torch::manual_seed(0);
   auto net = tiny_net();
   const auto on_cpu = sample(net, schedule, {4, 1, 8, 8}, DDPM(), SampleOptions().seed(3));
-  const auto ddim_cpu = sample(net, schedule, {4, 1, 8, 8}, DDIM().steps(10), SampleOptions().seed(3));
+  const auto dpm_cpu = sample(net, schedule, {4, 1, 8, 8}, DPMSolverPP().steps(10), SampleOptions().seed(3));
   net->to(cuda);
   const auto on_cuda = sample(net, schedule.to(cuda), {4, 1, 8, 8}, DDPM(), SampleOptions().seed(3));
-  const auto ddim_cuda = sample(net, schedule.to(cuda), {4, 1, 8, 8}, DDIM().steps(10), SampleOptions().seed(3));
+  const auto dpm_cuda = sample(net, schedule.to(cuda), {4, 1, 8, 8}, DPMSolverPP().steps(10), SampleOptions().seed(3));
   CHECK(on_cuda.device().is_cuda());
   CHECK((on_cuda.cpu() - on_cpu).abs().max().item<double>() < 1e-2);
-  CHECK((ddim_cuda.cpu() - ddim_cpu).abs().max().item<double>() < 1e-2);
+  CHECK((dpm_cuda.cpu() - dpm_cpu).abs().max().item<double>() < 1e-2);
 
   // The trainer on CUDA lowers the loss; its checkpoint loads into a CPU model with equal weights.
   const auto dir = scratch("cuda");
-  Trainer trainer(tiny_net(), schedule, quiet().device(cuda).epochs(4).ema_decay(0.9).out_dir(dir.string()));
   std::vector<double> losses;
-  trainer.on_epoch = [&](const EpochInfo& e) { losses.push_back(e.train_loss); };
-  trainer.fit(tiny_dataset());
-  CHECK(losses.back() < losses.front());
-  auto cpu_model = tiny_net();
-  load_weights(list_checkpoints(dir / "checkpoints").back(), cpu_model, /*use_ema=*/false);
-  const auto trained = trainer.model()->named_parameters();
-  for (const auto& p : cpu_model->named_parameters()) {
-    INFO(p.key());
-    CHECK(torch::equal(p.value(), trained[p.key()].cpu()));
+  {
+    Trainer trainer(tiny_net(), schedule, quiet().device(cuda).epochs(4).ema_decay(0.9));
+    trainer.add_hook(std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(4)));
+    trainer.on_epoch = [&](const TrainEpoch& e) { losses.push_back(e.train_loss); };
+    trainer.fit(tiny_dataset());
+    CHECK(losses.back() < losses.front());
+    auto cpu_model = tiny_net();
+    load_weights(list_checkpoints(dir / "checkpoints").back(), cpu_model, /*use_ema=*/false);
+    const auto trained = trainer.model()->named_parameters();
+    for (const auto& p : cpu_model->named_parameters()) CHECK(torch::equal(p.value(), trained[p.key()].cpu()));
   }
   // Resuming on CUDA continues with the optimizer state on the device.
-  Trainer again(tiny_net(), schedule, quiet().device(cuda).epochs(5).ema_decay(0.9).out_dir(dir.string()));
-  REQUIRE(again.resume());
+  Trainer again(tiny_net(), schedule, quiet().device(cuda).epochs(5).ema_decay(0.9));
+  again.load_checkpoint(list_checkpoints(dir / "checkpoints").back());
   CHECK_NOTHROW(again.fit(tiny_dataset()));
   CHECK(again.epoch() == 5);
+  // A deferred non-finite check still names the step, and nothing non-finite is written.
+  Trainer poisoned(tiny_net(), schedule, quiet().device(cuda).epochs(2));
+  poisoned.on_epoch = [&](const TrainEpoch&) {
+    torch::NoGradGuard no_grad;
+    unwrap(poisoned.model()).parameters().front().fill_(std::nan(""));
+  };
+  CHECK_REFUSED(poisoned.fit(tiny_dataset()), "non-finite loss at epoch 2, step 1");
 }
 
 TEST_CASE("the learning rate warms up linearly, then follows the cosine to zero at the last step", "[trainer][lr]") {
-  const auto o = TrainerOptions().lr(1e-3).warmup_steps(4).lr_schedule(LRSchedule::Cosine);
+  const auto o = OptimizationOptions().lr(1e-3).warmup_steps(4).lr_schedule(LRSchedule::Cosine);
   CHECK_THAT(learning_rate_at(o, 0, 21), WithinRel(2.5e-4, 1e-12));
   CHECK_THAT(learning_rate_at(o, 3, 21), WithinRel(1e-3, 1e-12));
   CHECK_THAT(learning_rate_at(o, 4, 21), WithinRel(1e-3, 1e-12));   // cosine starts at p = 0
   CHECK_THAT(learning_rate_at(o, 12, 21), WithinRel(5e-4, 1e-12));  // p = 8 / 16 = 0.5
   CHECK_THAT(learning_rate_at(o, 20, 21), WithinAbs(0.0, 1e-15));   // the last step
-  const auto constant = TrainerOptions().lr(2e-3).warmup_steps(2);
+  const auto constant = OptimizationOptions().lr(2e-3).warmup_steps(2);
   CHECK_THAT(learning_rate_at(constant, 0, 10), WithinRel(1e-3, 1e-12));
   CHECK_THAT(learning_rate_at(constant, 9, 10), WithinRel(2e-3, 1e-12));
-  CHECK_THAT(learning_rate_at(TrainerOptions().lr(3e-4), 0, 10), WithinRel(3e-4, 1e-12));  // the seed's: constant
+  CHECK_THAT(learning_rate_at(OptimizationOptions().lr(3e-4), 0, 10), WithinRel(3e-4, 1e-12));  // the seed's: constant
+  CHECK(parse_lr_schedule("cosine") == LRSchedule::Cosine);
+  CHECK_REFUSED(parse_lr_schedule("linear"), "expected \"constant\" or \"cosine\", got \"linear\"");
 
-  // The trainer steps with exactly these values, and leaves AdamW at the last one.
+  // The trainer steps with exactly these values, and leaves the optimizer at the last one.
   const auto data = tiny_dataset(32);
-  Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().timesteps(10)),
-                  quiet().epochs(2).batch_size(8).lr(1e-3).warmup_steps(2).lr_schedule(LRSchedule::Cosine).grid_samples(0));
+  Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(10)),
+                  quiet().epochs(2).batch_size(8).optimization(OptimizationOptions(o).warmup_steps(2)));
   std::vector<double> seen;
-  trainer.on_step = [&](const StepInfo& s) { seen.push_back(s.lr); };
+  trainer.on_step = [&](const TrainStep& s) { seen.push_back(s.lr); };
   trainer.fit(data);
   REQUIRE(seen.size() == 8);
   for (size_t i = 0; i < seen.size(); ++i) {
-    CHECK_THAT(seen[i], WithinAbs(learning_rate_at(trainer.options(), static_cast<int64_t>(i), 8), 1e-15));
+    CHECK_THAT(seen[i], WithinAbs(learning_rate_at(trainer.options().optimization(), static_cast<int64_t>(i), 8), 1e-15));
   }
   CHECK(seen.back() == 0.0);
-  const auto& group = trainer.optimizer().param_groups().front();
-  CHECK(static_cast<const torch::optim::AdamWOptions&>(group.options()).lr() == 0.0);
+  CHECK(trainer.optimizer().param_groups().front().options().get_lr() == 0.0);
 }
 
 TEST_CASE("micro-batches accumulate the same gradient as the whole batch", "[trainer]") {
   // GroupNorm has no batch statistics, so the micro-batch losses, weighted by their share of the batch,
   // sum to the batch's mean loss and their gradients to its gradient. One step from the same weights on
-  // the same draws; the gradients stay in .grad() after fit. (Weights after several AdamW steps are no
-  // fair comparison: Adam scales rounding-level gradients of near-zero parameters up to lr-sized steps.)
+  // the same draws; the gradients stay in .grad() after fit.
   const auto data = tiny_dataset(64);
-  const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(50));
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(50));
   const auto one_step = quiet().epochs(1).max_steps_per_epoch(1);
   torch::manual_seed(5);
   Trainer whole(tiny_net(), schedule, one_step);
   torch::manual_seed(5);
   Trainer micro(tiny_net(), schedule, TrainerOptions(one_step).micro_batch(5));  // 16 = 5 + 5 + 5 + 1
   double loss_whole = 0, loss_micro = 0;
-  whole.on_step = [&](const StepInfo& s) { loss_whole = s.loss; };
-  micro.on_step = [&](const StepInfo& s) { loss_micro = s.loss; };
+  whole.on_step = [&](const TrainStep& s) { loss_whole = s.loss.item<double>(); };
+  micro.on_step = [&](const TrainStep& s) { loss_micro = s.loss.item<double>(); };
   whole.fit(data);
   micro.fit(data);
   CHECK_THAT(loss_micro, WithinRel(loss_whole, 1e-5));
@@ -278,134 +472,116 @@ TEST_CASE("micro-batches accumulate the same gradient as the whole batch", "[tra
   CHECK_REFUSED(Trainer(tiny_net(), schedule, quiet().micro_batch(-1)), "micro_batch must be >= 0");
 }
 
-TEST_CASE("checkpoints are written atomically, the newest N kept, with metrics and grids", "[trainer][checkpoint]") {
+TEST_CASE("run outputs: checkpoints atomically, the newest N kept, metrics as JSON lines, grids", "[run_outputs]") {
   const auto dir = scratch("outputs");
-  Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().timesteps(20)),
-                  quiet().epochs(3).keep_checkpoints(2).grid_samples(4).out_dir(dir.string()));
-  trainer.metadata["backbone"] = "conv";
+  Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(20)), quiet().epochs(3));
+  trainer.add_hook(std::make_shared<RunOutputs>(RunOutputsOptions(dir).keep_checkpoints(2).grid_samples(4)));
+  trainer.metadata["backbone_note"] = "tiny";
+  std::vector<TrainEpoch> epochs;
+  trainer.on_epoch = [&](const TrainEpoch& e) { epochs.push_back(e); };
   trainer.fit(tiny_dataset(32), tiny_dataset(16));
-  const auto kept = list_checkpoints(dir / "checkpoints");
-  REQUIRE(kept.size() == 2);
-  CHECK(kept[0].filename() == "checkpoint_epoch_002.pt");
-  CHECK(kept[1].filename() == "checkpoint_epoch_003.pt");
+  CHECK(names_in(dir / "checkpoints") == std::vector<std::string>{"checkpoint_epoch_002.pt", "checkpoint_epoch_003.pt"});
   for (const auto& entry : fs::directory_iterator(dir / "checkpoints")) CHECK(entry.path().extension() != ".tmp");
   for (const auto* name : {"epoch_001.png", "epoch_002.png", "epoch_003.png"}) CHECK(fs::exists(dir / "samples" / name));
+  REQUIRE(epochs.size() == 3);
+  CHECK(epochs[2].checkpoint == dir / "checkpoints" / "checkpoint_epoch_003.pt");
+  CHECK(epochs[2].grid == dir / "samples" / "epoch_003.png");
 
-  std::ifstream metrics(dir / "metrics.jsonl");
-  std::vector<std::string> lines;
-  for (std::string line; std::getline(metrics, line);) lines.push_back(line);
+  const auto lines = lines_of(dir / "metrics.jsonl");
   REQUIRE(lines.size() == 3);
-  CHECK(lines[2].find("\"epoch\": 3") != std::string::npos);
-  CHECK(lines[2].find("\"val_loss\": ") != std::string::npos);
-  CHECK(lines[2].find("\"val_loss\": null") == std::string::npos);
+  const auto last = nlohmann::json::parse(lines[2]);
+  CHECK(last.at("epoch") == 3);
+  CHECK(last.at("step") == 6);
+  CHECK_THAT(last.at("val_loss").get<double>(), WithinRel(*epochs[2].val_loss, 1e-12));
+  CHECK(last.at("skipped_steps") == 0);
 
-  const auto info = read_checkpoint_info(kept[1]);
+  const auto info = read_checkpoint_info(dir / "checkpoints" / "checkpoint_epoch_003.pt");
   CHECK(info.epoch == 3);
   CHECK(info.global_step == 6);
-  CHECK(info.schedule.timesteps() == 20);
+  CHECK(info.schedule.num_timesteps() == 20);
   CHECK_FALSE(info.has_ema);
-  CHECK(info.metadata.at("backbone") == "conv");
-  CHECK(info.training.at("batch_size") == "16");
-  CHECK(info.training.at("lr") == "0.002");
-  CHECK(info.training.at("epochs") == "3");
-  CHECK(info.training.at("ema_decay") == "0");
+  CHECK(info.metadata.at("backbone_note") == "tiny");
+  CHECK(info.training.at("batch_size") == 16);
+  CHECK(info.training.at("optimization").at("lr") == 2e-3);
+  CHECK(info.training.at("epochs") == 3);
   CHECK(info.training.at("device") == "cpu");
+  REQUIRE(info.backbone);
+  CHECK(info.backbone->name == "convnet");
+  CHECK(info.backbone->options.at("widths") == std::vector<int64_t>{8, 16});
+  // Without validation the metrics line has no val_loss at all (not a null that reads like "nan").
+  const auto quiet_dir = scratch("outputs_noval");
+  Trainer no_val(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(20)), quiet().epochs(1));
+  no_val.add_hook(std::make_shared<RunOutputs>(RunOutputsOptions(quiet_dir).grid_samples(0)));
+  no_val.fit(tiny_dataset(16));
+  CHECK_FALSE(nlohmann::json::parse(lines_of(quiet_dir / "metrics.jsonl").at(0)).contains("val_loss"));
 }
 
-TEST_CASE("keep_epochs pins early checkpoints besides the newest N", "[trainer][checkpoint]") {
+TEST_CASE("keep_epochs pins early checkpoints besides the newest N", "[run_outputs]") {
   CHECK(checkpoint_filename(7) == "checkpoint_epoch_007.pt");
   CHECK(checkpoint_filename(1234) == "checkpoint_epoch_1234.pt");
+  CHECK(checkpoint_filename(3, 25) == "checkpoint_epoch_003_step_000025.pt");
   const auto dir = scratch("pinned");
-  const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(20));
-  Trainer trainer(tiny_net(), schedule,
-                  quiet().epochs(5).keep_checkpoints(1).keep_epochs({2, 9}).grid_samples(0).out_dir(dir.string()));
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(20));
+  Trainer trainer(tiny_net(), schedule, quiet().epochs(5));
+  trainer.add_hook(std::make_shared<RunOutputs>(RunOutputsOptions(dir).keep_checkpoints(1).keep_epochs({2, 9}).grid_samples(0)));
   trainer.fit(tiny_dataset(16));
-  const auto kept = list_checkpoints(dir / "checkpoints");
-  REQUIRE(kept.size() == 2);
-  CHECK(kept[0].filename() == "checkpoint_epoch_002.pt");
-  CHECK(kept[1].filename() == "checkpoint_epoch_005.pt");
-  CHECK(read_checkpoint_info(kept[0]).epoch == 2);
-  CHECK_REFUSED(Trainer(tiny_net(), schedule, quiet().keep_epochs({3, 0})), "keep_epochs must hold epochs >= 1, got 0");
+  CHECK(names_in(dir / "checkpoints") == std::vector<std::string>{"checkpoint_epoch_002.pt", "checkpoint_epoch_005.pt"});
+  CHECK(read_checkpoint_info(dir / "checkpoints" / "checkpoint_epoch_002.pt").epoch == 2);
+  CHECK_REFUSED(RunOutputs(RunOutputsOptions(scratch("pin_bad")).keep_epochs({3, 0})), "keep_epochs must hold epochs >= 1, got 0");
+  CHECK_REFUSED(RunOutputs(RunOutputsOptions(scratch("keep_bad")).keep_checkpoints(0)), "keep_checkpoints must be >= 1");
 }
 
-TEST_CASE("set_threads sets the intra-op threads, every core at 0", "[trainer]") {
-  const int before = at::get_num_threads();
-  set_threads(1);
-  CHECK(at::get_num_threads() == 1);
-  set_threads(0);
-  CHECK(at::get_num_threads() == static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
-  CHECK_REFUSED(set_threads(-1), "set_threads: threads must be >= 0 (0 = all cores), got -1");
-  at::set_num_threads(before);
+TEST_CASE("list_checkpoints orders by epoch and step, past 999 epochs too", "[run_outputs]") {
+  const auto dir = scratch("listing");
+  for (const auto* name : {"checkpoint_epoch_1000.pt", "checkpoint_epoch_999.pt", "checkpoint_epoch_999_step_000010.pt",
+                           "checkpoint_epoch_002_step_000003.pt", "checkpoint_epoch_002.pt", "other.pt"}) {
+    write_bytes(dir / name, {1});
+  }
+  CHECK(names_in(dir) == std::vector<std::string>{"checkpoint_epoch_002.pt", "checkpoint_epoch_002_step_000003.pt",
+                                                  "checkpoint_epoch_999.pt", "checkpoint_epoch_999_step_000010.pt",
+                                                  "checkpoint_epoch_1000.pt"});
 }
 
-TEST_CASE("grid_ddim_steps samples the grids with DDIM at eta 1", "[trainer]") {
-  const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(20));
+TEST_CASE("the grid sampler draws the per-epoch grids, from the EMA weights", "[run_outputs]") {
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(20));
   const auto dir = scratch("ddim_grid");
-  Trainer trainer(tiny_net(), schedule, quiet().epochs(1).grid_samples(4).grid_ddim_steps(5).out_dir(dir.string()));
+  Trainer trainer(tiny_net(), schedule, quiet().epochs(1).ema_decay(0.5));
+  const auto grid = make_sampler("ddim", SamplerSettings().steps(5).eta(1));
+  trainer.add_hook(std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(4).grid_sampler(grid).grid_seed(3)));
   trainer.fit(tiny_dataset(16));
   CHECK(fs::exists(dir / "samples" / "epoch_001.png"));
-  const auto grid = trainer.sample({4, 1, 8, 8}, 3);
-  CHECK(torch::equal(grid, sample(trainer.model(), trainer.schedule(), {4, 1, 8, 8}, DDIM().steps(5).eta(1.0),
-                                  SampleOptions().seed(3))));
-  Trainer ddpm(tiny_net(), schedule, quiet());
-  CHECK(torch::equal(ddpm.sample({4, 1, 8, 8}, 3), sample(ddpm.model(), ddpm.schedule(), {4, 1, 8, 8}, DDPM(),
-                                                            SampleOptions().seed(3))));
-  CHECK_REFUSED(Trainer(tiny_net(), schedule, quiet().grid_ddim_steps(21)),
-                "grid_ddim_steps must be in [0, 20] (0: DDPM), got 21");
-  CHECK_REFUSED(Trainer(tiny_net(), schedule, quiet().grid_ddim_steps(-1)), "grid_ddim_steps must be in [0, 20]");
+  const auto from_trainer = trainer.sample(4, *grid, 3);
+  auto averaged = tiny_net();
+  load_weights(dir / "checkpoints" / "checkpoint_epoch_001.pt", averaged);  // the EMA weights
+  CHECK(torch::equal(from_trainer, sample(averaged, schedule, {4, 1, 8, 8}, *grid, SampleOptions().seed(3))));
 }
 
-TEST_CASE("a checkpoint round trip reproduces sampling exactly, EMA weights included", "[checkpoint]") {
-  const auto dir = scratch("roundtrip");
-  Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().timesteps(30)),
-                  quiet().epochs(1).ema_decay(0.5).grid_samples(0).out_dir(dir.string()));
-  trainer.fit(tiny_dataset(32));
-  const auto path = list_checkpoints(dir / "checkpoints").back();
-  const auto expected = trainer.sample({4, 1, 8, 8}, 11);  // from the EMA weights
-
-  const auto info = read_checkpoint_info(path);
-  REQUIRE(info.has_ema);
-  auto model = tiny_net();
-  load_weights(path, model);  // EMA by default
-  const auto got = sample(model, NoiseSchedule(info.schedule), {4, 1, 8, 8}, DDPM(), SampleOptions().seed(11));
-  CHECK(torch::equal(expected, got));
-
-  auto raw = tiny_net();
-  load_weights(path, raw, /*use_ema=*/false);
-  for (const auto& p : trainer.model()->named_parameters()) CHECK(torch::equal(p.value(), raw->named_parameters()[p.key()]));
-}
-
-TEST_CASE("checkpoints refuse the wrong model or file", "[checkpoint][errors]") {
-  const auto dir = scratch("refuse");
-  Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().timesteps(10)),
-                  quiet().epochs(1).grid_samples(0).out_dir(dir.string()));
-  trainer.fit(tiny_dataset(16));
-  const auto path = list_checkpoints(dir / "checkpoints").back();
-  ConvNet wider(ConvNetOptions().widths({16, 16}).time_dim(32));
-  CHECK_REFUSED(load_weights(path, wider), "with shape");
-  SmolMLP mlp;
-  CHECK_REFUSED(load_weights(path, mlp), "does not fit this model");
-  CHECK_REFUSED(read_checkpoint_info(dir / "missing.pt"), "no such file");
-  write_bytes(dir / "junk.pt", {1, 2, 3});
-  CHECK_THROWS(read_checkpoint_info(dir / "junk.pt"));
-  Trainer with_ema(tiny_net(), NoiseSchedule(NoiseScheduleOptions().timesteps(10)), quiet().ema_decay(0.9));
-  CHECK_REFUSED(with_ema.load_checkpoint(path), "has no EMA weights");
+TEST_CASE("a second run into the same directory is refused while the first holds it", "[run_outputs][faults]") {
+  const auto dir = scratch("locked");
+  {
+    RunOutputs first{RunOutputsOptions(dir)};
+    CHECK_REFUSED(RunOutputs(RunOutputsOptions(dir)), "another training run (pid " + std::to_string(::getpid()) + ") is writing to");
+  }
+  CHECK_NOTHROW(RunOutputs(RunOutputsOptions(dir)));  // released with its owner (and with a crashed process)
 }
 
 TEST_CASE("trainer refuses bad options and data", "[trainer][errors]") {
-  const NoiseSchedule s(NoiseScheduleOptions().timesteps(10));
+  const NoiseSchedule s(NoiseScheduleOptions().num_timesteps(10));
+  const auto with = [](OptimizationOptions o) { return quiet().optimization(o); };
   CHECK_REFUSED(Trainer(tiny_net(), s, quiet().epochs(0)), "epochs must be >= 1, got 0");
   CHECK_REFUSED(Trainer(tiny_net(), s, quiet().batch_size(0)), "batch_size must be >= 1");
-  CHECK_REFUSED(Trainer(tiny_net(), s, quiet().lr(0)), "lr must be > 0");
-  CHECK_REFUSED(Trainer(tiny_net(), s, quiet().warmup_steps(-1)), "warmup_steps must be >= 0 (0 = off), got -1");
+  CHECK_REFUSED(Trainer(tiny_net(), s, with(OptimizationOptions().lr(0))), "lr must be > 0");
+  CHECK_REFUSED(Trainer(tiny_net(), s, with(OptimizationOptions().warmup_steps(-1))), "warmup_steps must be >= 0 (0 = off), got -1");
+  CHECK_REFUSED(Trainer(tiny_net(), s, with(OptimizationOptions().grad_clip(-1))), "grad_clip must be >= 0");
   CHECK_REFUSED(Trainer(tiny_net(), s, quiet().ema_decay(1.0)), "ema_decay must be in [0, 1)");
-  CHECK_REFUSED(Trainer(tiny_net(), s, quiet().grad_clip(-1)), "grad_clip must be >= 0");
-  CHECK_REFUSED(Trainer(tiny_net(), s, quiet().keep_checkpoints(0)), "keep_checkpoints must be >= 1");
-  CHECK_REFUSED(Trainer(tiny_net(), s, quiet().threads(-1)), "threads must be >= 0");
+  CHECK_REFUSED(Trainer(tiny_net(), s, quiet().skip_nonfinite(-1)), "skip_nonfinite must be >= 0");
+  CHECK_REFUSED(Trainer(tiny_net(), s, quiet().loss(LossOptions().min_snr_gamma(-1))), "min_snr_gamma must be >= 0");
   Trainer ok(tiny_net(), s, quiet().epochs(1));
   CHECK_REFUSED(ok.fit(torch::zeros({4, 8, 8})), "train must be a non-empty floating-point (N, C, H, W) tensor");
   CHECK_REFUSED(ok.fit(torch::zeros({4, 1, 8, 8}, torch::kUInt8)), "train must be a non-empty floating-point");
   CHECK_REFUSED(ok.fit(tiny_dataset(4), torch::zeros({0, 1, 8, 8})), "val must be a non-empty");
+  CHECK_REFUSED(RunOutputs(RunOutputsOptions("")), "RunOutputs: dir must not be empty");
+  CHECK_REFUSED(RunOutputs(RunOutputsOptions(scratch("every")).checkpoint_every_steps(-1)), "checkpoint_every_steps must be >= 0");
 }
 
 TEST_CASE("progress shows epoch, percent, steps, rate and loss", "[trainer]") {
@@ -416,65 +592,8 @@ TEST_CASE("progress shows epoch, percent, steps, rate and loss", "[trainer]") {
   CHECK(line.find(" 45%|#########") != std::string::npos);
   CHECK(line.find("212/469 [") != std::string::npos);
   CHECK(line.find("it/s, loss=0.0412]") != std::string::npos);
-}
-
-TEST_CASE("a grid PNG reads back with the right size and pixel values; bad PNGs are refused", "[image]") {
-  const auto dir = scratch("png");
-  // Four 1x3x2 images with values -1, 0, 0.5, 1 -> grid of 2x2 with padding 2.
-  auto images = torch::stack({torch::full({1, 3, 2}, -1.0), torch::full({1, 3, 2}, 0.0), torch::full({1, 3, 2}, 0.5),
-                              torch::full({1, 3, 2}, 1.0)});
-  const auto grid = make_grid(to_unit_range(images), 2, 2);
-  REQUIRE(grid.sizes() == torch::IntArrayRef({1, 2 + 2 * (3 + 2), 2 + 2 * (2 + 2)}));
-  write_png(dir / "grid.png", grid);
-  const auto back = read_png(dir / "grid.png");
-  REQUIRE(back.sizes() == torch::IntArrayRef({1, 12, 10}));
-  const auto at = [&](int y, int x) { return static_cast<int>(std::lround(back[0][y][x].item<float>() * 255)); };
-  CHECK(at(0, 0) == 0);      // padding
-  CHECK(at(2, 2) == 0);      // -1 -> 0
-  CHECK(at(2, 6) == 128);    // 0 -> 0.5 -> round(127.5)
-  CHECK(at(7, 2) == 191);    // 0.5 -> 0.75 -> round(191.25)
-  CHECK(at(9, 7) == 255);    // 1 -> 1
-  // Converted on reading: grey to RGB repeats the value.
-  const auto rgb = read_png(dir / "grid.png", 3);
-  CHECK(rgb.sizes() == torch::IntArrayRef({3, 12, 10}));
-  CHECK(torch::equal(rgb[2], back[0]));
-  write_bytes(dir / "not.png", {'n', 'o', 't', ' ', 'a', ' ', 'p', 'n', 'g'});
-  CHECK_REFUSED(read_png(dir / "not.png"), "not.png is not a readable PNG");
-  CHECK_REFUSED(read_png(dir / "missing.png"), "missing.png: no such file");
-  CHECK_REFUSED(read_png(dir / "grid.png", 2), "channels must be 0 (as stored), 1, 3 or 4, got 2");
-  CHECK_REFUSED(write_png(dir / "x.png", torch::zeros({2, 4, 4})), "expected 1, 3 or 4 channels, got 2");
-  CHECK_REFUSED(make_grid(torch::zeros({4, 4})), "images must be (N, C, H, W)");
-}
-
-TEST_CASE("the idx loader reads good files, plain and gzipped, and names the fault in bad ones", "[data]") {
-  const auto dir = scratch("idx");
-  write_bytes(dir / "train-images-idx3-ubyte", idx_bytes(0x803, {3, 28, 28}, 3 * 28 * 28, 255));
-#if defined(DIFFUSION_NO_ZLIB)
-  write_bytes(dir / "train-labels-idx1-ubyte", idx_bytes(0x801, {3}, 3, 9));
-  write_bytes(dir / "gzipped", {0x1f, 0x8b, 8, 0, 0, 0, 0, 0});
-  CHECK_REFUSED(data::read_idx(dir / "gzipped"), "is gzipped but this build has no zlib");
-#else
-  write_gz(dir / "train-labels-idx1-ubyte.gz", idx_bytes(0x801, {3}, 3, 9));
-#endif
-  const auto split = data::load_mnist(dir, data::Split::Train);
-  CHECK(split.images.sizes() == torch::IntArrayRef({3, 1, 28, 28}));
-  CHECK(split.images.max().item<float>() == 1.0f);  // 255 -> 1
-  CHECK(split.labels.sizes() == torch::IntArrayRef({3}));
-  CHECK(split.labels[2].item<int64_t>() == 9);
-  const auto zero = data::read_idx(dir / "train-images-idx3-ubyte");
-  CHECK(zero.scalar_type() == torch::kUInt8);
-
-  write_bytes(dir / "truncated", idx_bytes(0x803, {3, 28, 28}, 100));
-  CHECK_REFUSED(data::read_idx(dir / "truncated"), "truncated: header promises 2352 bytes of data, file has 100");
-  write_bytes(dir / "short-header", {0, 0, 8, 3, 0, 0});
-  CHECK_REFUSED(data::read_idx(dir / "short-header"), "truncated header");
-  write_bytes(dir / "magic", idx_bytes(0x00000903, {1}, 1));
-  CHECK_REFUSED(data::read_idx(dir / "magic"), "wrong magic number 0x903");
-  write_bytes(dir / "trailing", idx_bytes(0x801, {2}, 5));
-  CHECK_REFUSED(data::read_idx(dir / "trailing"), "3 unexpected trailing bytes");
-  CHECK_REFUSED(data::read_idx(dir / "nope"), "nope: no such file");
-  CHECK_REFUSED(data::load_mnist(dir, data::Split::Test), "t10k-images-idx3-ubyte (or .gz) not found");
-  write_bytes(dir / "t10k-images-idx3-ubyte", idx_bytes(0x803, {2, 28, 28}, 2 * 28 * 28));
-  write_bytes(dir / "t10k-labels-idx1-ubyte", idx_bytes(0x801, {3}, 3));
-  CHECK_REFUSED(data::load_mnist(dir, data::Split::Test), "has 2 images but");
+  CHECK_FALSE(bar.due(469));  // Off never prints
+  ProgressBar lines("Epoch 1/1", 10, ProgressMode::Lines, 3600);
+  CHECK_FALSE(lines.due(5));  // not before its interval
+  CHECK(lines.due(10));       // but always at the end
 }

@@ -5,6 +5,8 @@
 // Trains two backbones for one short epoch each on MNIST and writes their sample grids:
 //   1. TinyResNet, written from scratch below;
 //   2. GatedConvNet, the library's ConvNet with its forward overridden.
+// Both are registered (one line each), so their checkpoints record what they are and load_model rebuilds
+// them from the file alone, as the last lines show.
 #include <diffusion/diffusion.hpp>
 
 #include <fmt/core.h>
@@ -14,10 +16,21 @@
 
 using namespace diffusion;
 
+/// TinyResNet's options, and their JSON form (how a checkpoint records them).
+struct TinyResNetOptions {
+  TORCH_ARG(int64_t, width) = 32;
+  TORCH_ARG(int64_t, depth) = 4;
+};
+void to_json(nlohmann::json& j, const TinyResNetOptions& o) { j = {{"width", o.width()}, {"depth", o.depth()}}; }
+void from_json(const nlohmann::json& j, TinyResNetOptions& o) {
+  o.width(j.at("width").get<int64_t>()).depth(j.at("depth").get<int64_t>());
+}
+
 /// 1. From scratch: a few residual conv layers at full resolution, with a learned time embedding added
 /// to every layer. Nothing here comes from the library except the sinusoidal embedding.
 struct TinyResNetImpl : torch::nn::Module {
-  explicit TinyResNetImpl(int64_t width = 32, int64_t depth = 4) {
+  explicit TinyResNetImpl(TinyResNetOptions options = {}) : options(options) {
+    const int64_t width = options.width(), depth = options.depth();
     time = register_module("time", torch::nn::Sequential(SinusoidalPositionEmbeddings(64), torch::nn::Linear(64, width),
                                                          torch::nn::SiLU()));
     in = register_module("in", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, width, 3).padding(1)));
@@ -40,6 +53,7 @@ struct TinyResNetImpl : torch::nn::Module {
     return out(h);
   }
 
+  TinyResNetOptions options;
   torch::nn::Sequential time{nullptr};
   torch::nn::Conv2d in{nullptr}, out{nullptr};
   torch::nn::ModuleList layers, norms;
@@ -65,9 +79,15 @@ static_assert(Backbone<TinyResNet> && Backbone<GatedConvNet>);
 template <Backbone B>
 void train_and_sample(const std::string& name, B model, const torch::Tensor& images) {
   Trainer trainer(std::move(model), NoiseSchedule(),
-                  TrainerOptions().epochs(1).lr(2e-3).grid_samples(16).out_dir("runs/custom/" + name));
-  trainer.on_epoch = [&](const EpochInfo& e) {
+                  TrainerOptions().epochs(1).optimization(OptimizationOptions().lr(2e-3)));
+  trainer.add_hook(std::make_shared<RunOutputs>(RunOutputsOptions("runs/custom/" + name).grid_samples(16)));
+  trainer.on_epoch = [&](const TrainEpoch& e) {
     fmt::print("{}: loss {:.4f}, {:.0f} img/s, grid {}\n", name, e.train_loss, e.images_per_second, e.grid.string());
+    // The checkpoint alone rebuilds the model: no architecture in this code.
+    auto [loaded, info] = load_model(e.checkpoint);
+    const auto x = sample(loaded, NoiseSchedule(info.schedule), {4, 1, 28, 28}, DPMSolverPP().steps(10), SampleOptions().seed(0));
+    fmt::print("{}: load_model rebuilt '{}' from {} and drew {} samples\n", name, info.backbone->name,
+               e.checkpoint.string(), x.size(0));
   };
   trainer.fit(images);
 }
@@ -75,6 +95,10 @@ void train_and_sample(const std::string& name, B model, const torch::Tensor& ima
 int main(int argc, char** argv) {
   const std::string dir = argc > 1 ? argv[1] : "data/mnist";
   const int64_t n = argc > 2 ? std::atoll(argv[2]) : 4096;
+  set_threads();  // every core: Debian's LibTorch starts with one intra-op thread
+  // One line per backbone: the name its checkpoints record.
+  register_backbone<TinyResNetImpl>("tiny_resnet");
+  register_backbone<GatedConvNetImpl>("gated_convnet");
   try {
     const auto images = data::load_mnist(dir, data::Split::Train).images.slice(0, 0, n);
     train_and_sample("tiny_resnet", TinyResNet(), images);

@@ -51,9 +51,9 @@ int main(int argc, char** argv) {
   double running = 0;
   for (int64_t step = 1; step <= steps; ++step) {
     const auto x0 = bars(64);
-    const auto t = torch::randint(0, schedule.timesteps(), {x0.size(0)}, torch::kLong);
+    const auto t = torch::randint(0, schedule.num_timesteps(), {x0.size(0)}, torch::kLong);
     const auto noise = torch::randn_like(x0);
-    const auto loss = torch::mse_loss(model(q_sample(schedule, x0, t, noise), t), noise);
+    const auto loss = diffusion_loss(model, schedule, x0, t, noise).mean();  // Ho et al. 2020, eq. 14
     optimizer.zero_grad();
     loss.backward();
     optimizer.step();

@@ -1,194 +1,499 @@
 #pragma once
 
 #include <diffusion/backbone.hpp>
+#include <diffusion/detail/archive.hpp>
+#include <diffusion/forward.hpp>
+#include <diffusion/registry.hpp>
 #include <diffusion/schedule.hpp>
+#include <diffusion/training/ema.hpp>
 
+#include <c10/util/hash.h>
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
-#include <functional>
+#include <fstream>
+#include <iterator>
 #include <map>
+#include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
-/// Checkpoints: written atomically, read back for resuming or for sampling without the training code.
+/// Checkpoints: the one owner of the file format. Written atomically with a checksum; read back to resume
+/// training, to sample (load_model rebuilds the model without the caller knowing its architecture), or
+/// to inspect (read_checkpoint_info).
+///
+/// The file is a LibTorch archive (a zip) holding: "format" (2); "config", a JSON document with the
+/// schedule, the prediction type, the backbone's registered name and options, the trainer's options and
+/// the user's metadata; "epoch", "global_step" and "rng" (the trainer's generator); "model" and, when an
+/// EMA is kept, "ema" (both nested like Module::save, so either loads into the model); "ema_updates"; and
+/// "optimizer". The zip's comment holds "diffusion-sha1:" and the SHA-1 of every byte before the zip's
+/// end record, so a changed byte anywhere is found on reading. Format 1 (before the JSON config) is read
+/// too.
 namespace diffusion {
+
+inline constexpr int64_t checkpoint_format = 2;
 
 /// What a checkpoint says about itself, readable without building a model.
 struct CheckpointInfo {
-  int64_t epoch = 0;
-  int64_t global_step = 0;
+  std::filesystem::path path;
+  int64_t format = 0;
+  /// Epochs completed and optimizer steps taken when it was written.
+  int64_t epoch = 0, global_step = 0;
   bool has_ema = false;
   NoiseScheduleOptions schedule;
-  /// Free-form strings the trainer's user attached (the example stores the backbone's name and options).
+  /// What the model predicts; sampling must use the same.
+  Prediction prediction = Prediction::Epsilon;
+  /// The backbone's registered name and options (absent when its type was not registered).
+  std::optional<BackboneConfig> backbone;
+  /// The trainer's options, as JSON.
+  nlohmann::json training = nlohmann::json::object();
+  /// Free-form strings the trainer's user attached.
   std::map<std::string, std::string> metadata;
-  /// The trainer options the checkpoint was written with, by name ("batch_size" -> "128", ...).
-  std::map<std::string, std::string> training;
+};
+
+/// What save_checkpoint writes. The pointers may be null where there is nothing of the kind (no EMA, no
+/// optimizer: a checkpoint that only samples).
+struct CheckpointContents {
+  torch::nn::Module* model = nullptr;
+  torch::optim::Optimizer* optimizer = nullptr;
+  const EMA* ema = nullptr;
+  /// The trainer's random generator state (torch::Generator::get_state()), and its state when the epoch
+  /// in progress began (to draw the same shuffle again on resuming mid-epoch; undefined between epochs).
+  torch::Tensor rng_state, epoch_rng_state;
+  /// Epochs completed, steps taken in all, steps taken in the epoch in progress, and steps skipped for
+  /// non-finite values.
+  int64_t epoch = 0, global_step = 0, step_in_epoch = 0, skipped_steps = 0;
+  NoiseScheduleOptions schedule;
+  Prediction prediction = Prediction::Epsilon;
+  nlohmann::json training = nlohmann::json::object();
+  std::map<std::string, std::string> metadata;
+};
+
+/// Where a training run stood, as load_training_state restores it.
+struct TrainingProgress {
+  int64_t epoch = 0, global_step = 0, step_in_epoch = 0, skipped_steps = 0;
+  torch::Tensor rng_state, epoch_rng_state;
 };
 
 namespace detail {
 
-inline constexpr int64_t kCheckpointFormat = 1;
+/// The archive's keys, in one place.
+namespace key {
+inline constexpr const char* format = "format";
+inline constexpr const char* config = "config";
+inline constexpr const char* epoch = "epoch";
+inline constexpr const char* global_step = "global_step";
+inline constexpr const char* rng = "rng";
+inline constexpr const char* epoch_rng = "epoch_rng";
+inline constexpr const char* step_in_epoch = "step_in_epoch";
+inline constexpr const char* skipped_steps = "skipped_steps";
+inline constexpr const char* model = "model";
+inline constexpr const char* ema = "ema";
+inline constexpr const char* has_ema = "has_ema";
+inline constexpr const char* optimizer = "optimizer";
+}  // namespace key
 
-inline void write_schedule(torch::serialize::OutputArchive& a, const NoiseScheduleOptions& s) {
-  a.write("schedule_timesteps", c10::IValue(s.timesteps()));
-  a.write("schedule_kind", c10::IValue(to_string(s.kind())));
-  a.write("schedule_beta_start", c10::IValue(s.beta_start()));
-  a.write("schedule_beta_end", c10::IValue(s.beta_end()));
-  a.write("schedule_cosine_s", c10::IValue(s.cosine_s()));
-  a.write("schedule_max_beta", c10::IValue(s.max_beta()));
+inline constexpr std::string_view checksum_tag = "diffusion-sha1:";
+inline constexpr size_t zip_end_record = 22;  // the end of central directory record, without its comment
+
+inline uint32_t read_le32(const std::string& b, size_t at) {
+  return uint32_t(uint8_t(b[at])) | uint32_t(uint8_t(b[at + 1])) << 8 | uint32_t(uint8_t(b[at + 2])) << 16 |
+         uint32_t(uint8_t(b[at + 3])) << 24;
 }
 
-inline c10::IValue read_value(torch::serialize::InputArchive& a, const std::string& key) {
+/// The offset of the zip's end record whose comment runs to the end of `bytes`, if there is one.
+inline std::optional<size_t> find_zip_end(const std::string& bytes) {
+  if (bytes.size() < zip_end_record) return std::nullopt;
+  const size_t lowest = bytes.size() > zip_end_record + 0xFFFF ? bytes.size() - zip_end_record - 0xFFFF : 0;
+  for (size_t at = bytes.size() - zip_end_record + 1; at-- > lowest;) {
+    if (read_le32(bytes, at) != 0x06054b50) continue;
+    const size_t comment = uint8_t(bytes[at + 20]) | size_t(uint8_t(bytes[at + 21])) << 8;
+    if (at + zip_end_record + comment == bytes.size()) return at;
+  }
+  return std::nullopt;
+}
+
+/// SHA-1 (c10's) of `bytes` up to the end record, with the comment length counted as 0.
+inline std::string archive_digest(const std::string& bytes, size_t end) {
+  auto covered = bytes.substr(0, end + zip_end_record);
+  covered[end + 20] = covered[end + 21] = '\0';
+  return c10::sha1(covered).str();
+}
+
+/// Writes `bytes` to `path` so that a crash or a failure at any point leaves the previous file intact:
+/// to `path.tmp`, flushed to the disk (fsync), renamed over `path`, and the directory flushed. A failed
+/// write (disk full, file too large, no permission) removes the temporary file and is refused with the
+/// reason.
+inline void write_file_atomically(const std::filesystem::path& path, const std::string& bytes) {
+  namespace fs = std::filesystem;
+  const auto dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  TORCH_CHECK(!ec, "checkpoint: cannot create the directory ", dir.string(), ": ", ec.message());
+  auto tmp = path;
+  tmp += ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  TORCH_CHECK(fd >= 0, "checkpoint: cannot write ", tmp.string(), ": ", std::strerror(errno));
+  const auto fail = [&](const char* what, int err) {
+    ::close(fd);
+    fs::remove(tmp, ec);
+    TORCH_CHECK(false, "checkpoint: ", what, " ", path.string(), " failed: ", std::strerror(err), "; the previous file ",
+                "(if any) is intact");
+  };
+  for (size_t done = 0; done < bytes.size();) {
+    const auto n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) fail("writing", n < 0 ? errno : ENOSPC);
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) fail("flushing", errno);
+  if (::close(fd) != 0) {
+    const int err = errno;
+    fs::remove(tmp, ec);
+    TORCH_CHECK(false, "checkpoint: closing ", tmp.string(), " failed: ", std::strerror(err));
+  }
+  fs::rename(tmp, path, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    TORCH_CHECK(false, "checkpoint: renaming ", tmp.string(), " to ", path.string(), " failed: ", ec.message());
+  }
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+/// Serializes `archive`, adds the checksum comment, and writes it atomically.
+inline void save_archive(torch::serialize::OutputArchive& archive, const std::filesystem::path& path) {
+  std::string bytes;
+  archive.save_to([&bytes](const void* data, size_t size) -> size_t {
+    bytes.append(static_cast<const char*>(data), size);
+    return size;
+  });
+  const auto end = find_zip_end(bytes);
+  TORCH_CHECK(end && bytes.size() == *end + zip_end_record, "checkpoint: LibTorch wrote an archive without a plain zip "
+              "end record; cannot add the checksum to ", path.string());
+  const std::string comment = std::string(checksum_tag) + archive_digest(bytes, *end);
+  bytes[*end + 20] = static_cast<char>(comment.size() & 0xFF);
+  bytes[*end + 21] = static_cast<char>(comment.size() >> 8);
+  bytes += comment;
+  write_file_atomically(path, bytes);
+}
+
+/// Reads and verifies a checkpoint file into an archive whose tensors land on `device`. Every way a file
+/// can be unreadable becomes one error naming it: missing, empty, truncated or not a zip, a checksum
+/// that does not match (a changed byte), an archive LibTorch cannot read, one that is not a diffusion
+/// checkpoint, or one of another format version.
+inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::path& path,
+                                                      std::optional<torch::Device> device = std::nullopt,
+                                                      int64_t* format_out = nullptr) {
+  const auto name = path.string();
+  TORCH_CHECK(std::filesystem::is_regular_file(path), "checkpoint: ", name, ": no such file");
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(in.good(), "checkpoint: ", name, ": cannot open it");
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  TORCH_CHECK(!bytes.empty(), "checkpoint: ", name, " is empty (a save that never finished?)");
+  const auto end = find_zip_end(bytes);
+  TORCH_CHECK(end, "checkpoint: ", name, " is truncated or not a checkpoint (no zip end record)");
+  const std::string comment = bytes.substr(*end + zip_end_record);
+  if (comment.rfind(checksum_tag, 0) == 0) {
+    TORCH_CHECK(comment.substr(checksum_tag.size()) == archive_digest(bytes, *end), "checkpoint: ", name,
+                " is damaged: its contents do not match the checksum written with it");
+  }
+  torch::serialize::InputArchive archive;
+  try {
+    c10::optional<torch::Device> to;  // c10::optional is std::optional only from LibTorch 2.x
+    if (device) to = *device;
+    archive.load_from(bytes.data(), bytes.size(), to);
+  } catch (const std::exception& e) {
+    std::string what = e.what();
+    what = what.substr(0, what.find('\n'));
+    TORCH_CHECK(false, "checkpoint: ", name, " is damaged or not a LibTorch archive (", what, ")");
+  }
+  c10::IValue format;
+  bool has_format = false;
+  try {
+    has_format = archive.try_read(key::format, format) && format.isInt();
+  } catch (const std::exception&) {
+    has_format = false;
+  }
+  TORCH_CHECK(has_format, "checkpoint: ", name, " is not a diffusion checkpoint (no format field)");
+  TORCH_CHECK(format.toInt() == 1 || format.toInt() == checkpoint_format, "checkpoint: ", name, " has format ",
+              format.toInt(), "; this library reads formats 1 and ", checkpoint_format);
+  if (format_out) *format_out = format.toInt();
+  return archive;
+}
+
+inline c10::IValue read_value(torch::serialize::InputArchive& a, const std::string& key, const std::filesystem::path& path) {
   c10::IValue v;
-  a.read(key, v);
+  TORCH_CHECK(a.try_read(key, v), "checkpoint: ", path.string(), " has no '", key, "' field");
   return v;
 }
 
-inline NoiseScheduleOptions read_schedule(torch::serialize::InputArchive& a) {
-  return NoiseScheduleOptions()
-      .timesteps(read_value(a, "schedule_timesteps").toInt())
-      .kind(read_value(a, "schedule_kind").toStringRef() == "cosine" ? ScheduleKind::Cosine : ScheduleKind::Linear)
-      .beta_start(read_value(a, "schedule_beta_start").toDouble())
-      .beta_end(read_value(a, "schedule_beta_end").toDouble())
-      .cosine_s(read_value(a, "schedule_cosine_s").toDouble())
-      .max_beta(read_value(a, "schedule_max_beta").toDouble());
-}
-
-/// A string map is stored as "PREFIX_keys" (the keys joined by newlines) and "PREFIX_value_I", the I-th
-/// key's value (archive keys stay plain identifiers).
-inline void write_metadata(torch::serialize::OutputArchive& a, const std::map<std::string, std::string>& metadata,
-                           const std::string& prefix = "metadata") {
-  std::string keys;
-  size_t i = 0;
-  for (const auto& [key, value] : metadata) {
-    TORCH_CHECK(!key.empty() && key.find('\n') == std::string::npos,
-                "checkpoint: metadata keys must be non-empty and without newlines, got '", key, "'");
-    keys += (keys.empty() ? "" : "\n") + key;
-    a.write(prefix + "_value_" + std::to_string(i++), c10::IValue(value));
+/// Runs `read` and turns any error into one that names the file as damaged.
+template <class F>
+auto reading(const std::filesystem::path& path, F&& read) {
+  try {
+    return read();
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    if (what.rfind("checkpoint: ", 0) == 0) throw;
+    TORCH_CHECK(false, "checkpoint: ", path.string(), " is damaged (", what.substr(0, what.find('\n')), ")");
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "checkpoint: ", path.string(), " is damaged (", e.what(), ")");
   }
-  a.write(prefix + "_keys", c10::IValue(keys));
+  return read();  // not reached
 }
 
-inline std::map<std::string, std::string> read_metadata(torch::serialize::InputArchive& a,
-                                                        const std::string& prefix = "metadata") {
+/// Format 1 stored string maps as "PREFIX_keys" (newline-joined) and "PREFIX_value_I".
+inline std::map<std::string, std::string> read_v1_map(torch::serialize::InputArchive& a, const std::string& prefix,
+                                                      const std::filesystem::path& path) {
   std::map<std::string, std::string> out;
   c10::IValue stored;
-  if (!a.try_read(prefix + "_keys", stored)) return out;  // absent in checkpoints written before it existed
+  if (!a.try_read(prefix + "_keys", stored)) return out;
   const auto keys = stored.toStringRef();
   size_t begin = 0, i = 0;
   while (begin < keys.size()) {
     const auto end = std::min(keys.find('\n', begin), keys.size());
-    out[keys.substr(begin, end - begin)] = read_value(a, prefix + "_value_" + std::to_string(i++)).toStringRef();
+    out[keys.substr(begin, end - begin)] = read_value(a, prefix + "_value_" + std::to_string(i++), path).toStringRef();
     begin = end + 1;
   }
   return out;
 }
 
-inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::path& path) {
-  TORCH_CHECK(std::filesystem::is_regular_file(path), "checkpoint: ", path.string(), ": no such file");
-  torch::serialize::InputArchive archive;
-  archive.load_from(path.string());
-  c10::IValue format;
-  TORCH_CHECK(archive.try_read("format", format) && format.isInt(), "checkpoint: ", path.string(),
-              " is not a diffusion checkpoint (no format field)");
-  TORCH_CHECK(format.toInt() == kCheckpointFormat, "checkpoint: ", path.string(), " has format ", format.toInt(),
-              ", this library reads format ", kCheckpointFormat);
-  return archive;
+/// The MNIST example's format-1 metadata (backbone, widths, blocks, patch) as a registered backbone, so
+/// that its old checkpoints still load with load_model.
+inline std::optional<BackboneConfig> v1_backbone(const std::map<std::string, std::string>& m) {
+  const auto ints = [](const std::string& s) {
+    std::vector<int64_t> out;
+    std::stringstream ss(s);
+    for (std::string item; std::getline(ss, item, ',');) out.push_back(std::stoll(item));
+    return out;
+  };
+  if (!m.count("backbone")) return std::nullopt;
+  const auto& name = m.at("backbone");
+  if (name == "conv" || name == "conv-small") return BackboneConfig{"convnet", {{"widths", ints(m.at("widths"))}}};
+  if (name == "smol") return BackboneConfig{"smol_mlp", nlohmann::json::object()};
+  if (name == "chunky") return BackboneConfig{"chunky_mlp", nlohmann::json::object()};
+  if (name == "unet") {
+    const auto widths = ints(m.at("widths"));
+    return BackboneConfig{"unet", {{"widths", widths},
+                                   {"blocks", m.count("blocks") ? ints(m.at("blocks")) : std::vector<int64_t>(widths.size(), 1)},
+                                   {"patch", m.count("patch") ? std::stoll(m.at("patch")) : 1}}};
+  }
+  return std::nullopt;
 }
 
-/// Writes `module` like Module::save does (same names, same nesting), but each parameter's value comes
-/// from `value(full_name, parameter)`: how EMA weights are stored so that a model loads them as its own.
-inline void save_module_as(const torch::nn::Module& module, torch::serialize::OutputArchive& archive,
-                           const std::function<torch::Tensor(const std::string&, const torch::Tensor&)>& value,
-                           const std::string& prefix = "") {
-  for (const auto& p : module.named_parameters(/*recurse=*/false)) {
-    // Module::load insists that requires_grad matches: mark the stand-in like the parameter.
-    archive.write(p.key(), value(prefix + p.key(), p.value()).detach().requires_grad_(p.value().requires_grad()));
+inline CheckpointInfo read_info(torch::serialize::InputArchive& a, int64_t format, const std::filesystem::path& path) {
+  CheckpointInfo info;
+  info.path = path;
+  info.format = format;
+  info.epoch = read_value(a, key::epoch, path).toInt();
+  info.global_step = read_value(a, key::global_step, path).toInt();
+  if (format == 1) {
+    info.has_ema = read_value(a, key::has_ema, path).toBool();
+    info.schedule = NoiseScheduleOptions()
+                        .num_timesteps(read_value(a, "schedule_timesteps", path).toInt())
+                        .kind(parse_schedule_kind(read_value(a, "schedule_kind", path).toStringRef()))
+                        .beta_start(read_value(a, "schedule_beta_start", path).toDouble())
+                        .beta_end(read_value(a, "schedule_beta_end", path).toDouble())
+                        .cosine_s(read_value(a, "schedule_cosine_s", path).toDouble())
+                        .max_beta(read_value(a, "schedule_max_beta", path).toDouble());
+    info.metadata = read_v1_map(a, "metadata", path);
+    for (const auto& [k, v] : read_v1_map(a, "training", path)) info.training[k] = v;
+    info.backbone = v1_backbone(info.metadata);
+    return info;
   }
-  for (const auto& b : module.named_buffers(/*recurse=*/false)) archive.write(b.key(), b.value(), /*is_buffer=*/true);
-  for (const auto& child : module.named_children()) {
-    if (!child.value()->is_serializable()) continue;
-    torch::serialize::OutputArchive nested(archive.compilation_unit());
-    save_module_as(*child.value(), nested, value, prefix + child.key() + ".");
-    archive.write(child.key(), nested);
+  const auto config = nlohmann::json::parse(read_value(a, key::config, path).toStringRef());
+  check_json_fields(config, {"schedule", "prediction", "backbone", "training", "metadata", "has_ema"}, "checkpoint config");
+  info.schedule = config.at("schedule").get<NoiseScheduleOptions>();
+  info.prediction = parse_prediction(config.at("prediction").get<std::string>());
+  info.has_ema = config.at("has_ema").get<bool>();
+  if (config.contains("backbone")) {
+    info.backbone = BackboneConfig{config.at("backbone").at("name").get<std::string>(), config.at("backbone").at("options")};
   }
-}
-
-/// Loads the nested archive `key` into `module` with Module::load, refusing an archive written for another
-/// architecture: a missing parameter, or one of another shape (Module::load would silently take it).
-inline void load_module(torch::serialize::InputArchive& archive, const std::string& key, torch::nn::Module& module,
-                        const std::filesystem::path& path) {
-  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
-  for (const auto& p : module.named_parameters()) shapes.emplace_back(p.key(), p.value().sizes().vec());
-  torch::serialize::InputArchive nested;
-  TORCH_CHECK(archive.try_read(key, nested), "checkpoint: ", path.string(), " has no '", key, "' weights");
-  try {
-    module.load(nested);
-  } catch (const c10::Error& e) {
-    TORCH_CHECK(false, "checkpoint: ", path.string(), " does not fit this model (written for another backbone?): ",
-                e.what_without_backtrace());
-  }
-  size_t i = 0;
-  for (const auto& p : module.named_parameters()) {
-    const auto& [name, before] = shapes[i++];
-    TORCH_CHECK(p.value().sizes() == torch::IntArrayRef(before), "checkpoint: ", path.string(), " holds '", name,
-                "' with shape ", p.value().sizes(), " but the model's is ", torch::IntArrayRef(before),
-                " (written for another backbone configuration?)");
-  }
+  info.training = config.value("training", nlohmann::json::object());
+  info.metadata = config.value("metadata", std::map<std::string, std::string>{});
+  return info;
 }
 
 }  // namespace detail
 
-/// Writes `archive` to `path` atomically: first to `path.tmp`, then renamed over `path`, so a crash
-/// while saving never destroys the previous checkpoint (the seed deletes the old one first).
-inline void save_atomically(torch::serialize::OutputArchive& archive, const std::filesystem::path& path) {
-  if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
-  auto tmp = path;
-  tmp += ".tmp";
-  archive.save_to(tmp.string());
-  std::filesystem::rename(tmp, path);
-}
-
-/// Reads a checkpoint's epoch, step, schedule and metadata.
-inline CheckpointInfo read_checkpoint_info(const std::filesystem::path& path) {
-  auto archive = detail::open_checkpoint(path);
-  CheckpointInfo info;
-  info.epoch = detail::read_value(archive, "epoch").toInt();
-  info.global_step = detail::read_value(archive, "global_step").toInt();
-  info.has_ema = detail::read_value(archive, "has_ema").toBool();
-  info.schedule = detail::read_schedule(archive);
-  info.metadata = detail::read_metadata(archive);
-  info.training = detail::read_metadata(archive, "training");
-  return info;
-}
-
-/// Loads a checkpoint's weights into `model` (built with the same architecture): the EMA weights when
-/// `use_ema` and the checkpoint has them, else the trained weights. For sampling without a trainer.
+/// Writes a checkpoint of `contents` to `path`, atomically (see detail::write_file_atomically: a crash or
+/// a full disk leaves the previous file intact) and with its checksum. The model's backbone config is
+/// recorded when its type is registered (register_backbone).
 ///
 /// Example:
-///   auto info = read_checkpoint_info("checkpoints/checkpoint_epoch_010.pt");
+///   CheckpointContents c;
+///   c.model = model.ptr().get();
+///   c.schedule = schedule.options();
+///   save_checkpoint("model.pt", c);
+inline void save_checkpoint(const std::filesystem::path& path, const CheckpointContents& c) {
+  TORCH_CHECK(c.model != nullptr, "save_checkpoint: a model is needed");
+  namespace key = detail::key;
+  // Never a checkpoint of a diverged run: it would replace a good one.
+  std::vector<std::pair<std::string, torch::Tensor>> weights;
+  for (const auto& p : c.model->named_parameters()) weights.emplace_back(p.key(), p.value());
+  if (c.ema) {
+    for (const auto& p : c.ema->shadow()) weights.emplace_back("EMA of " + p.key(), p.value());
+  }
+  if (!weights.empty()) {
+    std::vector<torch::Tensor> finite;
+    for (const auto& [name, w] : weights) finite.push_back(torch::isfinite(w.detach()).all());
+    const auto all = torch::stack(finite);
+    if (!all.all().item<bool>()) {
+      const auto first = static_cast<size_t>(torch::logical_not(all).nonzero()[0][0].item<int64_t>());
+      TORCH_CHECK(false, "save_checkpoint: refusing to write ", path.string(), ": '", weights[first].first,
+                  "' holds non-finite values (the run diverged)");
+    }
+  }
+  nlohmann::json config = {{"schedule", c.schedule},
+                           {"prediction", std::string(to_string(c.prediction))},
+                           {"has_ema", c.ema != nullptr},
+                           {"training", c.training},
+                           {"metadata", c.metadata}};
+  if (const auto backbone = backbone_config(*c.model)) {
+    config["backbone"] = {{"name", backbone->name}, {"options", backbone->options}};
+  }
+  torch::serialize::OutputArchive archive;
+  archive.write(key::format, c10::IValue(checkpoint_format));
+  archive.write(key::config, c10::IValue(config.dump()));
+  archive.write(key::epoch, c10::IValue(c.epoch));
+  archive.write(key::global_step, c10::IValue(c.global_step));
+  archive.write(key::step_in_epoch, c10::IValue(c.step_in_epoch));
+  archive.write(key::skipped_steps, c10::IValue(c.skipped_steps));
+  archive.write(key::rng, c.rng_state.defined() ? c.rng_state : torch::Tensor(torch::empty({0}, torch::kUInt8)));
+  if (c.epoch_rng_state.defined()) archive.write(key::epoch_rng, c.epoch_rng_state);
+  torch::serialize::OutputArchive model;
+  c.model->save(model);
+  archive.write(key::model, model);
+  if (c.ema) c.ema->save(archive, key::ema, *c.model);
+  if (c.optimizer) {
+    torch::serialize::OutputArchive optimizer;
+    c.optimizer->save(optimizer);
+    archive.write(key::optimizer, optimizer);
+  }
+  detail::save_archive(archive, path);
+}
+
+/// Reads a checkpoint's info (epoch, step, schedule, prediction, backbone, options, metadata), checking
+/// the whole file first.
+inline CheckpointInfo read_checkpoint_info(const std::filesystem::path& path) {
+  int64_t format = 0;
+  auto archive = detail::open_checkpoint(path, std::nullopt, &format);
+  return detail::reading(path, [&] { return detail::read_info(archive, format, path); });
+}
+
+/// Loads a checkpoint's weights into `module` (built with the same architecture): the EMA weights when
+/// `use_ema` and the checkpoint has them, else the trained weights. Refused: a file that does not fit the
+/// module (a missing parameter or one of another shape), and every unreadable file (open_checkpoint).
+///
+/// Example:
 ///   ConvNet model;
-///   load_weights("checkpoints/checkpoint_epoch_010.pt", model);
-///   auto x = sample(model, NoiseSchedule(info.schedule), {25, 1, 28, 28}, DDIM());
+///   load_weights("checkpoints/checkpoint_epoch_010.pt", *model);
+template <class M>
+  requires std::derived_from<M, torch::nn::Module>
+void load_weights(const std::filesystem::path& path, M& module, bool use_ema = true) {
+  int64_t format = 0;
+  auto archive = detail::open_checkpoint(path, std::nullopt, &format);
+  const auto info = detail::reading(path, [&] { return detail::read_info(archive, format, path); });
+  detail::load_module(archive, use_ema && info.has_ema ? detail::key::ema : detail::key::model, module, path);
+}
+
+/// load_weights for a backbone handle (a TORCH_MODULE holder or a shared_ptr).
 template <Backbone B>
+  requires(!std::derived_from<B, torch::nn::Module>)
 void load_weights(const std::filesystem::path& path, B& model, bool use_ema = true) {
-  auto archive = detail::open_checkpoint(path);
-  const bool ema = use_ema && detail::read_value(archive, "has_ema").toBool();
-  detail::load_module(archive, ema ? "ema" : "model", unwrap(model), path);
+  load_weights(path, unwrap(model), use_ema);
 }
 
-/// The file name the Trainer gives epoch `epoch`'s checkpoint: `checkpoint_epoch_NNN.pt` (three digits at
-/// least, so that names sort by epoch up to 999).
-inline std::string checkpoint_filename(int64_t epoch) {
-  auto digits = std::to_string(epoch);
-  if (digits.size() < 3) digits.insert(0, 3 - digits.size(), '0');
-  return "checkpoint_epoch_" + digits + ".pt";
+/// Restores a training run: the model's trained weights, the optimizer's state and the EMA (each when
+/// given), with every tensor on `device`; returns the epoch, step and generator state to continue from.
+/// Refused: an EMA asked for but absent, a file that does not fit the model.
+inline TrainingProgress load_training_state(const std::filesystem::path& path, torch::nn::Module& model,
+                                            torch::optim::Optimizer* optimizer, EMA* ema, const torch::Device& device) {
+  int64_t format = 0;
+  auto archive = detail::open_checkpoint(path, device, &format);
+  const auto info = detail::reading(path, [&] { return detail::read_info(archive, format, path); });
+  TORCH_CHECK(!ema || info.has_ema, "checkpoint: ", path.string(), " has no EMA weights but this run keeps an EMA");
+  if (ema) ema->load(archive, detail::key::ema, model, path, info.global_step);
+  detail::load_module(archive, detail::key::model, model, path);
+  if (optimizer) {
+    torch::serialize::InputArchive state;
+    TORCH_CHECK(archive.try_read(detail::key::optimizer, state), "checkpoint: ", path.string(), " has no optimizer state");
+    detail::reading(path, [&] {
+      optimizer->load(state);
+      return 0;
+    });
+  }
+  TrainingProgress progress{info.epoch, info.global_step, 0, 0, {}, {}};
+  c10::IValue value;
+  if (archive.try_read(detail::key::step_in_epoch, value)) progress.step_in_epoch = value.toInt();
+  if (archive.try_read(detail::key::skipped_steps, value)) progress.skipped_steps = value.toInt();
+  TORCH_CHECK(archive.try_read(detail::key::rng, progress.rng_state), "checkpoint: ", path.string(),
+              " has no generator state");
+  progress.rng_state = progress.rng_state.cpu();
+  if (archive.try_read(detail::key::epoch_rng, progress.epoch_rng_state)) progress.epoch_rng_state = progress.epoch_rng_state.cpu();
+  TORCH_CHECK(progress.step_in_epoch == 0 || progress.epoch_rng_state.defined(), "checkpoint: ", path.string(),
+              " stopped mid-epoch but has no record of the epoch's shuffle");
+  return progress;
 }
 
-/// The checkpoints `checkpoint_epoch_NNN.pt` in `dir`, oldest first.
+/// A model rebuilt from a checkpoint, ready to sample, and what the checkpoint says about itself (its
+/// schedule and prediction type above all: sample with NoiseSchedule(info.schedule) and
+/// SampleOptions().prediction(info.prediction)).
+struct LoadedModel {
+  AnyBackbone model{nullptr};
+  CheckpointInfo info;
+};
+
+/// Rebuilds the model a checkpoint was written for (its registered backbone and options), loads its EMA
+/// weights (or the trained ones when `use_ema` is false or there are none), moves it to `device` and puts
+/// it in eval mode. The caller need not know the architecture. Refused: a checkpoint without a recorded
+/// backbone (its type was not registered when it was written: use load_weights into the model), a
+/// backbone name this program has not registered (the known ones are listed), and every unreadable file.
+///
+/// Example:
+///   auto [model, info] = load_model("runs/mnist/checkpoints/checkpoint_epoch_008.pt");
+///   auto x = sample(model, NoiseSchedule(info.schedule), {25, 1, 28, 28}, DPMSolverPP().steps(15),
+///                   SampleOptions().prediction(info.prediction).seed(0));
+inline LoadedModel load_model(const std::filesystem::path& path, bool use_ema = true,
+                              const torch::Device& device = torch::kCPU) {
+  auto info = read_checkpoint_info(path);
+  TORCH_CHECK(info.backbone, "load_model: ", path.string(), " records no backbone (its type was not registered when it "
+              "was written); build the model yourself and use load_weights");
+  auto model = make_backbone(*info.backbone);
+  load_weights(path, model->module(), use_ema);
+  model->to(device);
+  model->eval();
+  return {std::move(model), std::move(info)};
+}
+
+/// The name run outputs give a checkpoint after `epoch` completed epochs and `step_in_epoch` steps of the
+/// next: `checkpoint_epoch_NNN.pt`, or `checkpoint_epoch_NNN_step_SSSSSS.pt` mid-epoch. At least three and
+/// six digits, so that names sort in the order they were written.
+inline std::string checkpoint_filename(int64_t epoch, int64_t step_in_epoch = 0) {
+  TORCH_CHECK(epoch >= 0 && step_in_epoch >= 0, "checkpoint_filename: epoch and step must be >= 0, got ", epoch, " and ",
+              step_in_epoch);
+  const auto padded = [](int64_t v, size_t width) {
+    auto digits = std::to_string(v);
+    if (digits.size() < width) digits.insert(0, width - digits.size(), '0');
+    return digits;
+  };
+  return "checkpoint_epoch_" + padded(epoch, 3) + (step_in_epoch > 0 ? "_step_" + padded(step_in_epoch, 6) : "") + ".pt";
+}
+
+/// The checkpoints `checkpoint_epoch_NNN[_step_SSSSSS].pt` in `dir`, oldest first.
 inline std::vector<std::filesystem::path> list_checkpoints(const std::filesystem::path& dir) {
   std::vector<std::filesystem::path> out;
   if (!std::filesystem::is_directory(dir)) return out;
@@ -196,7 +501,19 @@ inline std::vector<std::filesystem::path> list_checkpoints(const std::filesystem
     const auto name = entry.path().filename().string();
     if (name.starts_with("checkpoint_epoch_") && name.ends_with(".pt")) out.push_back(entry.path());
   }
-  std::sort(out.begin(), out.end());
+  // By (epoch, step): names of different digit counts (epoch 1000 and up) sort by number, not by text.
+  const auto position = [](const std::filesystem::path& p) {
+    const auto name = p.filename().string();
+    const auto rest = name.substr(17, name.size() - 17 - 3);  // after "checkpoint_epoch_", before ".pt"
+    const auto cut = rest.find("_step_");
+    try {
+      return std::pair<int64_t, int64_t>{std::stoll(rest.substr(0, cut)),
+                                         cut == std::string::npos ? 0 : std::stoll(rest.substr(cut + 6))};
+    } catch (const std::exception&) {
+      return std::pair<int64_t, int64_t>{-1, -1};
+    }
+  };
+  std::sort(out.begin(), out.end(), [&](const auto& a, const auto& b) { return position(a) < position(b); });
   return out;
 }
 

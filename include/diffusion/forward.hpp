@@ -10,9 +10,22 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 /// The forward (noising) process in closed form, and what a network may predict about it.
 namespace diffusion {
+
+/// `table[t]`, one entry per sample, shaped (N, 1, ..., 1) to broadcast over `like` (N, ...) and cast to
+/// its dtype: Ho et al.'s `extract(a, t, x_shape)`. t holds indices into the table (no range check here;
+/// q_sample and the losses check theirs).
+///
+/// Example:
+///   auto x_t = extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * eps;
+inline torch::Tensor extract(const torch::Tensor& table, const torch::Tensor& t, const torch::Tensor& like) {
+  std::vector<int64_t> shape(static_cast<size_t>(like.dim()), 1);
+  shape[0] = t.size(0);
+  return table.index_select(0, t.to(torch::kLong)).to(like.scalar_type()).reshape(shape);
+}
 
 /// Draws x_t ~ q(x_t | x_0) in one step:
 ///   x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,  eps ~ N(0, I)   (Ho et al. 2020, eq. 4)
@@ -24,7 +37,7 @@ namespace diffusion {
 ///
 /// Example:
 ///   NoiseSchedule schedule;
-///   auto t = torch::randint(0, schedule.timesteps(), {x0.size(0)}, torch::kLong);
+///   auto t = torch::randint(0, schedule.num_timesteps(), {x0.size(0)}, torch::kLong);
 ///   auto eps = torch::randn_like(x0);
 ///   auto x_t = q_sample(schedule, x0, t, eps);
 inline torch::Tensor q_sample(const NoiseSchedule& schedule, const torch::Tensor& x0, const torch::Tensor& t,
@@ -34,7 +47,7 @@ inline torch::Tensor q_sample(const NoiseSchedule& schedule, const torch::Tensor
   detail::check_sample_batch(fn, "x0", x0);
   TORCH_CHECK(x0.device() == schedule.device(), fn, ": x0 is on ", x0.device(), " but the schedule is on ",
               schedule.device(), "; move one with .to(device)");
-  detail::check_timesteps(fn, t, x0.size(0), x0.device(), schedule.timesteps());
+  detail::check_timesteps(fn, t, x0.size(0), x0.device(), schedule.num_timesteps());
   torch::Tensor eps = noise;
   if (eps.defined()) {
     TORCH_CHECK(eps.sizes() == x0.sizes(), fn, ": noise must have x0's shape ", detail::shape_str(x0), ", got ",
@@ -45,9 +58,7 @@ inline torch::Tensor q_sample(const NoiseSchedule& schedule, const torch::Tensor
   } else {
     eps = detail::randn(x0.sizes(), x0.options(), generator);
   }
-  const auto a = detail::gather_broadcast(schedule.sqrt_alphas_cumprod, t, x0.dim(), x0.scalar_type());
-  const auto b = detail::gather_broadcast(schedule.sqrt_one_minus_alphas_cumprod, t, x0.dim(), x0.scalar_type());
-  return a * x0 + b * eps;
+  return extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * eps;
 }
 
 /// q_sample with eps drawn from `generator`.
@@ -80,6 +91,20 @@ inline Prediction parse_prediction(std::string_view s) {
   return Prediction::Epsilon;
 }
 
+/// What a network trained for `prediction` should output for x_t = q_sample(x0, t, noise): noise
+/// (epsilon), sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (v; Salimans & Ho 2022, sec. 4) or x0 (sample).
+/// The loss target; denoise is its inverse at sampling time. Shapes as q_sample's; t is not range-checked
+/// (the loss checks it).
+inline torch::Tensor training_target(const NoiseSchedule& schedule, Prediction prediction, const torch::Tensor& x0,
+                                     const torch::Tensor& noise, const torch::Tensor& t) {
+  switch (prediction) {
+    case Prediction::Epsilon: return noise;
+    case Prediction::Sample: return x0;
+    case Prediction::V: break;
+  }
+  return extract(schedule.sqrt_alphas_cumprod, t, x0) * noise - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0;
+}
+
 /// A prediction at one timestep as both the noise and the clean data it implies, consistent with x_t:
 /// x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
 struct Denoised {
@@ -99,7 +124,7 @@ struct Denoised {
 inline Denoised denoise(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t, const torch::Tensor& output,
                         Prediction prediction = Prediction::Epsilon, double clip_x0 = 0.0) {
   constexpr const char* fn = "denoise";
-  TORCH_CHECK(t >= 0 && t < schedule.timesteps(), fn, ": t must be in [0, ", schedule.timesteps(), "), got ", t);
+  TORCH_CHECK(t >= 0 && t < schedule.num_timesteps(), fn, ": t must be in [0, ", schedule.num_timesteps(), "), got ", t);
   TORCH_CHECK(clip_x0 >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", clip_x0);
   TORCH_CHECK(output.defined() && output.sizes() == x_t.sizes(), fn, ": the prediction must have x_t's shape ",
               detail::shape_str(x_t), ", got ", output.defined() ? detail::shape_str(output) : "an undefined tensor");

@@ -4,7 +4,6 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
-#include <fstream>
 #include <string>
 #include <string_view>
 
@@ -30,29 +29,6 @@ inline Precision parse_precision(std::string_view s) {
   const bool fp32 = s == "fp32" || s == "float32", bf16 = s == "bf16" || s == "bfloat16";
   TORCH_CHECK(fp32 || bf16, "parse_precision: expected \"fp32\" or \"bf16\", got \"", std::string(s), "\"");
   return bf16 ? Precision::BFloat16 : Precision::Float32;
-}
-
-/// Whether this CPU has bfloat16 matrix instructions (AMX-BF16 or AVX512-BF16), read once from
-/// /proc/cpuinfo's flags; false where that file does not exist. With them oneDNN runs bf16 convolutions
-/// and matrix products several times faster than float32; without them bf16 is emulated and slower.
-inline bool cpu_has_fast_bf16() {
-  static const bool has = [] {
-    std::ifstream in("/proc/cpuinfo");
-    for (std::string line; std::getline(in, line);) {
-      if (line.rfind("flags", 0) != 0) continue;
-      line += ' ';
-      return line.find(" amx_bf16 ") != std::string::npos || line.find(" avx512_bf16 ") != std::string::npos;
-    }
-    return false;
-  }();
-  return has;
-}
-
-/// The faster precision for `device` where it is known to keep sample quality: BFloat16 on a CPU with
-/// bf16 instructions (cpu_has_fast_bf16), Float32 everywhere else. What the MNIST example's and the
-/// benchmark's "auto" mean; the library's own defaults stay Float32.
-inline Precision auto_precision(const torch::Device& device) {
-  return device.is_cpu() && cpu_has_fast_bf16() ? Precision::BFloat16 : Precision::Float32;
 }
 
 namespace detail {

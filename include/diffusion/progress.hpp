@@ -43,6 +43,14 @@ class ProgressBar {
     mode_ = mode == ProgressMode::Auto ? (DIFFUSION_ISATTY(stderr) ? ProgressMode::Bar : ProgressMode::Lines) : mode;
   }
 
+  /// Whether update(done, ...) would print now: a caller can skip computing the loss (a wait for the
+  /// device) when it would not.
+  bool due(int64_t done) const {
+    if (mode_ == ProgressMode::Off) return false;
+    const double since_last = std::chrono::duration<double>(std::chrono::steady_clock::now() - last_).count();
+    return done >= total_ || since_last >= (mode_ == ProgressMode::Bar ? 0.1 : interval_);
+  }
+
   /// Reports `done` of `total` steps finished, with the running mean loss.
   void update(int64_t done, double loss) {
     done_ = done;

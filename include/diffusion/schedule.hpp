@@ -1,5 +1,6 @@
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <array>
@@ -9,6 +10,7 @@
 #include <numbers>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 /// The variance schedule beta_1..beta_T and every quantity the forward and reverse processes derive
@@ -26,14 +28,23 @@ enum class ScheduleKind {
 
 inline std::string to_string(ScheduleKind kind) { return kind == ScheduleKind::Linear ? "linear" : "cosine"; }
 
+/// "linear" or "cosine"; anything else is refused, naming it.
+inline ScheduleKind parse_schedule_kind(std::string_view s) {
+  if (s == "linear") return ScheduleKind::Linear;
+  if (s == "cosine") return ScheduleKind::Cosine;
+  TORCH_CHECK(false, "parse_schedule_kind: expected \"linear\" or \"cosine\", got \"", std::string(s), "\"");
+  return ScheduleKind::Linear;
+}
+
 /// Options for a NoiseSchedule. The defaults are the seed's: linear, T = 1000, beta 1e-4 to 0.02.
 ///
 /// Example:
-///   NoiseSchedule s(NoiseScheduleOptions().timesteps(1000).beta_start(1e-4).beta_end(0.02));
+///   NoiseSchedule s(NoiseScheduleOptions().num_timesteps(1000).beta_start(1e-4).beta_end(0.02));
 ///   NoiseSchedule c(NoiseScheduleOptions().kind(ScheduleKind::Cosine));
+///   NoiseSchedule z(NoiseScheduleOptions().zero_terminal_snr(true));   // for v or sample prediction
 struct NoiseScheduleOptions {
   /// Number of diffusion steps T; timesteps are indexed 0..T-1 (index i is the paper's t = i + 1).
-  TORCH_ARG(int64_t, timesteps) = 1000;
+  TORCH_ARG(int64_t, num_timesteps) = 1000;
   TORCH_ARG(ScheduleKind, kind) = ScheduleKind::Linear;
   /// Linear schedule: first beta, in (0, 1).
   TORCH_ARG(double, beta_start) = 1e-4;
@@ -43,6 +54,12 @@ struct NoiseScheduleOptions {
   TORCH_ARG(double, cosine_s) = 0.008;
   /// Cosine schedule: betas are clipped to this, avoiding the singularity at t = T.
   TORCH_ARG(double, max_beta) = 0.999;
+  /// Rescale the schedule so that its last timestep is pure noise, abar_{T-1} = 0 (Lin et al. 2024,
+  /// "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1): sqrt(abar) is shifted
+  /// by its last value and scaled to keep its first, so the model learns to start from pure noise as
+  /// sampling does. Needs a v or sample prediction (an epsilon prediction says nothing about x_0 where
+  /// abar = 0) and a plan that visits T-1 (trailing or linspace spacing).
+  TORCH_ARG(bool, zero_terminal_snr) = false;
   /// Storage dtype of the tables (they are always computed in float64 first).
   TORCH_ARG(torch::Dtype, dtype) = torch::kFloat32;
 };
@@ -60,8 +77,8 @@ struct NoiseScheduleOptions {
 class NoiseSchedule {
  public:
   explicit NoiseSchedule(NoiseScheduleOptions options = {}) : options_(options) {
-    const int64_t T = options.timesteps();
-    TORCH_CHECK(T >= 1, "NoiseSchedule: timesteps must be >= 1, got ", T);
+    const int64_t T = options.num_timesteps();
+    TORCH_CHECK(T >= 1, "NoiseSchedule: num_timesteps must be >= 1, got ", T);
     TORCH_CHECK(at::isFloatingType(options.dtype()), "NoiseSchedule: dtype must be floating point, got ",
                 options.dtype());
     const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
@@ -83,11 +100,24 @@ class NoiseSchedule {
       const auto f = torch::cos((grid + s) / (1.0 + s) * (std::numbers::pi / 2)).pow(2);
       betas64 = (1.0 - f.slice(0, 1) / f.slice(0, 0, T)).clamp_max(max_beta);
     }
-    build(betas64);
+    auto abar = torch::cumprod(1.0 - betas64, 0);
+    auto sqrt_abar = abar.sqrt();
+    if (options.zero_terminal_snr()) {
+      TORCH_CHECK(T >= 2, "NoiseSchedule: zero_terminal_snr needs num_timesteps >= 2, got ", T);
+      // Lin et al. 2024, Algorithm 1: shift sqrt(abar) so its last value is 0, scale so its first stays.
+      const double first = sqrt_abar[0].item<double>(), last = sqrt_abar[T - 1].item<double>();
+      sqrt_abar = (sqrt_abar - last) * (first / (first - last));
+      sqrt_abar[0] = first;  // exactly, whatever the rounding of the line above
+      sqrt_abar[T - 1] = 0.0;
+      abar = sqrt_abar * sqrt_abar;
+      const auto abar_prev = torch::cat({torch::ones({1}, abar.options()), abar.slice(0, 0, -1)});
+      betas64 = 1.0 - abar / abar_prev;
+    }
+    build(betas64, abar, sqrt_abar);
   }
 
   /// Number of diffusion steps T.
-  int64_t timesteps() const noexcept { return options_.timesteps(); }
+  int64_t num_timesteps() const noexcept { return options_.num_timesteps(); }
   const NoiseScheduleOptions& options() const noexcept { return options_; }
 
   /// The float64 values of the tables on the host, for scalar reads that must not wait on a device.
@@ -121,23 +151,24 @@ class NoiseSchedule {
   torch::Tensor sqrt_alphas_cumprod;
   /// sqrt(1 - abar_t): the noise scale of x_t.
   torch::Tensor sqrt_one_minus_alphas_cumprod;
-  /// 1 / sqrt(alpha_t), used by the reverse step (Ho et al. 2020, eq. 11).
+  /// 1 / sqrt(alpha_t) (Ho et al. 2020, eq. 11); inf at a zero-terminal-SNR schedule's last timestep.
   torch::Tensor sqrt_recip_alphas;
   /// beta-tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t): the variance of q(x_{t-1} | x_t, x_0)
   /// (Ho et al. 2020, eq. 7). Exactly 0 at index 0.
   torch::Tensor posterior_variance;
 
  private:
-  void build(const torch::Tensor& betas64) {
+  /// Every table, from beta_t, abar_t and sqrt(abar_t) in float64 (sqrt(abar) given apart, so that a
+  /// rescaled schedule's end values are kept exactly).
+  void build(const torch::Tensor& betas64, const torch::Tensor& abar, const torch::Tensor& sqrt_abar) {
     const auto alphas64 = 1.0 - betas64;
-    const auto abar = torch::cumprod(alphas64, 0);
     const auto abar_prev = torch::cat({torch::ones({1}, abar.options()), abar.slice(0, 0, -1)});
     const auto dtype = options_.dtype();
     betas = betas64.to(dtype);
     alphas = alphas64.to(dtype);
     alphas_cumprod = abar.to(dtype);
     alphas_cumprod_prev = abar_prev.to(dtype);
-    sqrt_alphas_cumprod = abar.sqrt().to(dtype);
+    sqrt_alphas_cumprod = sqrt_abar.to(dtype);
     sqrt_one_minus_alphas_cumprod = (1.0 - abar).sqrt().to(dtype);
     sqrt_recip_alphas = alphas64.rsqrt().to(dtype);
     const auto posterior64 = betas64 * (1.0 - abar_prev) / (1.0 - abar);
@@ -146,7 +177,7 @@ class NoiseSchedule {
       const auto c = x.contiguous();
       return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
     };
-    host_ = std::make_shared<const HostTables>(HostTables{vec(betas64), vec(abar), vec(abar_prev), vec(abar.sqrt()),
+    host_ = std::make_shared<const HostTables>(HostTables{vec(betas64), vec(abar), vec(abar_prev), vec(sqrt_abar),
                                                           vec((1.0 - abar).sqrt()), vec(alphas64.rsqrt()),
                                                           vec(posterior64)});
   }
@@ -159,5 +190,28 @@ class NoiseSchedule {
   NoiseScheduleOptions options_;
   std::shared_ptr<const HostTables> host_;
 };
+
+/// NoiseScheduleOptions as JSON (how checkpoints record a schedule): every field by name, the kind as
+/// "linear" or "cosine". Reading refuses unknown fields and kinds, naming them; absent fields keep their
+/// defaults. The dtype is not recorded (the tables are always rebuilt from the closed forms).
+inline void to_json(nlohmann::json& j, const NoiseScheduleOptions& o) {
+  j = {{"num_timesteps", o.num_timesteps()}, {"kind", to_string(o.kind())}, {"beta_start", o.beta_start()},
+       {"beta_end", o.beta_end()}, {"cosine_s", o.cosine_s()}, {"max_beta", o.max_beta()},
+       {"zero_terminal_snr", o.zero_terminal_snr()}};
+}
+
+inline void from_json(const nlohmann::json& j, NoiseScheduleOptions& o) {
+  TORCH_CHECK(j.is_object(), "NoiseScheduleOptions: expected a JSON object, got ", j.dump());
+  for (const auto& [key, value] : j.items()) {
+    if (key == "num_timesteps") o.num_timesteps(value.get<int64_t>());
+    else if (key == "kind") o.kind(parse_schedule_kind(value.get<std::string>()));
+    else if (key == "beta_start") o.beta_start(value.get<double>());
+    else if (key == "beta_end") o.beta_end(value.get<double>());
+    else if (key == "cosine_s") o.cosine_s(value.get<double>());
+    else if (key == "max_beta") o.max_beta(value.get<double>());
+    else if (key == "zero_terminal_snr") o.zero_terminal_snr(value.get<bool>());
+    else TORCH_CHECK(false, "NoiseScheduleOptions: unknown field \"", key, "\"");
+  }
+}
 
 }  // namespace diffusion

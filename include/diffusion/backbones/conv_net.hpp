@@ -1,7 +1,9 @@
 #pragma once
 
 #include <diffusion/backbones/embedding.hpp>
+#include <diffusion/detail/json.hpp>
 #include <diffusion/precision.hpp>
+#include <diffusion/registry.hpp>
 
 #include <torch/torch.h>
 
@@ -134,5 +136,21 @@ class ConvNetImpl : public torch::nn::Cloneable<ConvNetImpl> {
   torch::nn::Conv2d final{nullptr};
 };
 TORCH_MODULE(ConvNet);
+
+/// ConvNetOptions as JSON, every field by name (how checkpoints record them); unknown fields are refused.
+inline void to_json(nlohmann::json& j, const ConvNetOptions& o) {
+  j = {{"channels", o.channels()}, {"widths", o.widths()}, {"time_dim", o.time_dim()}, {"groups", o.groups()}};
+}
+inline void from_json(const nlohmann::json& j, ConvNetOptions& o) {
+  detail::check_json_fields(j, {"channels", "widths", "time_dim", "groups"}, "ConvNetOptions");
+  detail::read_json_field<int64_t>(j, "channels", [&](auto v) { o.channels(v); });
+  detail::read_json_field<std::vector<int64_t>>(j, "widths", [&](auto v) { o.widths(v); });
+  detail::read_json_field<int64_t>(j, "time_dim", [&](auto v) { o.time_dim(v); });
+  detail::read_json_field<int64_t>(j, "groups", [&](auto v) { o.groups(v); });
+}
+
+namespace detail {
+inline const bool conv_net_registered = (register_backbone<ConvNetImpl>("convnet"), true);
+}  // namespace detail
 
 }  // namespace diffusion

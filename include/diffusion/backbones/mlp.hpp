@@ -1,6 +1,8 @@
 #pragma once
 
 #include <diffusion/backbones/embedding.hpp>
+#include <diffusion/detail/json.hpp>
+#include <diffusion/registry.hpp>
 
 #include <torch/torch.h>
 
@@ -85,5 +87,24 @@ class ChunkyMLPImpl : public MLPImpl {
   explicit ChunkyMLPImpl(MLPOptions options = MLPOptions().hidden(2048).depth(5)) : MLPImpl(options, "ChunkyMLP") {}
 };
 TORCH_MODULE(ChunkyMLP);
+
+/// MLPOptions as JSON, every field by name (how checkpoints record them); unknown fields are refused.
+inline void to_json(nlohmann::json& j, const MLPOptions& o) {
+  j = {{"channels", o.channels()}, {"image_size", o.image_size()}, {"hidden", o.hidden()}, {"depth", o.depth()},
+       {"time_dim", o.time_dim()}};
+}
+inline void from_json(const nlohmann::json& j, MLPOptions& o) {
+  detail::check_json_fields(j, {"channels", "image_size", "hidden", "depth", "time_dim"}, "MLPOptions");
+  detail::read_json_field<int64_t>(j, "channels", [&](auto v) { o.channels(v); });
+  detail::read_json_field<int64_t>(j, "image_size", [&](auto v) { o.image_size(v); });
+  detail::read_json_field<int64_t>(j, "hidden", [&](auto v) { o.hidden(v); });
+  detail::read_json_field<int64_t>(j, "depth", [&](auto v) { o.depth(v); });
+  detail::read_json_field<int64_t>(j, "time_dim", [&](auto v) { o.time_dim(v); });
+}
+
+namespace detail {
+inline const bool mlp_registered = (register_backbone<MLPImpl>("mlp"), register_backbone<SmolMLPImpl>("smol_mlp"),
+                                    register_backbone<ChunkyMLPImpl>("chunky_mlp"), true);
+}  // namespace detail
 
 }  // namespace diffusion

@@ -1,7 +1,9 @@
 #pragma once
 
 #include <diffusion/backbones/embedding.hpp>
+#include <diffusion/detail/json.hpp>
 #include <diffusion/precision.hpp>
+#include <diffusion/registry.hpp>
 
 #include <torch/torch.h>
 
@@ -223,5 +225,25 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
   torch::nn::GroupNorm out_norm{nullptr};
 };
 TORCH_MODULE(UNet);
+
+/// UNetOptions as JSON, every field by name (how checkpoints record them); unknown fields are refused.
+inline void to_json(nlohmann::json& j, const UNetOptions& o) {
+  j = {{"channels", o.channels()}, {"widths", o.widths()}, {"time_dim", o.time_dim()}, {"groups", o.groups()},
+       {"attention", o.attention()}, {"blocks", o.blocks()}, {"patch", o.patch()}};
+}
+inline void from_json(const nlohmann::json& j, UNetOptions& o) {
+  detail::check_json_fields(j, {"channels", "widths", "time_dim", "groups", "attention", "blocks", "patch"}, "UNetOptions");
+  detail::read_json_field<int64_t>(j, "channels", [&](auto v) { o.channels(v); });
+  detail::read_json_field<std::vector<int64_t>>(j, "widths", [&](auto v) { o.widths(v); });
+  detail::read_json_field<int64_t>(j, "time_dim", [&](auto v) { o.time_dim(v); });
+  detail::read_json_field<int64_t>(j, "groups", [&](auto v) { o.groups(v); });
+  detail::read_json_field<bool>(j, "attention", [&](auto v) { o.attention(v); });
+  detail::read_json_field<std::vector<int64_t>>(j, "blocks", [&](auto v) { o.blocks(v); });
+  detail::read_json_field<int64_t>(j, "patch", [&](auto v) { o.patch(v); });
+}
+
+namespace detail {
+inline const bool unet_registered = (register_backbone<UNetImpl>("unet"), true);
+}  // namespace detail
 
 }  // namespace diffusion

@@ -41,12 +41,4 @@ inline void check_timesteps(const char* fn, const torch::Tensor& t, int64_t batc
   }
 }
 
-/// coefficients[t] reshaped to (N, 1, ..., 1) so it broadcasts over a batch of rank `rank`.
-inline torch::Tensor gather_broadcast(const torch::Tensor& coefficients, const torch::Tensor& t, int64_t rank,
-                                      torch::ScalarType dtype) {
-  std::vector<int64_t> shape(static_cast<size_t>(rank), 1);
-  shape[0] = t.size(0);
-  return coefficients.index_select(0, t.to(torch::kLong)).to(dtype).reshape(shape);
-}
-
 }  // namespace diffusion::detail

@@ -50,7 +50,7 @@ inline torch::Tensor ddim_step(const NoiseSchedule& schedule, const torch::Tenso
                                double clip_x0 = 0.0) {
   constexpr const char* fn = "ddim_step";
   detail::check_sample_batch(fn, "x_t", x_t);
-  TORCH_CHECK(t >= 0 && t < schedule.timesteps(), fn, ": t must be in [0, ", schedule.timesteps(), "), got ", t);
+  TORCH_CHECK(t >= 0 && t < schedule.num_timesteps(), fn, ": t must be in [0, ", schedule.num_timesteps(), "), got ", t);
   TORCH_CHECK(t_prev >= -1 && t_prev < t, fn, ": t_prev must be in [-1, t = ", t, "), got ", t_prev);
   TORCH_CHECK(eta >= 0.0, fn, ": eta must be >= 0, got ", eta);
   TORCH_CHECK(clip_x0 >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", clip_x0);

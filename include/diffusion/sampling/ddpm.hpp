@@ -54,7 +54,7 @@ inline torch::Tensor ddpm_step(const NoiseSchedule& schedule, const torch::Tenso
   detail::check_sample_batch(fn, "x_t", x_t);
   TORCH_CHECK(x_t.device() == schedule.device(), fn, ": x_t is on ", x_t.device(), " but the schedule is on ",
               schedule.device());
-  TORCH_CHECK(t >= 0 && t < schedule.timesteps(), fn, ": t must be in [0, ", schedule.timesteps(), "), got ", t);
+  TORCH_CHECK(t >= 0 && t < schedule.num_timesteps(), fn, ": t must be in [0, ", schedule.num_timesteps(), "), got ", t);
   TORCH_CHECK(eps_pred.defined() && eps_pred.sizes() == x_t.sizes(), fn,
               ": the predicted noise must have x_t's shape ", detail::shape_str(x_t), ", got ",
               eps_pred.defined() ? detail::shape_str(eps_pred) : "an undefined tensor");

@@ -52,7 +52,7 @@ inline torch::Tensor dpm_solver_pp_step(const NoiseSchedule& schedule, const tor
                                         const torch::Tensor& x0_last = {}) {
   constexpr const char* fn = "dpm_solver_pp_step";
   detail::check_sample_batch(fn, "x_t", x_t);
-  const int64_t T = schedule.timesteps();
+  const int64_t T = schedule.num_timesteps();
   TORCH_CHECK(t >= 0 && t < T, fn, ": t must be in [0, ", T, "), got ", t);
   TORCH_CHECK(t_prev >= -1 && t_prev < t, fn, ": t_prev must be in [-1, t = ", t, "), got ", t_prev);
   TORCH_CHECK(x0.defined() && x0.sizes() == x_t.sizes(), fn, ": x0 must have x_t's shape ", detail::shape_str(x_t),

@@ -239,7 +239,7 @@ torch::Tensor sample(B& model, const NoiseSchedule& schedule, const std::vector<
               ": a mask needs the image whose known pixels it marks (SampleOptions::image)");
   const auto device = schedule.device();
   detail::check_backbone_device(fn, model, device);
-  const int64_t T = schedule.timesteps();
+  const int64_t T = schedule.num_timesteps();
   const auto plan = method.timesteps(T);
   TORCH_CHECK(!plan.empty(), fn, ": ", method.name(), " planned no timesteps");
   for (size_t i = 0; i < plan.size(); ++i) {

@@ -5,7 +5,7 @@
 
 int main() {
   diffusion::ConvNet model(diffusion::ConvNetOptions().widths({8, 16}));
-  diffusion::NoiseSchedule schedule(diffusion::NoiseScheduleOptions().timesteps(10));
+  diffusion::NoiseSchedule schedule(diffusion::NoiseScheduleOptions().num_timesteps(10));
   const auto x = diffusion::sample(model, schedule, {2, 1, 8, 8}, diffusion::DDPM(), diffusion::SampleOptions().seed(0));
   if (x.sizes() != torch::IntArrayRef({2, 1, 8, 8}) || !torch::isfinite(x).all().item<bool>()) {
     fmt::print("consumer: bad samples\n");

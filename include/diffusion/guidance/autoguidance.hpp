@@ -1,6 +1,7 @@
 #pragma once
 
 #include <diffusion/backbone.hpp>
+#include <diffusion/registry.hpp>
 
 #include <torch/torch.h>
 
@@ -25,36 +26,36 @@ namespace diffusion {
 /// without collapsing its variety as classifier-free guidance does. Unlike classifier-free guidance it
 /// needs no labels, so an unconditional model can be guided.
 ///
-/// Each step calls both networks, so sampling costs twice the model calls. Guided satisfies Backbone:
+/// Each step calls both networks, so sampling costs twice the model calls. Autoguidance satisfies Backbone:
 /// every sampler takes it unchanged. Both models must be on the same device; eval mode and the device
 /// (`.to`) apply to both, as they are submodules ("main" and "guide").
 ///
 /// Example:
 ///   UNet main = ..., early = ...;          // e.g. the last and an early checkpoint of one run
-///   Guided guided(main, early, 2.0);
+///   Autoguidance guided(main, early, 2.0);
 ///   auto images = sample(guided, schedule, {25, 1, 28, 28}, DDIM().steps(50).eta(1));
-class GuidedImpl : public torch::nn::Module {
+class AutoguidanceImpl : public torch::nn::Module {
  public:
   /// `main` and `guide` hold backbones with `forward(x, t)` (any TORCH_MODULE holder or shared_ptr of
   /// one); `weight` is w above.
-  GuidedImpl(torch::nn::AnyModule main, torch::nn::AnyModule guide, double weight)
+  AutoguidanceImpl(torch::nn::AnyModule main, torch::nn::AnyModule guide, double weight)
       : main_(std::move(main)), guide_(std::move(guide)), weight_(weight) {
-    TORCH_CHECK(!main_.is_empty() && !guide_.is_empty(), "Guided: both the main and the guide model must be given");
-    TORCH_CHECK(std::isfinite(weight_), "Guided: weight must be finite, got ", weight_);
+    TORCH_CHECK(!main_.is_empty() && !guide_.is_empty(), "Autoguidance: both the main and the guide model must be given");
+    TORCH_CHECK(std::isfinite(weight_), "Autoguidance: weight must be finite, got ", weight_);
     register_module("main", main_.ptr());
     register_module("guide", guide_.ptr());
   }
 
   template <Backbone M, Backbone G>
-  GuidedImpl(M main, G guide, double weight)
-      : GuidedImpl(torch::nn::AnyModule(std::move(main)), torch::nn::AnyModule(std::move(guide)), weight) {}
+  AutoguidanceImpl(M main, G guide, double weight)
+      : AutoguidanceImpl(torch::nn::AnyModule(std::move(main)), torch::nn::AnyModule(std::move(guide)), weight) {}
 
   /// eps_guide + w (eps_main - eps_guide), in the main prediction's dtype. Under bf16 autocast both
   /// predictions are combined in fp32, as w > 1 amplifies their difference.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
     auto main = main_.forward(x, t);
     auto guide = guide_.forward(x, t);
-    TORCH_CHECK(main.sizes() == guide.sizes(), "Guided: the main model returned shape ", main.sizes(),
+    TORCH_CHECK(main.sizes() == guide.sizes(), "Autoguidance: the main model returned shape ", main.sizes(),
                 " but the guide returned ", guide.sizes(), "; both must predict noise of the input's shape");
     const auto dtype = main.scalar_type();
     const auto wide = dtype == torch::kBFloat16 || dtype == torch::kHalf ? torch::kFloat : dtype;
@@ -70,6 +71,6 @@ class GuidedImpl : public torch::nn::Module {
   torch::nn::AnyModule main_, guide_;
   double weight_;
 };
-TORCH_MODULE(Guided);
+TORCH_MODULE(Autoguidance);
 
 }  // namespace diffusion

@@ -1,54 +1,29 @@
-// The sampling loop and its methods (DDPM, DDIM, DPM-Solver++), checked with closed-form optimal denoisers.
-#include "catch.hpp"
+// The sampling loop and its methods (DDPM, DDIM, DPM-Solver++), checked with closed-form oracles.
+#include "helpers.hpp"
 
-#include <diffusion/diffusion.hpp>
-
-#include <algorithm>
-#include <cmath>
-#include <vector>
-
-using namespace diffusion;
-
-namespace {
-
-/// The optimal noise predictor for data x0 ~ N(mu, s^2) (every element independent): x_t is Gaussian with
-/// mean sqrt(abar) mu and variance abar s^2 + 1 - abar, and E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu)
-/// / (abar s^2 + 1 - abar). A backbone with no parameters, so the sampler can be proven without training.
-struct GaussianOracleImpl : torch::nn::Module {
-  GaussianOracleImpl(NoiseSchedule schedule, double mu, double s) : schedule(std::move(schedule)), mu(mu), s(s) {}
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
-    std::vector<int64_t> per_sample(static_cast<size_t>(x.dim()), 1);
-    per_sample[0] = -1;
-    const auto abar = schedule.alphas_cumprod.index_select(0, t).to(torch::kFloat64).reshape(per_sample);
-    const auto eps = (1 - abar).sqrt() * (x - abar.sqrt() * mu) / (abar * s * s + 1 - abar);
-    return eps.to(x.scalar_type());
-  }
-  NoiseSchedule schedule;
-  double mu, s;
-};
-TORCH_MODULE(GaussianOracle);
-
-/// Mean and std of the DDPM sampler's output under the oracle, by propagating N(m, v) through the linear
-/// reverse steps exactly: x_{t-1} = A x_t + B + sigma_t z. The sampler targets N(mu, s^2) but with T steps
-/// and sigma_t^2 = beta-tilde_t it lands slightly off (std about 1% low for the linear schedule); this is
-/// that exact target.
-std::pair<double, double> predicted_moments(const NoiseSchedule& schedule, double mu, double s) {
-  const auto& h = schedule.host();
-  double m = 0, v = 1;
-  for (auto t = schedule.timesteps() - 1; t >= 0; --t) {
-    const auto i = static_cast<size_t>(t);
-    const double abar = h.alphas_cumprod[i];
-    const double c = std::sqrt(1 - abar) / (abar * s * s + 1 - abar);
-    const double k = h.betas[i] / h.sqrt_one_minus_alphas_cumprod[i];
-    const double A = h.sqrt_recip_alphas[i] * (1 - k * c);
-    const double B = h.sqrt_recip_alphas[i] * k * c * std::sqrt(abar) * mu;
-    m = A * m + B;
-    v = A * A * v + (t > 0 ? h.posterior_variance[i] : 0.0);
-  }
-  return {m, std::sqrt(v)};
+namespace sampling_helpers {
+std::vector<int64_t> first_and_last(const std::vector<int64_t>& v, size_t k) {
+  std::vector<int64_t> out(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(k));
+  out.insert(out.end(), v.end() - static_cast<std::ptrdiff_t>(k), v.end());
+  return out;
 }
+}  // namespace sampling_helpers
+using namespace sampling_helpers;
 
-}  // namespace
+namespace flow_helpers {
+/// The exact probability-flow ODE map of data N(mu, s^2) from timestep t0 to t1 (both indices; for
+/// Gaussian data the flow keeps each point's standardized coordinate), followed by the oracle's x_0 at t1.
+double exact_flow_then_denoise(const NoiseSchedule& schedule, double x, int64_t t0, int64_t t1, double mu, double s) {
+  const auto& h = schedule.host();
+  const double a0 = h.sqrt_alphas_cumprod[static_cast<size_t>(t0)], b0 = h.sqrt_one_minus_alphas_cumprod[static_cast<size_t>(t0)];
+  const double a1 = h.sqrt_alphas_cumprod[static_cast<size_t>(t1)], b1 = h.sqrt_one_minus_alphas_cumprod[static_cast<size_t>(t1)];
+  const double z = (x - a0 * mu) / std::sqrt(a0 * a0 * s * s + b0 * b0);
+  const double x1 = a1 * mu + std::sqrt(a1 * a1 * s * s + b1 * b1) * z;
+  return mu + a1 * s * s * (x1 - a1 * mu) / (a1 * a1 * s * s + b1 * b1);  // E[x_0 | x_t1]
+}
+}  // namespace flow_helpers
+using namespace flow_helpers;
+
 
 TEST_CASE("ddpm_step computes the posterior mean, adds sigma_t z, and adds nothing at t = 0", "[sampler]") {
   NoiseSchedule s;
@@ -100,7 +75,7 @@ TEST_CASE("DDPM sampling with the closed-form optimal denoiser reproduces N(mu, 
 }
 
 TEST_CASE("sampling is reproducible from a seed or a generator, and reports every step", "[sampler]") {
-  NoiseSchedule schedule(NoiseScheduleOptions().timesteps(20));
+  NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(20));
   GaussianOracle oracle(schedule, 0.0, 1.0);
   std::vector<int64_t> ts;
   int64_t last_step = 0, total = 0;
@@ -128,7 +103,7 @@ TEST_CASE("sampling is reproducible from a seed or a generator, and reports ever
 }
 
 TEST_CASE("sampling runs without autograd and restores the model's train/eval mode", "[sampler]") {
-  NoiseSchedule schedule(NoiseScheduleOptions().timesteps(3));
+  NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(3));
   struct ProbeImpl : torch::nn::Module {
     ProbeImpl() { w = register_parameter("w", torch::ones({1})); }
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor&) {
@@ -151,7 +126,7 @@ TEST_CASE("sampling runs without autograd and restores the model's train/eval mo
 }
 
 TEST_CASE("the sampling loop refuses bad inputs", "[sampler][errors]") {
-  NoiseSchedule schedule(NoiseScheduleOptions().timesteps(3));
+  NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(3));
   GaussianOracle oracle(schedule, 0.0, 1.0);
   CHECK_REFUSED(sample(oracle, schedule, {}, DDPM()), "shape must start with a batch size >= 1");
   CHECK_REFUSED(sample(oracle, schedule, {0, 1, 2, 2}, DDPM()), "shape must start with a batch size >= 1");
@@ -173,37 +148,6 @@ TEST_CASE("the sampling loop refuses bad inputs", "[sampler][errors]") {
   ConvNet empty{nullptr};
   CHECK_REFUSED(sample(empty, schedule, {2, 1, 4, 4}, DDPM()), "the backbone handle is empty");
 }
-
-namespace {
-
-/// Mean and std of DDIM's output under the oracle, by the same exact propagation as for DDPM:
-/// x_prev = a1 x + a2 eps + sigma z with eps = c (x - sqrt(abar) mu) is linear in x.
-///
-/// With `s_guide` and `w`: the same for the autoguided oracle, whose noise prediction at every step is
-/// c_guide + w (c - c_guide) times (x_t - sqrt(abar) mu), c and c_guide being the oracles' gains for std s
-/// and s_guide (both oracles share mu, so the guided prediction is the same linear map with a mixed gain).
-std::pair<double, double> predicted_ddim_moments(const NoiseSchedule& schedule, int64_t steps, double eta, double mu,
-                                                 double s, double s_guide = -1, double w = 1) {
-  if (s_guide < 0) s_guide = s;
-  const auto ts = timestep_plan(schedule.timesteps(), steps);
-  const auto& h = schedule.host();
-  double m = 0, v = 1;
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const double a = h.alphas_cumprod[static_cast<size_t>(ts[i])];
-    const double ap = i + 1 < ts.size() ? h.alphas_cumprod[static_cast<size_t>(ts[i + 1])] : 1.0;
-    const double sigma = eta * std::sqrt((1 - ap) / (1 - a)) * std::sqrt(1 - a / ap);
-    const double c_main = std::sqrt(1 - a) / (a * s * s + 1 - a);
-    const double c_guide = std::sqrt(1 - a) / (a * s_guide * s_guide + 1 - a);
-    const double c = c_guide + w * (c_main - c_guide);
-    const double a1 = std::sqrt(ap / a);
-    const double a2 = std::sqrt(std::max(0.0, 1 - ap - sigma * sigma)) - std::sqrt(ap) * std::sqrt(1 - a) / std::sqrt(a);
-    m = (a1 + a2 * c) * m - a2 * c * std::sqrt(a) * mu;
-    v = (a1 + a2 * c) * (a1 + a2 * c) * v + sigma * sigma;
-  }
-  return {m, std::sqrt(v)};
-}
-
-}  // namespace
 
 TEST_CASE("DDIM calls the model at its plan's timesteps and steps to the previous entry", "[ddim]") {
   NoiseSchedule schedule;
@@ -269,91 +213,6 @@ TEST_CASE("DDIM with 50 steps and the closed-form optimal denoiser reproduces N(
   }
 }
 
-TEST_CASE("Guided is eq. 1 of Karras et al. 2024: guide + w (main - guide)", "[guidance]") {
-  static_assert(Backbone<Guided>);
-  static_assert(Backbone<GuidedImpl>);
-  struct ScaleImpl : torch::nn::Module {
-    explicit ScaleImpl(double s) { scale = register_parameter("scale", torch::full({1}, s)); }
-    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor&) { return x * scale; }
-    torch::Tensor scale;
-  };
-  const auto x = torch::tensor({1.0F, -2.0F, 0.5F}).reshape({3, 1, 1, 1});
-  const auto t = torch::zeros({3}, torch::kLong);
-  auto main = std::make_shared<ScaleImpl>(3.0), guide = std::make_shared<ScaleImpl>(1.0);
-  for (const double w : {0.0, 1.0, 2.0, 3.5, -0.5}) {
-    INFO("w = " << w);
-    Guided guided(main, guide, w);
-    CHECK(guided->weight() == w);
-    // guide + w (main - guide) = (1 + 2 w) x, exactly representable for these x and w.
-    CHECK(torch::equal(guided->forward(x, t), x * (1 + 2 * w)));
-  }
-  // Both models are submodules: their parameters, device moves and train/eval mode go with the wrapper.
-  Guided guided(main, guide, 2.0);
-  const auto names = guided->named_parameters().keys();
-  CHECK(names == std::vector<std::string>{"main.scale", "guide.scale"});
-  guided->eval();
-  CHECK_FALSE(main->is_training());
-  CHECK_FALSE(guide->is_training());
-  guided->to(torch::kFloat64);
-  CHECK(main->scale.scalar_type() == torch::kFloat64);
-  CHECK(guide->scale.scalar_type() == torch::kFloat64);
-}
-
-TEST_CASE("Guided returns the main prediction's dtype under bf16", "[guidance][precision]") {
-  struct ConstImpl : torch::nn::Module {
-    explicit ConstImpl(float v) : v(v) {}
-    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor&) { return torch::full_like(x, v, torch::kBFloat16); }
-    float v;
-  };
-  // 1 + 3 (1.0078125 - 1) = 1.0234375, exact in bf16 (1 + 3 * 2^-7).
-  Guided guided(std::make_shared<ConstImpl>(1.0078125F), std::make_shared<ConstImpl>(1.0F), 3.0);
-  const auto out = guided->forward(torch::zeros({2, 1}), torch::zeros({2}, torch::kLong));
-  CHECK(out.scalar_type() == torch::kBFloat16);
-  CHECK(out[0][0].item<float>() == 1.0234375F);
-}
-
-TEST_CASE("autoguided DDIM with closed-form oracles lands on the guided map's exact moments", "[guidance][statistics]") {
-  // The main oracle knows the data law N(mu, 0.5^2); the guide is a worse one that believes the spread is
-  // 0.8. Guiding with w = 2 extrapolates away from the guide's belief, so the samples' spread falls below
-  // the main model's alone; both oracles share mu, so the mean stays. Checked against the exact
-  // propagation of the guided linear map through the 50 steps.
-  const int64_t n = 200000;
-  const double mu = 1.5, sd = 0.5, sd_guide = 0.8, w = 2.0;
-  NoiseSchedule schedule;
-  GaussianOracle main(schedule, mu, sd), guide(schedule, mu, sd_guide);
-  for (const double eta : {0.0, 1.0}) {
-    INFO("eta = " << eta);
-    Guided guided(main, guide, w);
-    const auto x = sample(guided, schedule, {n / 100, 1, 10, 10}, DDIM().steps(50).eta(eta), SampleOptions().seed(7));
-    const double mean = x.mean().item<double>(), std = x.std().item<double>();
-    const auto [m_exact, s_exact] = predicted_ddim_moments(schedule, 50, eta, mu, sd, sd_guide, w);
-    const auto [m_main, s_main] = predicted_ddim_moments(schedule, 50, eta, mu, sd);
-    CHECK_THAT(mean, WithinAbs(m_exact, 5 * s_exact / std::sqrt(n)));
-    CHECK_THAT(std, WithinAbs(s_exact, 5 * s_exact / std::sqrt(2.0 * n)));
-    CHECK(s_exact < 0.9 * s_main);
-    CHECK_THAT(m_exact, WithinRel(m_main, 0.01));
-  }
-  // A guide identical to the main model changes nothing, whatever w: the same samples, bit for bit.
-  Guided same(main, main, 3.0);
-  CHECK(torch::equal(sample(same, schedule, {4, 1, 2, 2}, DDIM().steps(10).eta(1), SampleOptions().seed(3)),
-                     sample(main, schedule, {4, 1, 2, 2}, DDIM().steps(10).eta(1), SampleOptions().seed(3))));
-}
-
-TEST_CASE("Guided refuses bad inputs", "[guidance][errors]") {
-  NoiseSchedule schedule;
-  GaussianOracle oracle(schedule, 0.0, 1.0);
-  CHECK_REFUSED(Guided(torch::nn::AnyModule(), torch::nn::AnyModule(oracle), 2.0),
-                "Guided: both the main and the guide model must be given");
-  CHECK_REFUSED(Guided(oracle, oracle, std::nan("")), "Guided: weight must be finite, got nan");
-  CHECK_REFUSED(Guided(oracle, oracle, INFINITY), "Guided: weight must be finite, got inf");
-  struct FirstChannelImpl : torch::nn::Module {
-    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor&) { return x.slice(1, 0, 1); }
-  };
-  Guided mismatched(oracle, std::make_shared<FirstChannelImpl>(), 2.0);
-  CHECK_REFUSED(mismatched->forward(torch::zeros({2, 3, 1, 1}), torch::zeros({2}, torch::kLong)),
-                "Guided: the main model returned shape [2, 3, 1, 1] but the guide returned [2, 1, 1, 1]");
-}
-
 TEST_CASE("DDIM at eta = 0 is deterministic given x_T", "[ddim]") {
   NoiseSchedule schedule;
   GaussianOracle oracle(schedule, 0.0, 1.0);
@@ -415,54 +274,6 @@ TEST_CASE("samplers with clip_x0 = 1 end inside [-1, 1]", "[sampler][clip]") {
   CHECK_REFUSED(sample(oracle, schedule, {2, 1, 2, 2}, DDPM(), SampleOptions().clip_x0(-1)), "clip_x0 must be >= 0");
 }
 
-namespace {
-/// The oracle, as a bf16 model would answer (its output rounded to bf16), recording whether autocast
-/// was on for each call.
-struct AutocastProbeImpl : torch::nn::Module {
-  explicit AutocastProbeImpl(GaussianOracle oracle) : oracle(std::move(oracle)) {}
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
-    seen.push_back(diffusion::detail::autocast_enabled(c10::DeviceType::CPU));
-    return oracle(x, t).to(torch::kBFloat16);
-  }
-  GaussianOracle oracle;
-  std::vector<bool> seen;
-};
-TORCH_MODULE(AutocastProbe);
-}  // namespace
-
-TEST_CASE("samplers autocast the model call only, and return float32", "[sampler][precision]") {
-  const NoiseSchedule schedule(NoiseScheduleOptions().timesteps(100));
-  const auto all = [](const std::vector<bool>& v, bool value) {
-    return !v.empty() && std::all_of(v.begin(), v.end(), [&](bool b) { return b == value; });
-  };
-  for (const bool ddim : {false, true}) {
-    INFO((ddim ? "ddim" : "ddpm"));
-    const auto run = [&](Precision precision, AutocastProbe& probe) {
-      const auto options = SampleOptions().precision(precision).seed(3);
-      return ddim ? sample(probe, schedule, {64, 1, 4, 4}, DDIM().steps(20).eta(1), options)
-                  : sample(probe, schedule, {64, 1, 4, 4}, DDPM(), options);
-    };
-    AutocastProbe p32(GaussianOracle(schedule, 0.5, 0.2)), p16(GaussianOracle(schedule, 0.5, 0.2));
-    const auto x32 = run(Precision::Float32, p32), x16 = run(Precision::BFloat16, p16);
-    CHECK(all(p32->seen, false));
-    CHECK(all(p16->seen, true));
-    CHECK_FALSE(diffusion::detail::autocast_enabled(c10::DeviceType::CPU));
-    CHECK(x16.scalar_type() == torch::kFloat32);
-    // The same bf16 answers, so the same float32 arithmetic around them: equal bit for bit.
-    CHECK(torch::equal(x16, x32));
-  }
-}
-
-// ---- Timestep spacing -------------------------------------------------------------------------------
-
-namespace {
-std::vector<int64_t> first_and_last(const std::vector<int64_t>& v, size_t k) {
-  std::vector<int64_t> out(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(k));
-  out.insert(out.end(), v.end() - static_cast<std::ptrdiff_t>(k), v.end());
-  return out;
-}
-}  // namespace
-
 TEST_CASE("timestep spacings give the exact lists of Lin et al. and diffusers", "[sampler][spacing]") {
   CHECK(timestep_plan(1000, 5, TimestepSpacing::Leading) == std::vector<int64_t>{800, 600, 400, 200, 0});
   CHECK(timestep_plan(1000, 5, TimestepSpacing::Trailing) == std::vector<int64_t>{999, 799, 599, 399, 199});
@@ -496,21 +307,6 @@ TEST_CASE("every spacing gives S distinct descending indices in 0..T-1 for every
     }
   }
 }
-
-namespace {
-/// The exact noise predictor for data that is one point x0 everywhere: eps = (x - sqrt(abar) x0) /
-/// sqrt(1 - abar). Every prediction of x_0 it implies is x0 itself.
-struct PointOracleImpl : torch::nn::Module {
-  PointOracleImpl(NoiseSchedule schedule, double x0) : schedule(std::move(schedule)), x0(x0) {}
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
-    const auto abar = schedule.alphas_cumprod.index_select(0, t).to(x.scalar_type()).reshape({-1, 1});
-    return (x - abar.sqrt() * x0) / (1 - abar).sqrt();
-  }
-  NoiseSchedule schedule;
-  double x0;
-};
-TORCH_MODULE(PointOracle);
-}  // namespace
 
 TEST_CASE("deterministic DDIM with a one-point oracle lands on the point for every spacing and step count",
           "[ddim][spacing]") {
@@ -551,54 +347,6 @@ TEST_CASE("the callback sees each step's predicted x_0", "[sampler]") {
   }));
   CHECK(calls == 7);
 }
-
-TEST_CASE("denoise converts epsilon, v and sample predictions to consistent (eps, x0)", "[sampler][prediction]") {
-  const NoiseSchedule schedule(NoiseScheduleOptions().dtype(torch::kFloat64));
-  const auto opts = torch::TensorOptions().dtype(torch::kFloat64);
-  auto gen = make_generator(3);
-  const auto x0 = torch::randn({4, 3}, gen, opts), eps = torch::randn({4, 3}, gen, opts);
-  for (const int64_t t : {0, 10, 500, 999}) {
-    INFO("t = " << t);
-    const double a = schedule.host().sqrt_alphas_cumprod[static_cast<size_t>(t)];
-    const double b = schedule.host().sqrt_one_minus_alphas_cumprod[static_cast<size_t>(t)];
-    const auto x_t = x0 * a + eps * b;
-    const auto v = eps * a - x0 * b;  // Salimans & Ho 2022
-    for (const auto& [prediction, output] : {std::pair{Prediction::Epsilon, eps}, std::pair{Prediction::V, v},
-                                              std::pair{Prediction::Sample, x0}}) {
-      INFO(to_string(prediction));
-      const auto d = denoise(schedule, x_t, t, output, prediction);
-      CHECK(torch::allclose(d.x0, x0, 1e-9, t == 999 && prediction == Prediction::Epsilon ? 1e-6 : 1e-9));
-      CHECK(torch::allclose(d.eps, eps, 1e-9, t == 0 && prediction == Prediction::Sample ? 1e-6 : 1e-9));
-    }
-    // Clamped: x0 in [-0.5, 0.5] and eps recomputed to match it.
-    const auto c = denoise(schedule, x_t, t, v, Prediction::V, 0.5);
-    CHECK(c.x0.abs().max().item<double>() <= 0.5);
-    CHECK(torch::allclose(c.x0 * a + c.eps * b, x_t, 1e-9, 1e-9));
-  }
-  CHECK(parse_prediction("v") == Prediction::V);
-  CHECK(parse_prediction("epsilon") == Prediction::Epsilon);
-  CHECK(parse_prediction("sample") == Prediction::Sample);
-  CHECK_REFUSED(parse_prediction("noise"), "expected \"epsilon\", \"v\" or \"sample\", got \"noise\"");
-  CHECK_REFUSED(denoise(schedule, x0, 1000, eps), "t must be in [0, 1000), got 1000");
-  CHECK_REFUSED(denoise(schedule, x0, 5, eps.slice(0, 0, 2)), "the prediction must have x_t's shape [4, 3]");
-  CHECK_REFUSED(denoise(schedule, x0, 5, eps, Prediction::Epsilon, -1), "clip_x0 must be >= 0");
-}
-
-namespace {
-/// Records the input of every call, answering as a PointOracle.
-struct InputRecorderImpl : torch::nn::Module {
-  InputRecorderImpl(NoiseSchedule schedule, double x0) : oracle(std::move(schedule), x0) {}
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
-    inputs.push_back(x.clone());
-    timesteps.push_back(t[0].item<int64_t>());
-    return oracle(x, t);
-  }
-  PointOracle oracle;
-  std::vector<torch::Tensor> inputs;
-  std::vector<int64_t> timesteps;
-};
-TORCH_MODULE(InputRecorder);
-}  // namespace
 
 TEST_CASE("image-to-image runs the last floor(strength S) steps from the image noised to the first",
           "[sampler][img2img]") {
@@ -742,19 +490,6 @@ TEST_CASE("dpm_solver_pp_step is Algorithm 2 of Lu et al. 2022", "[dpm_solver]")
   CHECK_REFUSED(sample(oracle, s, {2, 2}, DPMSolverPP().order(3)), "order must be 1 or 2, got 3");
 }
 
-namespace {
-/// The exact probability-flow ODE map of data N(mu, s^2) from timestep t0 to t1 (both indices; for
-/// Gaussian data the flow keeps each point's standardized coordinate), followed by the oracle's x_0 at t1.
-double exact_flow_then_denoise(const NoiseSchedule& schedule, double x, int64_t t0, int64_t t1, double mu, double s) {
-  const auto& h = schedule.host();
-  const double a0 = h.sqrt_alphas_cumprod[static_cast<size_t>(t0)], b0 = h.sqrt_one_minus_alphas_cumprod[static_cast<size_t>(t0)];
-  const double a1 = h.sqrt_alphas_cumprod[static_cast<size_t>(t1)], b1 = h.sqrt_one_minus_alphas_cumprod[static_cast<size_t>(t1)];
-  const double z = (x - a0 * mu) / std::sqrt(a0 * a0 * s * s + b0 * b0);
-  const double x1 = a1 * mu + std::sqrt(a1 * a1 * s * s + b1 * b1) * z;
-  return mu + a1 * s * s * (x1 - a1 * mu) / (a1 * a1 * s * s + b1 * b1);  // E[x_0 | x_t1]
-}
-}  // namespace
-
 TEST_CASE("DPM-Solver++(2M) converges at second order to the exact ODE solution; order 1 is DDIM",
           "[dpm_solver][statistics]") {
   // Linspace plans start at 999 and end at 0 for every step count, so each run solves the same ODE; the
@@ -803,7 +538,7 @@ TEST_CASE("DPM-Solver++(2M) converges at second order to the exact ODE solution;
 TEST_CASE("DPM-Solver++ takes autoguidance and clip_x0 as DDIM does", "[dpm_solver][guidance]") {
   const NoiseSchedule schedule;
   GaussianOracle main(schedule, 0.8, 0.5), guide(schedule, 0.8, 0.8);
-  Guided guided(main, guide, 2.0);
+  Autoguidance guided(main, guide, 2.0);
   const auto x = sample(guided, schedule, {400, 1, 5, 5}, DPMSolverPP().steps(15), SampleOptions().seed(1));
   const auto plain = sample(main, schedule, {400, 1, 5, 5}, DPMSolverPP().steps(15), SampleOptions().seed(1));
   CHECK(x.std().item<double>() < 0.9 * plain.std().item<double>());  // guided away from the wider guide

@@ -1,0 +1,118 @@
+#include "common.hpp"
+
+#include <sstream>
+#include <stdexcept>
+
+namespace mnist {
+
+CLI::Validator at_least(double lo) {
+  return CLI::Validator(
+      [lo](std::string& s) -> std::string {
+        try {
+          size_t used = 0;
+          if (std::stod(s, &used) >= lo && used == s.size()) return "";
+        } catch (const std::exception&) {
+        }
+        return fmt::format("must be a number >= {}, got '{}'", lo, s);
+      },
+      fmt::format(">={}", lo));
+}
+
+CLI::Validator positive() {
+  return CLI::Validator(
+      [](std::string& s) -> std::string {
+        try {
+          size_t used = 0;
+          if (std::stod(s, &used) > 0 && used == s.size()) return "";
+        } catch (const std::exception&) {
+        }
+        return fmt::format("must be a number > 0, got '{}'", s);
+      },
+      ">0");
+}
+
+std::vector<int64_t> parse_ints(const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');) {
+    size_t used = 0;
+    try {
+      out.push_back(std::stoll(item, &used));
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != item.size()) {
+      throw std::invalid_argument(fmt::format("expected comma-separated integers, got '{}'", s));
+    }
+  }
+  return out;
+}
+
+const std::vector<std::string>& backbone_names() {
+  static const std::vector<std::string> names = {"conv", "conv-small", "smol", "chunky", "unet"};
+  return names;
+}
+
+diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape) {
+  TORCH_CHECK(shape.widths.empty() || name == "conv" || name == "conv-small" || name == "unet",
+              "--widths applies to the conv and unet backbones only");
+  TORCH_CHECK(shape.blocks.empty() || name == "unet", "--blocks applies to the unet backbone only, got --backbone ", name);
+  TORCH_CHECK(shape.patch == 0 || name == "unet", "--patch applies to the unet backbone only, got --backbone ", name);
+  nlohmann::json options = nlohmann::json::object();
+  if (name == "conv" || name == "conv-small") {
+    options["widths"] = shape.widths.empty() ? (name == "conv" ? std::vector<int64_t>{32, 64, 128, 256}
+                                                               : std::vector<int64_t>{32, 64})
+                                             : parse_ints(shape.widths);
+    return {"convnet", options};
+  }
+  if (name == "smol") return {"smol_mlp", options};
+  if (name == "chunky") return {"chunky_mlp", options};
+  TORCH_CHECK(name == "unet", "unknown backbone '", name, "'");
+  // One block per level unless --blocks says otherwise, for however many levels the widths give.
+  const auto widths = shape.widths.empty() ? diffusion::UNetOptions().widths() : parse_ints(shape.widths);
+  options["widths"] = widths;
+  options["blocks"] = shape.blocks.empty() ? std::vector<int64_t>(widths.size(), 1) : parse_ints(shape.blocks);
+  if (shape.patch > 0) options["patch"] = shape.patch;
+  return {"unet", options};
+}
+
+void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
+  cmd->add_option("--seed", args.seed, "Seed: the same seed gives the same images")->capture_default_str();
+  cmd->add_option("--device", args.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
+  cmd->add_flag("--no-ema", args.no_ema, "Use the trained weights even if the checkpoint has EMA weights");
+  cmd->add_option("--sampler", args.sampler,
+                  "ddpm (all T steps), ddim, or dpmpp-2m (DPM-Solver++(2M): DDIM-50's quality in fewer steps)")
+      ->check(CLI::IsMember(diffusion::sampler_names()))
+      ->capture_default_str();
+  cmd->add_option_function<int64_t>("--steps", [&args](const int64_t& v) { args.settings.steps(v); },
+                                    "Model evaluations for ddim (default 50) and dpmpp-2m (default 20)")
+      ->check(at_least(1));
+  cmd->add_option_function<double>("--eta", [&args](const double& v) { args.settings.eta(v); },
+                                   "DDIM eta: 0 deterministic (default), 1 DDPM-like noise")
+      ->check(at_least(0));
+  cmd->add_option_function<std::string>(
+         "--spacing", [&args](const std::string& v) { args.settings.spacing(diffusion::parse_spacing(v)); },
+         "Which timesteps ddim and dpmpp-2m visit: leading (default; ends at 0), trailing (starts at T-1) or "
+         "linspace (both)")
+      ->check(CLI::IsMember({"leading", "trailing", "linspace"}));
+  cmd->add_option("--clip-x0", args.clip_x0,
+                  "Clamp each step's predicted x_0 to [-C, C]; the data lie in [-1, 1] (0: off, as in the seed)")
+      ->check(at_least(0))
+      ->capture_default_str();
+  cmd->add_option("--precision", args.precision,
+                  "The backbone's arithmetic: fp32, bf16 (autocast), or auto (bf16 on a CPU with AMX/AVX512-BF16)")
+      ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
+      ->capture_default_str();
+  cmd->add_option("--threads", args.threads, "CPU threads (0: all cores)")->check(at_least(0))->capture_default_str();
+  auto* guide = cmd->add_option("--guide", args.guide,
+                                "Autoguidance (Karras et al. 2024): a weaker checkpoint of the same kind of model, e.g. "
+                                "an early epoch of the same run, whose errors each step is steered away from (two model "
+                                "calls per step)")
+                    ->check(CLI::ExistingFile);
+  cmd->add_option("--guidance", args.guidance,
+                  "Autoguidance weight w with --guide: guide + w (main - guide); 1 is the main model alone")
+      ->needs(guide)
+      ->capture_default_str();
+}
+
+}  // namespace mnist

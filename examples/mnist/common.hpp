@@ -1,0 +1,67 @@
+#pragma once
+
+// What the mnist subcommands share: flag checks, the backbone names of this program, and the sampling
+// flags. The library checks everything else and its messages reach the user as they are.
+#include <diffusion/diffusion.hpp>
+
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+#include <fmt/ranges.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace mnist {
+
+/// A number flag of at least `lo`, with a plain message (CLI11 2.1's PositiveNumber prints DBL_MAX as
+/// the upper bound).
+CLI::Validator at_least(double lo);
+/// A number flag above 0.
+CLI::Validator positive();
+/// "1,2,3" -> {1, 2, 3}; anything else is refused.
+std::vector<int64_t> parse_ints(const std::string& s);
+
+/// The backbones this program trains, by its own short names: conv (the seed's ConvNet), conv-small (its
+/// widths 32, 64: about a tenth of the parameters), smol and chunky (the seed's MLPs) and unet.
+const std::vector<std::string>& backbone_names();
+
+/// The shape of a backbone beyond its name (empty: the backbone's defaults).
+struct Shape {
+  std::string widths, blocks;
+  int64_t patch = 0;
+};
+
+/// The library's registered backbone for one of this program's names and shape flags; the library refuses
+/// options that do not make a network.
+diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape);
+
+/// The sampling flags sample and evaluate share.
+struct SampleArgs {
+  std::string checkpoint, device = "auto", sampler = "ddpm", precision = "auto";
+  int64_t n = 25, threads = 0;
+  uint64_t seed = 0;
+  double clip_x0 = 1.0;
+  bool no_ema = false;
+  /// Set only when given: each method has its own defaults and refuses what it does not use.
+  diffusion::SamplerSettings settings;
+  /// Autoguidance: a second, weaker checkpoint and its weight.
+  std::string guide;
+  double guidance = 2.0;
+  /// Weights from elsewhere (a torch.save state_dict or safetensors) instead of a checkpoint, for this
+  /// program's backbone of that name and shape.
+  std::string weights, backbone = "conv";
+  Shape shape;
+  /// Image-to-image and inpainting (sample only).
+  std::string init, mask;
+  std::optional<double> strength;
+};
+
+void add_sampling_flags(CLI::App* cmd, SampleArgs& args);
+
+/// `args.n` images in [-1, 1] on the CPU, from a checkpoint (or imported weights), guided by a second
+/// checkpoint when asked, with the chosen sampler; prints what it does when `verbose`.
+torch::Tensor generate(const SampleArgs& args, bool verbose);
+
+}  // namespace mnist

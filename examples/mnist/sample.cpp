@@ -1,0 +1,169 @@
+// mnist sample: images from a checkpoint (or from imported weights), with any sampler, autoguidance,
+// image-to-image and inpainting.
+#include "commands.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+
+namespace mnist {
+
+using namespace diffusion;
+
+namespace {
+
+/// A 28x28 PNG as a (1, 1, 28, 28) tensor on `device`, in [0, 1].
+torch::Tensor read_mnist_png(const std::string& path, const torch::Device& device) {
+  const auto image = read_png(path, 1);
+  TORCH_CHECK(image.size(1) == 28 && image.size(2) == 28, path, " is ", image.size(2), "x", image.size(1),
+              "; this program's models take 28x28 images");
+  return image.unsqueeze(0).to(device);
+}
+
+/// The model to sample, and what its checkpoint says (or the seed's schedule for imported weights).
+struct Source {
+  AnyBackbone model{nullptr};
+  NoiseScheduleOptions schedule;
+  Prediction prediction = Prediction::Epsilon;
+  std::string description;
+};
+
+Source open_source(const SampleArgs& a, const torch::Device& device) {
+  if (!a.weights.empty()) {
+    auto model = make_backbone(backbone_config(a.backbone, a.shape));
+    import_weights(model->module(), a.weights);
+    model->to(device);
+    model->eval();
+    return {model, NoiseScheduleOptions(), Prediction::Epsilon, fmt::format("{} (--backbone {})", a.weights, a.backbone)};
+  }
+  auto [model, info] = load_model(a.checkpoint, !a.no_ema, device);
+  return {model, info.schedule, info.prediction,
+          fmt::format("{} (epoch {}, {} weights, {} prediction)", a.checkpoint, info.epoch,
+                      info.has_ema && !a.no_ema ? "EMA" : "trained", to_string(info.prediction))};
+}
+
+}  // namespace
+
+torch::Tensor generate(const SampleArgs& a, bool verbose) {
+  set_threads(a.threads);
+  const auto device = parse_device(a.device);
+  const auto precision = resolve_precision(a.precision, device);
+  const auto method = make_sampler(a.sampler, a.settings);
+  auto source = open_source(a, device);
+  AnyBackbone model = source.model;
+  if (!a.guide.empty()) {
+    auto [guide, guide_info] = load_model(a.guide, !a.no_ema, device);
+    TORCH_CHECK(nlohmann::json(guide_info.schedule) == nlohmann::json(source.schedule), "sample: --guide ", a.guide,
+                " was trained with another noise schedule than ", a.checkpoint,
+                "; autoguidance needs both to predict for the same x_t");
+    TORCH_CHECK(guide_info.prediction == source.prediction, "sample: --guide ", a.guide, " predicts ",
+                to_string(guide_info.prediction), " but ", a.checkpoint, " predicts ", to_string(source.prediction));
+    model = AnyBackbone(Autoguidance(source.model, guide, a.guidance));
+  }
+  auto base = SampleOptions().clip_x0(a.clip_x0).precision(precision).prediction(source.prediction);
+  if (!a.init.empty()) base.image(read_mnist_png(a.init, device) * 2 - 1);  // the data are in [-1, 1]
+  if (a.strength) base.strength(*a.strength);
+  if (!a.mask.empty()) base.mask(read_mnist_png(a.mask, device));
+  const NoiseSchedule schedule = NoiseSchedule(source.schedule).to(device);
+  if (verbose) {
+    fmt::print("sampling {} images from {} with {} on {}, {}\n", a.n, source.description, method->describe(), device.str(),
+               to_string(precision));
+    if (!a.guide.empty()) fmt::print("autoguidance: weight {} against {} (two model calls per step)\n", a.guidance, a.guide);
+    if (a.clip_x0 > 0) fmt::print("predicted x_0 clamped to [-{0}, {0}] at every step\n", a.clip_x0);
+    if (!a.init.empty()) {
+      fmt::print("starting from {}{}\n", a.init,
+                 a.mask.empty() ? fmt::format(" at strength {}", *a.strength)
+                                : fmt::format(", keeping the pixels {} marks", a.mask));
+    }
+    std::fflush(stdout);
+  }
+  // In chunks of at most 100 images: larger batches' activations (50 MB a tensor at 500 images) are
+  // mapped and unmapped by malloc at every op, and the page faults cost more than the arithmetic on a CPU.
+  // Chunk k is seeded with seed + k, so a run is reproducible from its seed.
+  std::vector<torch::Tensor> chunks;
+  for (int64_t done = 0, k = 0; done < a.n; done += 100, ++k) {
+    const std::vector<int64_t> shape{std::min<int64_t>(100, a.n - done), 1, 28, 28};
+    chunks.push_back(sample(model, schedule, shape, *method, SampleOptions(base).seed(a.seed + static_cast<uint64_t>(k))).cpu());
+  }
+  return torch::cat(chunks);
+}
+
+CLI::App* add_sample(CLI::App& app, SampleCommand& s) {
+  auto* cmd = app.add_subcommand("sample", "Sample from a checkpoint (no training code needed) or from imported weights");
+  auto* checkpoint = cmd->add_option("--checkpoint", s.args.checkpoint, "Checkpoint written by train")->check(CLI::ExistingFile);
+  auto* weights = cmd->add_option("--weights", s.args.weights,
+                                  "Or: weights saved by Python (torch.save(model.state_dict()), a checkpoint dict like "
+                                  "the seed's, or safetensors) for --backbone, sampled with the seed's noise schedule")
+                      ->check(CLI::ExistingFile);
+  checkpoint->excludes(weights);
+  cmd->add_option("--backbone", s.args.backbone, "With --weights: which network they belong to")
+      ->check(CLI::IsMember(backbone_names()))
+      ->needs(weights)
+      ->capture_default_str();
+  cmd->add_option("--widths", s.args.shape.widths, "With --weights: the network's widths, comma-separated")->needs(weights);
+  cmd->add_option("--n", s.args.n, "Number of images")->check(at_least(1))->capture_default_str();
+  cmd->add_option("--out", s.out, "Grid PNG to write ('' for none)")->capture_default_str();
+  cmd->add_option("--nrow", s.nrow, "Images per grid row (0: square)")->check(at_least(0))->capture_default_str();
+  cmd->add_option("--singles", s.singles, "Also write each image as DIR/sample_NNNNN.png");
+  add_sampling_flags(cmd, s.args);
+  auto* init = cmd->add_option("--init", s.args.init,
+                               "Image-to-image (SDEdit): start from this 28x28 PNG noised part-way (see --strength), or "
+                               "inpaint it with --mask")
+                   ->check(CLI::ExistingFile);
+  cmd->add_option_function<double>("--strength", [&s](const double& v) { s.args.strength = v; },
+                                   "With --init: how much of the sampling to run from it, 0 (return it) to 1 (ignore it)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->needs(init);
+  cmd->add_option("--mask", s.args.mask,
+                  "With --init: a 28x28 PNG, white where --init's pixels are kept, black where they are generated "
+                  "(inpainting)")
+      ->check(CLI::ExistingFile)
+      ->needs(init);
+  return cmd;
+}
+
+int run_sample(const SampleCommand& s) {
+  const auto& a = s.args;
+  TORCH_CHECK(a.checkpoint.empty() != a.weights.empty(), "sample: give --checkpoint or --weights");
+  TORCH_CHECK(a.init.empty() || a.strength || !a.mask.empty(),
+              "sample: --init needs --strength S (how much of it to change, 0 to 1) or --mask (which pixels to keep)");
+  const auto x = to_unit_range(generate(a, true));
+  if (!s.out.empty()) {
+    const auto nrow = s.nrow > 0 ? s.nrow : static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(a.n))));
+    write_png(s.out, make_grid(x, nrow, 2));
+    fmt::print("wrote {}\n", s.out);
+  }
+  if (!s.singles.empty()) {
+    for (int64_t i = 0; i < a.n; ++i) write_png(std::filesystem::path(s.singles) / fmt::format("sample_{:05d}.png", i), x[i]);
+    fmt::print("wrote {} images to {}\n", a.n, s.singles);
+  }
+  return 0;
+}
+
+}  // namespace mnist
+
+namespace mnist {
+
+CLI::App* add_export(CLI::App& app, ExportCommand& e) {
+  auto* cmd = app.add_subcommand("export", "Write a checkpoint's weights as safetensors, by the seed's parameter names "
+                                           "(Python: model.load_state_dict(safetensors.torch.load_file(path)))");
+  cmd->add_option("--checkpoint", e.checkpoint, "Checkpoint written by train")->required()->check(CLI::ExistingFile);
+  cmd->add_option("--out", e.out, "The .safetensors file to write")->required();
+  cmd->add_flag("--no-ema", e.no_ema, "Export the trained weights even if the checkpoint has EMA weights");
+  return cmd;
+}
+
+int run_export(const ExportCommand& e) {
+  auto [model, info] = diffusion::load_model(e.checkpoint, !e.no_ema);
+  diffusion::export_weights(model->module(), e.out,
+                            {{"format", "pt"},
+                             {"backbone", info.backbone->name},
+                             {"options", info.backbone->options.dump()},
+                             {"prediction", std::string(diffusion::to_string(info.prediction))},
+                             {"schedule", nlohmann::json(info.schedule).dump()}});
+  fmt::print("wrote the {} weights of {} ({}) to {}\n", info.has_ema && !e.no_ema ? "EMA" : "trained", e.checkpoint,
+             info.backbone->name, e.out);
+  return 0;
+}
+
+}  // namespace mnist

@@ -1,0 +1,151 @@
+// mnist train: a backbone on MNIST-format data, with the run's files written by RunOutputs.
+#include "commands.hpp"
+
+#include <cmath>
+
+namespace mnist {
+
+using namespace diffusion;
+
+CLI::App* add_train(CLI::App& app, TrainCommand& t) {
+  auto* cmd = app.add_subcommand("train", "Train a backbone; writes OUT/samples/epoch_NNN.png, "
+                                          "OUT/checkpoints/checkpoint_epoch_NNN.pt and OUT/metrics.jsonl every epoch");
+  cmd->add_option("--backbone", t.backbone, "Backbone: conv (the seed's), conv-small (widths 32,64), smol, chunky, unet")
+      ->check(CLI::IsMember(backbone_names()))
+      ->capture_default_str();
+  cmd->add_option("--widths", t.shape.widths,
+                  "ConvNet encoder widths, or the UNet's widths per level (each level halves the resolution), "
+                  "comma-separated (default: the backbone's)");
+  cmd->add_option("--blocks", t.shape.blocks, "UNet residual blocks per level, one count per width, comma-separated (default: 1 each)");
+  cmd->add_option("--patch", t.shape.patch,
+                  "UNet patch size: fold PxP pixels into channels first, e.g. 2 runs the levels at 14x14 and 7x7 "
+                  "with --widths 32,128 (default: 1, none)")
+      ->check(CLI::Range(1, 28));
+  cmd->add_option("--data", t.data, "Directory with the four idx files (plain or .gz), e.g. /usr/share/datasets/fashion-mnist")
+      ->capture_default_str();
+  cmd->add_option("--out", t.out, "Output directory")->capture_default_str();
+  cmd->add_option("--epochs", t.epochs, "Epochs to train (in total, counting resumed ones)")->check(at_least(1))->capture_default_str();
+  cmd->add_option("--batch-size", t.batch_size, "Batch size")->check(at_least(1))->capture_default_str();
+  cmd->add_option("--micro-batch", t.micro_batch,
+                  "Accumulate gradients over micro-batches of this size: same gradient, faster on a CPU (0: off)")
+      ->check(at_least(0))->capture_default_str();
+  cmd->add_option("--lr", t.lr, "AdamW learning rate")->check(positive())->capture_default_str();
+  cmd->add_option("--lr-schedule", t.lr_schedule, "constant (the seed's) or cosine (decays to 0 at the last step)")
+      ->check(CLI::IsMember({"constant", "cosine"}))->capture_default_str();
+  cmd->add_option("--warmup", t.warmup, "Steps of linear learning-rate warm-up (0: off)")->check(at_least(0))->capture_default_str();
+  cmd->add_option("--ema", t.ema, "EMA decay of the weights, e.g. 0.999 (0: off)")->check(CLI::Range(0.0, 0.999999))->capture_default_str();
+  cmd->add_option("--grad-clip", t.grad_clip, "Clip the gradient norm to this (0: off)")->check(at_least(0))->capture_default_str();
+  cmd->add_option("--min-snr-gamma", t.min_snr_gamma,
+                  "Weight each image's loss by Min-SNR-gamma (Hang et al. 2023; 5 in the paper; 0: off)")
+      ->check(at_least(0))->capture_default_str();
+  cmd->add_option("--prediction", t.prediction, "What the network predicts: epsilon (the seed's), v or sample (x_0)")
+      ->check(CLI::IsMember({"epsilon", "v", "sample"}))->capture_default_str();
+  cmd->add_option("--schedule", t.schedule, "Noise schedule")->check(CLI::IsMember({"linear", "cosine"}))->capture_default_str();
+  cmd->add_flag("--zero-terminal-snr", t.zero_terminal_snr,
+                "Rescale the schedule so its last timestep is pure noise (Lin et al. 2024); needs --prediction v or "
+                "sample, and sampling with --spacing trailing or linspace");
+  cmd->add_option("--device", t.device, "auto (CUDA if available), cpu, cuda or cuda:N")->capture_default_str();
+  cmd->add_option("--threads", t.threads, "CPU threads (0: all cores)")->check(at_least(0))->capture_default_str();
+  cmd->add_option("--precision", t.precision,
+                  "fp32 (the seed's), bf16 (autocast the backbone to bfloat16), or auto: bf16 on a CPU with "
+                  "AMX/AVX512-BF16, else fp32")
+      ->check(CLI::IsMember({"auto", "fp32", "bf16"}))->capture_default_str();
+  cmd->add_option("--seed", t.seed, "Seed for shuffling, timesteps and noise")->capture_default_str();
+  cmd->add_option("--limit", t.limit, "Train on the first N images only (0: all)")->check(at_least(0))->capture_default_str();
+  cmd->add_option("--val-size", t.val_size, "Validation images from the test split (0: no validation)")
+      ->check(at_least(0))->capture_default_str();
+  cmd->add_option("--max-steps", t.max_steps, "Stop each epoch after N steps (0: whole epochs)")->check(at_least(0))->capture_default_str();
+  cmd->add_option("--grid", t.grid, "Images in each epoch's sample grid (0: none)")->check(at_least(0))->capture_default_str();
+  cmd->add_option("--grid-steps", t.grid_steps,
+                  "Sample each epoch's grid with DDIM in this many steps at eta 1 (0: DDPM over all T steps, the seed's)")
+      ->check(at_least(0))->capture_default_str();
+  cmd->add_option("--keep", t.keep, "Checkpoints to keep")->check(at_least(1))->capture_default_str();
+  cmd->add_option("--keep-epochs", t.keep_epochs,
+                  "Also keep these epochs' checkpoints, comma-separated, e.g. 2: an early one to --guide sampling with");
+  cmd->add_option("--checkpoint-every", t.checkpoint_every,
+                  "Also write a checkpoint every N steps within an epoch, so that a kill loses at most N steps (0: off)")
+      ->check(at_least(0))->capture_default_str();
+  cmd->add_option("--checkpoint-minutes", t.checkpoint_minutes,
+                  "Also write a checkpoint every M minutes within an epoch (0: off)")
+      ->check(at_least(0))->capture_default_str();
+  cmd->add_option("--skip-nonfinite", t.skip_nonfinite,
+                  "Skip up to N steps whose loss or gradients are not finite before stopping (0: stop at the first)")
+      ->check(at_least(0))->capture_default_str();
+  cmd->add_flag("--resume", t.resume, "Continue from the newest checkpoint in OUT/checkpoints");
+  return cmd;
+}
+
+int run_train(const TrainCommand& t) {
+  set_threads(t.threads);
+  const auto device = parse_device(t.device);
+  const NoiseSchedule schedule(NoiseScheduleOptions().kind(parse_schedule_kind(t.schedule)).zero_terminal_snr(t.zero_terminal_snr));
+  const auto options =
+      TrainerOptions()
+          .epochs(t.epochs)
+          .batch_size(t.batch_size)
+          .micro_batch(t.micro_batch)
+          .max_steps_per_epoch(t.max_steps)
+          .seed(t.seed)
+          .loss(LossOptions()
+                    .prediction(parse_prediction(t.prediction))
+                    .min_snr_gamma(t.min_snr_gamma)
+                    .precision(resolve_precision(t.precision, device)))
+          .optimization(OptimizationOptions()
+                            .lr(t.lr)
+                            .lr_schedule(parse_lr_schedule(t.lr_schedule))
+                            .warmup_steps(t.warmup)
+                            .grad_clip(t.grad_clip))
+          .ema_decay(t.ema)
+          .skip_nonfinite(t.skip_nonfinite)
+          .device(device);
+  Trainer trainer(make_backbone(backbone_config(t.backbone, t.shape)), schedule, options);
+  auto outputs = std::make_shared<RunOutputs>(
+      RunOutputsOptions(t.out)
+          .keep_checkpoints(t.keep)
+          .keep_epochs(t.keep_epochs.empty() ? std::vector<int64_t>{} : parse_ints(t.keep_epochs))
+          .grid_samples(t.grid)
+          .grid_sampler(t.grid_steps > 0 ? make_sampler("ddim", SamplerSettings().steps(t.grid_steps).eta(1)) : nullptr)
+          .grid_seed(t.seed + 1)
+          .checkpoint_every_steps(t.checkpoint_every)
+          .checkpoint_every_minutes(t.checkpoint_minutes));
+  trainer.add_hook(outputs);
+  if (t.resume) {
+    if (const auto last = outputs->latest_checkpoint()) {
+      trainer.load_checkpoint(*last);
+      fmt::print("resumed from epoch {} (step {}) of {}\n", trainer.epoch(), trainer.global_step(), last->string());
+    }
+  }
+  // Loaded before any long work, so that a missing dataset is reported at once.
+  auto images = data::load_mnist(t.data, data::Split::Train).images;
+  if (t.limit > 0) images = images.slice(0, 0, std::min<int64_t>(t.limit, images.size(0)));
+  torch::Tensor val;
+  if (t.val_size > 0) {
+    const auto test = data::load_mnist(t.data, data::Split::Test);
+    val = test.images.slice(0, 0, std::min<int64_t>(t.val_size, test.images.size(0)));
+  }
+  int64_t params = 0;
+  for (const auto& p : unwrap(trainer.model()).parameters()) params += p.numel();
+  fmt::print("training {} ({} parameters, {} prediction) on {} images from {} for {} epochs on {} with {} threads, {}\n",
+             t.backbone, params, t.prediction, images.size(0), t.data, t.epochs, trainer.device().str(),
+             at::get_num_threads(), to_string(options.loss().precision()));
+  std::fflush(stdout);  // before the progress bar starts on stderr
+  trainer.on_epoch = [](const TrainEpoch& e) {
+    // Print only what this epoch produced: no validation (--val-size 0) and no grid (--grid 0) say nothing.
+    const auto val = e.val_loss ? fmt::format(", val loss {:.4f}", *e.val_loss) : std::string();
+    const auto skipped = e.skipped_steps > 0 ? fmt::format(", {} non-finite steps skipped", e.skipped_steps) : std::string();
+    const auto wrote = e.grid.empty() ? e.checkpoint.string() : e.grid.string() + " and " + e.checkpoint.string();
+    fmt::print("epoch {}/{}: train loss {:.4f}{}{}, {:.1f} s, {:.1f} img/s; wrote {}\n", e.epoch, e.epochs, e.train_loss,
+               val, skipped, e.seconds, e.images_per_second, wrote);
+    std::fflush(stdout);
+  };
+  install_stop_signals();
+  try {
+    trainer.fit(images, val);
+  } catch (const TrainingInterrupted& e) {
+    fmt::print(stderr, "\n{}\nresume with: {}{}\n", e.what(), t.command_line, t.resume ? "" : " --resume");
+    return 130;
+  }
+  return 0;
+}
+
+}  // namespace mnist

@@ -1,0 +1,109 @@
+#pragma once
+
+#include <diffusion/precision.hpp>
+
+#include <torch/torch.h>
+
+#include <csignal>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <optional>
+#include <fstream>
+#include <string>
+#include <string_view>
+#include <thread>
+
+/// Where and how a program runs: the device, the CPU threads and the backbone's arithmetic. The library
+/// never changes these by itself; a program chooses them once, here.
+namespace diffusion {
+
+/// CUDA when this LibTorch has it and a GPU is present, else the CPU.
+inline torch::Device auto_device() { return torch::cuda::is_available() ? torch::kCUDA : torch::kCPU; }
+
+/// "auto" (auto_device), or any device LibTorch parses ("cpu", "cuda", "cuda:1"). A CUDA device on a
+/// LibTorch or machine without one is refused.
+inline torch::Device parse_device(std::string_view s) {
+  if (s == "auto") return auto_device();
+  std::optional<torch::Device> device;
+  try {
+    device = torch::Device(std::string(s));
+  } catch (const c10::Error&) {
+    TORCH_CHECK(false, "parse_device: expected auto, cpu, cuda or cuda:N, got \"", std::string(s), "\"");
+  }
+  TORCH_CHECK(!device->is_cuda() || torch::cuda::is_available(), "parse_device: ", device->str(),
+              " requested but this LibTorch sees no CUDA device");
+  return *device;
+}
+
+/// Sets LibTorch's CPU intra-op threads to `threads`, or to every core when 0: Debian's LibTorch starts
+/// with one, and a program that does not call this trains and samples on a single core.
+inline void set_threads(int64_t threads = 0) {
+  TORCH_CHECK(threads >= 0, "set_threads: threads must be >= 0 (0 = all cores), got ", threads);
+  at::set_num_threads(
+      static_cast<int>(threads > 0 ? threads : std::max<int64_t>(1, std::thread::hardware_concurrency())));
+}
+
+/// Whether this CPU has bfloat16 matrix instructions (AMX-BF16 or AVX512-BF16), read once from
+/// /proc/cpuinfo's flags; false where that file does not exist. With them oneDNN runs bf16 convolutions
+/// and matrix products several times faster than float32; without them bf16 is emulated and slower.
+inline bool cpu_has_fast_bf16() {
+  static const bool has = [] {
+    std::ifstream in("/proc/cpuinfo");
+    for (std::string line; std::getline(in, line);) {
+      if (line.rfind("flags", 0) != 0) continue;
+      line += ' ';
+      return line.find(" amx_bf16 ") != std::string::npos || line.find(" avx512_bf16 ") != std::string::npos;
+    }
+    return false;
+  }();
+  return has;
+}
+
+/// The faster precision for `device` where it is known to keep sample quality: BFloat16 on a CPU with
+/// bf16 instructions (cpu_has_fast_bf16), Float32 everywhere else. The library's own defaults stay
+/// Float32.
+inline Precision auto_precision(const torch::Device& device) {
+  return device.is_cpu() && cpu_has_fast_bf16() ? Precision::BFloat16 : Precision::Float32;
+}
+
+/// "auto" (auto_precision for `device`), "fp32" or "bf16" (parse_precision).
+inline Precision resolve_precision(std::string_view s, const torch::Device& device) {
+  return s == "auto" ? auto_precision(device) : parse_precision(s);
+}
+
+namespace detail {
+inline std::atomic<int>& stop_signals() {
+  static std::atomic<int> count{0};
+  return count;
+}
+inline void on_stop_signal(int signal) {
+  // The first signal asks the run to stop after its current step (and save); a second one ends the
+  // process at once. Only async-signal-safe calls here.
+  if (stop_signals().fetch_add(1) >= 1) ::_exit(128 + signal);
+}
+}  // namespace detail
+
+/// Makes SIGINT (Ctrl-C) and SIGTERM (what schedulers and `kill` send) request a stop instead of killing
+/// the process: the Trainer finishes its current step, lets its hooks save the run (RunOutputs writes a
+/// checkpoint) and throws TrainingInterrupted. A second signal ends the process at once (exit 128 + the
+/// signal's number).
+inline void install_stop_signals() {
+  struct sigaction action {};
+  action.sa_handler = detail::on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = 0;
+  sigaction(SIGINT, &action, nullptr);
+  sigaction(SIGTERM, &action, nullptr);
+}
+
+/// Whether a stop was requested (by a signal after install_stop_signals, or by request_stop).
+inline bool stop_requested() { return detail::stop_signals().load(std::memory_order_relaxed) > 0; }
+
+/// Requests a stop, as the first signal does; clear_stop_request() takes it back.
+inline void request_stop() { detail::stop_signals().store(1); }
+inline void clear_stop_request() { detail::stop_signals().store(0); }
+
+}  // namespace diffusion

@@ -1,0 +1,73 @@
+#pragma once
+
+#include <diffusion/sampling/loop.hpp>
+#include <diffusion/schedule.hpp>
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <vector>
+
+/// What a training run shows the parts that watch it (run outputs, progress, a user's callback).
+namespace diffusion {
+
+/// What the trainer reports after each optimizer step.
+struct TrainStep {
+  /// 1-based epoch and step within it; global_step counts every step of the run.
+  int64_t epoch, epochs, step, steps, global_step;
+  /// This step's mean loss, a 0-d tensor on the training device (reading it waits for the device).
+  torch::Tensor loss;
+  /// The learning rate this step used.
+  double lr;
+  /// Whether the step was skipped for a non-finite loss or gradient (TrainerOptions::skip_nonfinite).
+  bool skipped = false;
+};
+
+/// What the trainer reports after each epoch.
+struct TrainEpoch {
+  int64_t epoch, epochs, global_step;
+  double train_loss;
+  /// The validation loss, when there is a validation set.
+  std::optional<double> val_loss;
+  /// Time spent in the epoch's training steps, and the images per second they processed.
+  double seconds, images_per_second;
+  /// Steps skipped for non-finite values so far in the run.
+  int64_t skipped_steps = 0;
+  /// What the run outputs wrote this epoch (empty when nothing).
+  std::filesystem::path checkpoint, grid;
+};
+
+/// The run as a hook sees it: implemented by Trainer.
+class TrainingRun {
+ public:
+  virtual ~TrainingRun() = default;
+  /// Epochs completed, and optimizer steps taken.
+  virtual int64_t epoch() const = 0;
+  virtual int64_t global_step() const = 0;
+  /// Steps done in the epoch in progress (0 between epochs).
+  virtual int64_t step_in_epoch() const = 0;
+  virtual const NoiseSchedule& schedule() const = 0;
+  /// The shape of one training image, e.g. {1, 28, 28}.
+  virtual std::vector<int64_t> image_shape() const = 0;
+  /// Writes everything needed to continue the run, and to sample from it, to `path` (atomically).
+  virtual void save_checkpoint(const std::filesystem::path& path) = 0;
+  /// `n` samples with `method` from the EMA weights (the trained ones without an EMA), seeded.
+  virtual torch::Tensor sample(int64_t n, const SamplingMethod& method, uint64_t seed) = 0;
+};
+
+/// Something the trainer calls as the run goes: outputs, reporting, stopping. Override what you need.
+class TrainerHook {
+ public:
+  virtual ~TrainerHook() = default;
+  /// After every optimizer step.
+  virtual void on_step(TrainingRun&, const TrainStep&) {}
+  /// After every epoch (validation done); may fill `epoch.checkpoint` and `epoch.grid`.
+  virtual void on_epoch(TrainingRun&, TrainEpoch&) {}
+  /// When the run stops early on request (stop_requested): the last chance to save it. Returns what it
+  /// wrote, if anything.
+  virtual std::optional<std::filesystem::path> on_interrupt(TrainingRun&) { return std::nullopt; }
+};
+
+}  // namespace diffusion

@@ -1,0 +1,269 @@
+#pragma once
+
+#include <diffusion/backbone.hpp>
+#include <diffusion/checkpoint.hpp>
+#include <diffusion/detail/random.hpp>
+#include <diffusion/forward.hpp>
+#include <diffusion/progress.hpp>
+#include <diffusion/random.hpp>
+#include <diffusion/runtime.hpp>
+#include <diffusion/sampling/loop.hpp>
+#include <diffusion/schedule.hpp>
+#include <diffusion/training/ema.hpp>
+#include <diffusion/training/hooks.hpp>
+#include <diffusion/training/loss.hpp>
+#include <diffusion/detail/training.hpp>
+#include <diffusion/training/options.hpp>
+
+#include <fmt/core.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+/// Training a backbone with the denoising objective (Ho et al. 2020, Algorithm 1), the seed's whole job.
+namespace diffusion {
+
+/// Thrown by Trainer::fit when a stop was requested (install_stop_signals, request_stop) and the hooks
+/// have had their chance to save the run.
+struct TrainingInterrupted : std::runtime_error {
+  TrainingInterrupted(const std::string& what, std::optional<std::filesystem::path> saved)
+      : std::runtime_error(what), checkpoint(std::move(saved)) {}
+  /// What a hook wrote on the way out (RunOutputs: a checkpoint to resume from).
+  std::optional<std::filesystem::path> checkpoint;
+};
+
+/// Trains any Backbone: for each batch x0, t ~ U{0..T-1} and eps ~ N(0, I) from the run's own generator,
+/// the mean of diffusion_loss (Ho et al. 2020, eq. 14 for epsilon prediction) is minimized by the
+/// optimizer (AdamW with the seed's settings unless one is given), with the learning rate from
+/// TrainerOptions::optimization, an EMA of the weights, and micro-batches; after each epoch the validation
+/// loss (fixed noise and timesteps, so epochs compare). Files, grids and metrics are the hooks' business
+/// (RunOutputs); the trainer never sets threads or other process-wide state.
+///
+/// Example:
+///   Trainer trainer(UNet(), NoiseSchedule(), TrainerOptions().epochs(5).ema_decay(0.999));
+///   auto outputs = std::make_shared<RunOutputs>(RunOutputsOptions("run"));
+///   trainer.add_hook(outputs);
+///   if (auto last = outputs->latest_checkpoint()) trainer.load_checkpoint(*last);
+///   trainer.fit(train.images, test.images);
+template <Backbone B>
+class Trainer final : public TrainingRun {
+ public:
+  Trainer(B model, NoiseSchedule schedule, TrainerOptions options = {},
+          std::shared_ptr<torch::optim::Optimizer> optimizer = nullptr)
+      : model_(std::move(model)), options_(std::move(options)), device_(options_.device().value_or(auto_device())),
+        schedule_(schedule.to(device_)), generator_(make_generator(options_.seed())) {
+    detail::check_trainer_options(options_, schedule_);
+    unwrap(model_).to(device_);
+    optimizer_ = optimizer ? std::move(optimizer) : detail::default_optimizer(unwrap(model_), options_.optimization());
+    if (options_.ema_decay() > 0) ema_.emplace(unwrap(model_), options_.ema_decay());
+  }
+
+  void add_hook(std::shared_ptr<TrainerHook> hook) { hooks_.push_back(std::move(hook)); }
+
+  /// Trains until options().epochs() epochs are done (counting those restored by load_checkpoint, and
+  /// continuing mid-epoch where it stopped). `train` and `val` are (N, C, H, W) images on the CPU; `val`
+  /// may be undefined.
+  void fit(const torch::Tensor& train, const torch::Tensor& val = {}) {
+    detail::check_images("train", train);
+    if (val.defined()) detail::check_images("val", val);
+    train_ = train;
+    const int64_t n = train.size(0), bs = options_.batch_size(), steps = steps_per_epoch(n);
+    const auto val_draws = detail::fixed_validation_draws(val, schedule_, options_.seed());
+    guard_.emplace(device_, options_.skip_nonfinite(), steps);
+    auto& guard = *guard_;
+    guard.set_skipped(skipped_);
+    while (epoch_ < options_.epochs()) {
+      const auto start = std::chrono::steady_clock::now();
+      ProgressBar bar(fmt::format("Epoch {}/{}", epoch_ + 1, options_.epochs()), steps, options_.progress(),
+                      options_.progress_interval());
+      const auto perm = epoch_permutation(n);
+      auto running = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
+      unwrap(model_).train();
+      for (int64_t step = step_in_epoch_; step < steps; ++step) {
+        const auto idx = perm.slice(0, step * bs, std::min(n, (step + 1) * bs));
+        const auto x0 = train.index_select(0, idx).to(device_, schedule_.dtype());
+        const auto t = torch::randint(0, schedule_.num_timesteps(), {x0.size(0)}, generator_, torch::kLong).to(device_);
+        const auto noise = detail::randn(x0.sizes(), x0.options(), generator_);
+        const double lr = learning_rate_at(options_.optimization(), global_step_, options_.epochs() * steps);
+        for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
+        optimizer_->zero_grad();
+        const auto loss = accumulate_gradients(x0, t, noise);
+        const bool skip =
+            guard.check(loss, detail::clip_and_norm(unwrap(model_), options_.optimization().grad_clip()), global_step_ + 1);
+        if (!skip) {
+          optimizer_->step();
+          if (ema_) ema_->update(unwrap(model_));
+        }
+        ++global_step_;
+        step_in_epoch_ = step + 1;
+        skipped_ = guard.skipped();
+        running += loss;
+        if (bar.due(step + 1)) bar.update(step + 1, running.item<double>() / static_cast<double>(step + 1 - resumed_at_));
+        const TrainStep info{epoch_ + 1, options_.epochs(), step + 1, steps, global_step_, loss, lr, skip};
+        for (auto& hook : hooks_) hook->on_step(*this, info);
+        if (on_step) on_step(info);
+        if (stop_requested()) interrupt(guard);
+      }
+      bar.finish();
+      guard.verify();
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      const auto done = steps - resumed_at_;
+      TrainEpoch info{epoch_ + 1, options_.epochs(), global_step_, running.item<double>() / static_cast<double>(done),
+                      val.defined() ? std::optional<double>(validation_loss(val, val_draws)) : std::nullopt, seconds,
+                      static_cast<double>(std::min(n, done * bs)) / seconds, guard.skipped(), {}, {}};
+      ++epoch_;
+      step_in_epoch_ = resumed_at_ = 0;
+      for (auto& hook : hooks_) hook->on_epoch(*this, info);
+      if (on_epoch) on_epoch(info);
+    }
+  }
+
+  /// Restores the model, optimizer, EMA, epoch, position in the epoch and generator from a checkpoint
+  /// written by save_checkpoint (or by a format-1 Trainer).
+  void load_checkpoint(const std::filesystem::path& path) {
+    const auto progress = load_training_state(path, unwrap(model_), optimizer_.get(), ema_ ? &*ema_ : nullptr, device_);
+    epoch_ = progress.epoch;
+    global_step_ = progress.global_step;
+    step_in_epoch_ = resumed_at_ = progress.step_in_epoch;
+    generator_.set_state(progress.rng_state);
+    epoch_rng_ = progress.epoch_rng_state;
+    skipped_ = progress.skipped_steps;
+  }
+
+  void save_checkpoint(const std::filesystem::path& path) override {
+    if (guard_) guard_->verify();  // a deferred non-finite step stops the run before anything is written
+    CheckpointContents c;
+    c.model = &unwrap(model_);
+    c.optimizer = optimizer_.get();
+    c.ema = ema_ ? &*ema_ : nullptr;
+    c.rng_state = generator_.get_state();
+    c.epoch_rng_state = step_in_epoch_ > 0 ? epoch_rng_ : torch::Tensor();
+    c.epoch = epoch_;
+    c.global_step = global_step_;
+    c.step_in_epoch = step_in_epoch_;
+    c.skipped_steps = skipped_;
+    c.schedule = schedule_.options();
+    c.prediction = options_.loss().prediction();
+    c.training = options_;
+    c.training["device"] = device_.str();
+    c.metadata = metadata;
+    diffusion::save_checkpoint(path, c);
+  }
+
+  torch::Tensor sample(int64_t n, const SamplingMethod& method, uint64_t seed) override {
+    std::optional<EMA::Scope> averaged;
+    if (ema_) averaged.emplace(*ema_, unwrap(model_));
+    auto shape = image_shape();
+    shape.insert(shape.begin(), n);
+    return diffusion::sample(model_, schedule_, shape, method,
+                             SampleOptions().seed(seed).precision(options_.loss().precision())
+                                 .prediction(options_.loss().prediction()));
+  }
+
+  int64_t epoch() const override { return epoch_; }
+  int64_t global_step() const override { return global_step_; }
+  int64_t step_in_epoch() const override { return step_in_epoch_; }
+  const NoiseSchedule& schedule() const override { return schedule_; }
+  std::vector<int64_t> image_shape() const override {
+    TORCH_CHECK(train_.defined(), "Trainer: the image shape is known once fit has been called");
+    return train_.sizes().slice(1).vec();
+  }
+  B& model() noexcept { return model_; }
+  torch::optim::Optimizer& optimizer() noexcept { return *optimizer_; }
+  /// The EMA of the weights, when options().ema_decay() > 0.
+  const std::optional<EMA>& ema() const noexcept { return ema_; }
+  const TrainerOptions& options() const noexcept { return options_; }
+  torch::Device device() const noexcept { return device_; }
+
+  /// Called after every optimizer step, after the hooks.
+  std::function<void(const TrainStep&)> on_step;
+  /// Called after every epoch, after the hooks (so it sees what they wrote).
+  std::function<void(const TrainEpoch&)> on_epoch;
+  /// Strings saved in every checkpoint (read back with read_checkpoint_info).
+  std::map<std::string, std::string> metadata;
+
+ private:
+  int64_t steps_per_epoch(int64_t n) const {
+    const int64_t steps = (n + options_.batch_size() - 1) / options_.batch_size();
+    return options_.max_steps_per_epoch() > 0 ? std::min(steps, options_.max_steps_per_epoch()) : steps;
+  }
+
+  /// The epoch's shuffle, drawn from the generator's state at the epoch's start: a run resumed mid-epoch
+  /// draws the same one, then continues from where its generator was.
+  torch::Tensor epoch_permutation(int64_t n) {
+    if (step_in_epoch_ == 0) epoch_rng_ = generator_.get_state();
+    const auto now = generator_.get_state();
+    generator_.set_state(epoch_rng_);
+    auto perm = torch::randperm(n, generator_, torch::kLong);
+    if (step_in_epoch_ > 0) generator_.set_state(now);
+    return perm;
+  }
+
+  /// Forward and backward of the batch's mean loss, in micro-batches when asked (each micro-batch's mean
+  /// weighted by its share, so the gradients sum to the batch's). Returns the batch's mean loss (0-d).
+  torch::Tensor accumulate_gradients(const torch::Tensor& x0, const torch::Tensor& t, const torch::Tensor& noise) {
+    const int64_t n = x0.size(0);
+    const int64_t m = options_.micro_batch() > 0 ? std::min(options_.micro_batch(), n) : n;
+    torch::Tensor total;
+    for (int64_t i = 0; i < n; i += m) {
+      const int64_t j = std::min(n, i + m);
+      const auto loss = detail::diffusion_loss(model_, schedule_, x0.slice(0, i, j), t.slice(0, i, j),
+                                               noise.slice(0, i, j), options_.loss()).mean() *
+                        (static_cast<double>(j - i) / static_cast<double>(n));
+      loss.backward();
+      total = total.defined() ? total + loss.detach() : loss.detach();
+    }
+    return total.to(torch::kFloat64);
+  }
+
+  /// The mean loss (unweighted: the MSE of the prediction's target) over the validation set.
+  double validation_loss(const torch::Tensor& val, const std::pair<torch::Tensor, torch::Tensor>& draws) {
+    detail::EvalModeGuard eval(unwrap(model_));
+    c10::InferenceMode no_autograd;
+    const auto objective = LossOptions(options_.loss()).min_snr_gamma(0);
+    auto sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
+    for (int64_t i = 0; i < val.size(0); i += options_.batch_size()) {
+      const auto j = std::min(val.size(0), i + options_.batch_size());
+      sum += detail::diffusion_loss(model_, schedule_, val.slice(0, i, j).to(device_, schedule_.dtype()),
+                                    draws.first.slice(0, i, j).to(device_), draws.second.slice(0, i, j).to(device_),
+                                    objective).to(torch::kFloat64).sum();
+    }
+    return sum.item<double>() / static_cast<double>(val.size(0));
+  }
+
+  [[noreturn]] void interrupt(const detail::NonFiniteGuard& guard) {
+    guard.verify();
+    std::optional<std::filesystem::path> saved;
+    for (auto& hook : hooks_) {
+      if (auto path = hook->on_interrupt(*this)) saved = path;
+    }
+    throw TrainingInterrupted(fmt::format("stopped on request at epoch {}, step {} (global step {}){}", epoch_ + 1,
+                                          step_in_epoch_, global_step_,
+                                          saved ? "; saved " + saved->string() : std::string()),
+                              saved);
+  }
+
+  B model_;
+  TrainerOptions options_;
+  torch::Device device_;
+  NoiseSchedule schedule_;
+  torch::Generator generator_;
+  std::shared_ptr<torch::optim::Optimizer> optimizer_;
+  std::optional<EMA> ema_;
+  std::vector<std::shared_ptr<TrainerHook>> hooks_;
+  std::optional<detail::NonFiniteGuard> guard_;
+  torch::Tensor train_, epoch_rng_;
+  int64_t epoch_ = 0, global_step_ = 0, step_in_epoch_ = 0, resumed_at_ = 0, skipped_ = 0;
+};
+
+}  // namespace diffusion

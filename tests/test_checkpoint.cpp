@@ -1,0 +1,211 @@
+// Checkpoints: the file format, format 1 compatibility, integrity, failed writes, load_model.
+#include "helpers.hpp"
+
+#include <csignal>
+#include <sys/resource.h>
+
+namespace checkpoint_helpers {
+
+/// A checkpoint of a short run of `net` (EMA on), in `dir`; returns its path.
+template <class Net>
+fs::path trained_checkpoint(Net net, const fs::path& dir, int64_t epochs = 1) {
+  Trainer trainer(std::move(net), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet().epochs(epochs).ema_decay(0.5));
+  trainer.add_hook(std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(0)));
+  trainer.fit(tiny_dataset(32));
+  return list_checkpoints(dir / "checkpoints").back();
+}
+
+std::string file_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+void put_bytes(const fs::path& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+const fs::path fixtures = DIFFUSION_TEST_FIXTURES;
+
+}  // namespace checkpoint_helpers
+using namespace checkpoint_helpers;
+
+TEST_CASE("a checkpoint round trip reproduces sampling exactly, EMA weights included", "[checkpoint]") {
+  const auto dir = scratch("roundtrip");
+  Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet().epochs(1).ema_decay(0.5));
+  trainer.fit(tiny_dataset(32));
+  const auto path = dir / "model.pt";
+  trainer.save_checkpoint(path);
+  const auto expected = trainer.sample(4, DDPM(), 11);  // from the EMA weights
+
+  const auto info = read_checkpoint_info(path);
+  REQUIRE(info.has_ema);
+  CHECK(info.format == checkpoint_format);
+  CHECK(info.prediction == Prediction::Epsilon);
+  auto model = tiny_net();
+  load_weights(path, model);  // EMA by default
+  const auto got = sample(model, NoiseSchedule(info.schedule), {4, 1, 8, 8}, DDPM(), SampleOptions().seed(11));
+  CHECK(torch::equal(expected, got));
+
+  auto raw = tiny_net();
+  load_weights(path, raw, /*use_ema=*/false);
+  CHECK(max_difference(snapshot(*trainer.model()), snapshot(*raw)) == 0.0);
+}
+
+TEST_CASE("load_model rebuilds the model a checkpoint was written for, without knowing it", "[checkpoint][registry]") {
+  const auto dir = scratch("load_model");
+  for (const auto& [name, path] :
+       {std::pair{std::string("unet"), trained_checkpoint(UNet(UNetOptions().widths({8, 16}).blocks({1, 2}).time_dim(16)), dir / "unet")},
+        std::pair{std::string("convnet"), trained_checkpoint(tiny_net(), dir / "conv")}}) {
+    INFO(name);
+    auto [model, info] = load_model(path);
+    REQUIRE(info.backbone);
+    CHECK(info.backbone->name == name);
+    CHECK_FALSE(model->is_training());
+    // The same samples as the checkpoint's own architecture, loaded by hand.
+    const NoiseSchedule schedule(info.schedule);
+    const auto x = sample(model, schedule, {2, 1, 8, 8}, DDIM().steps(5), SampleOptions().seed(1));
+    if (name == "unet") {
+      UNet by_hand(UNetOptions().widths({8, 16}).blocks({1, 2}).time_dim(16));
+      load_weights(path, by_hand);
+      CHECK(torch::equal(x, sample(by_hand, schedule, {2, 1, 8, 8}, DDIM().steps(5), SampleOptions().seed(1))));
+    } else {
+      auto by_hand = tiny_net();
+      load_weights(path, by_hand);
+      CHECK(torch::equal(x, sample(by_hand, schedule, {2, 1, 8, 8}, DDIM().steps(5), SampleOptions().seed(1))));
+    }
+  }
+  // A model whose type was never registered: weights only.
+  const auto unregistered = trained_checkpoint(ScaleNet(), dir / "scale");
+  CHECK_FALSE(read_checkpoint_info(unregistered).backbone);
+  CHECK_REFUSED(load_model(unregistered), "records no backbone (its type was not registered");
+  CHECK_REFUSED(make_backbone(BackboneConfig{"resnet", {}}), "unknown backbone 'resnet' (known: chunky_mlp, convnet, mlp, smol_mlp, unet)");
+  CHECK_REFUSED(make_backbone(BackboneConfig{"unet", {{"widths", "wide"}}}), "make_backbone: the options of 'unet' are malformed");
+  CHECK_REFUSED(make_backbone(BackboneConfig{"unet", {{"depth", 3}}}), "UNetOptions: unknown field \"depth\"");
+}
+
+TEST_CASE("format-1 checkpoints (written before the JSON config) still load and resume", "[checkpoint][compat]") {
+  // tests/fixtures/format1_convnet.pt: a Trainer of format 1 trained ConvNet(widths {8}, time_dim 8) on T = 50 for
+  // two epochs with an EMA; format1_convnet_sample.pt holds DDPM samples (seed 0) of its EMA weights, drawn then.
+  const auto path = fixtures / "format1_convnet.pt";
+  const auto info = read_checkpoint_info(path);
+  CHECK(info.format == 1);
+  CHECK(info.epoch == 2);
+  CHECK(info.global_step == 4);
+  CHECK(info.has_ema);
+  CHECK(info.schedule.num_timesteps() == 50);
+  CHECK(info.schedule.kind() == ScheduleKind::Linear);
+  CHECK(info.prediction == Prediction::Epsilon);
+  CHECK(info.metadata.at("made_by").find("checkpoint format 1") != std::string::npos);
+  CHECK(info.training.at("batch_size") == "8");
+  CHECK_FALSE(info.backbone);
+  ConvNet model(ConvNetOptions().widths({8}).time_dim(8));
+  load_weights(path, model);
+  torch::Tensor expected;
+  torch::load(expected, (fixtures / "format1_convnet_sample.pt").string());
+  const auto got = sample(model, NoiseSchedule(info.schedule), {2, 1, 8, 8}, DDPM(), SampleOptions().seed(0));
+  CHECK(torch::allclose(got, expected, 1e-5, 1e-5));
+  // A trainer resumes from it: optimizer, EMA (its update count from the step count) and generator.
+  Trainer trainer(ConvNet(ConvNetOptions().widths({8}).time_dim(8)), NoiseSchedule(info.schedule),
+                  quiet().epochs(3).batch_size(8).ema_decay(0.9));
+  trainer.load_checkpoint(path);
+  CHECK(trainer.epoch() == 2);
+  CHECK(trainer.ema()->updates() == 4);
+  auto x = torch::full({16, 1, 8, 8}, -1.0f);
+  CHECK_NOTHROW(trainer.fit(x));
+  CHECK(trainer.epoch() == 3);
+  // The MNIST example's format-1 metadata maps to registered backbones.
+  CHECK(diffusion::detail::v1_backbone({{"backbone", "unet"}, {"widths", "16,32,128"}, {"blocks", "1,1,2"}, {"patch", "1"}})->options ==
+        nlohmann::json({{"widths", {16, 32, 128}}, {"blocks", {1, 1, 2}}, {"patch", 1}}));
+  CHECK(diffusion::detail::v1_backbone({{"backbone", "unet"}, {"widths", "16,32"}})->options.at("blocks") == std::vector<int64_t>{1, 1});
+  CHECK(diffusion::detail::v1_backbone({{"backbone", "conv-small"}, {"widths", "32,64"}})->name == "convnet");
+  CHECK(diffusion::detail::v1_backbone({{"backbone", "smol"}})->name == "smol_mlp");
+  CHECK_FALSE(diffusion::detail::v1_backbone({{"note", "x"}}));
+}
+
+TEST_CASE("checkpoints refuse the wrong model, and every unreadable file is one error naming it",
+          "[checkpoint][errors][faults]") {
+  const auto dir = scratch("refuse");
+  const auto path = trained_checkpoint(tiny_net(), dir / "run");
+  ConvNet wider(ConvNetOptions().widths({16, 16}).time_dim(32));
+  CHECK_REFUSED(load_weights(path, wider), "with shape");
+  SmolMLP mlp;
+  CHECK_REFUSED(load_weights(path, mlp), "does not fit this model");
+  CHECK_REFUSED(read_checkpoint_info(dir / "missing.pt"), "missing.pt: no such file");
+  Trainer with_ema(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet().ema_decay(0.9));
+  auto no_ema = dir / "no_ema.pt";
+  Trainer plain(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet());
+  plain.save_checkpoint(no_ema);
+  CHECK_REFUSED(with_ema.load_checkpoint(no_ema), "has no EMA weights but this run keeps an EMA");
+
+  const auto good = file_bytes(path);
+  const auto bad = dir / "bad.pt";
+  const auto refused = [&](const std::string& bytes, const std::string& message) {
+    put_bytes(bad, bytes);
+    INFO(message);
+    CHECK_REFUSED(read_checkpoint_info(bad), "checkpoint: " + bad.string() + message);
+    auto model = tiny_net();
+    CHECK_REFUSED(load_weights(bad, model), bad.string());
+  };
+  refused("", " is empty");
+  refused(good.substr(0, good.size() / 2), " is truncated or not a checkpoint");
+  refused("not a zip file at all, just text", " is truncated or not a checkpoint");
+  // One byte changed anywhere (in a tensor's data, in the pickle, in the zip's directory): the checksum.
+  for (const double where : {0.1, 0.5, 0.9}) {
+    auto flipped = good;
+    flipped[static_cast<size_t>(where * static_cast<double>(good.size()))] ^= 0x01;
+    refused(flipped, " is damaged: its contents do not match the checksum written with it");
+  }
+  // A foreign archive: a zip LibTorch wrote that is not a checkpoint.
+  torch::save(torch::ones({3}), bad.string());
+  CHECK_REFUSED(read_checkpoint_info(bad), " is not a diffusion checkpoint (no format field)");
+  // A format-1 file (no checksum) with a damaged pickle: still one clear error.
+  auto old = file_bytes(fixtures / "format1_convnet.pt");
+  const auto pkl = old.find("data.pkl");
+  REQUIRE(pkl != std::string::npos);
+  for (size_t i = pkl + 40; i < pkl + 80; ++i) old[i] = '\xff';
+  put_bytes(bad, old);
+  CHECK_REFUSED(read_checkpoint_info(bad), "checkpoint: " + bad.string() + " is damaged");
+}
+
+TEST_CASE("a failed save keeps the previous checkpoint and leaves no temporary file", "[checkpoint][faults]") {
+  const auto dir = scratch("fsize");
+  Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet().ema_decay(0.9));
+  const auto path = dir / "model.pt";
+  trainer.save_checkpoint(path);
+  const auto before = file_bytes(path);
+  // A file-size limit below the checkpoint's size (what a full disk does to a write), SIGXFSZ ignored so
+  // the write fails with EFBIG instead of killing the process.
+  const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  rlimit old_limit{};
+  getrlimit(RLIMIT_FSIZE, &old_limit);
+  rlimit small = old_limit;
+  small.rlim_cur = before.size() / 2;
+  setrlimit(RLIMIT_FSIZE, &small);
+  CHECK_REFUSED(trainer.save_checkpoint(path), "failed: File too large; the previous file (if any) is intact");
+  setrlimit(RLIMIT_FSIZE, &old_limit);
+  std::signal(SIGXFSZ, old_handler);
+  CHECK(file_bytes(path) == before);
+  CHECK_FALSE(fs::exists(dir / "model.pt.tmp"));
+  CHECK_NOTHROW(read_checkpoint_info(path));
+  // A directory that cannot be created.
+  write_bytes(dir / "a_file", {1});
+  CHECK_REFUSED(trainer.save_checkpoint(dir / "a_file" / "model.pt"), "checkpoint: cannot create the directory");
+}
+
+TEST_CASE("option records refuse unknown kinds and fields, naming them", "[checkpoint][errors]") {
+  CHECK_REFUSED(nlohmann::json({{"kind", "quadratic"}}).get<NoiseScheduleOptions>(),
+                "parse_schedule_kind: expected \"linear\" or \"cosine\", got \"quadratic\"");
+  CHECK_REFUSED(nlohmann::json({{"steps", 3}}).get<NoiseScheduleOptions>(), "NoiseScheduleOptions: unknown field \"steps\"");
+  CHECK_REFUSED(nlohmann::json({{"width", 3}}).get<ConvNetOptions>(), "ConvNetOptions: unknown field \"width\"");
+  CHECK_REFUSED(nlohmann::json({{"hiden", 3}}).get<MLPOptions>(), "MLPOptions: unknown field \"hiden\"");
+  const auto s = nlohmann::json(NoiseScheduleOptions().kind(ScheduleKind::Cosine).num_timesteps(7).zero_terminal_snr(true))
+                     .get<NoiseScheduleOptions>();
+  CHECK(s.kind() == ScheduleKind::Cosine);
+  CHECK(s.num_timesteps() == 7);
+  CHECK(s.zero_terminal_snr());
+  const auto u = nlohmann::json(UNetOptions().widths({8, 16}).blocks({2, 3}).patch(2).attention(false)).get<UNetOptions>();
+  CHECK(u.widths() == std::vector<int64_t>{8, 16});
+  CHECK(u.blocks() == std::vector<int64_t>{2, 3});
+  CHECK(u.patch() == 2);
+  CHECK_FALSE(u.attention());
+}
