@@ -8,6 +8,7 @@
 #include <diffusion/training/ema.hpp>
 
 #include <c10/util/hash.h>
+#include <torch/version.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -234,6 +235,48 @@ inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::pat
   return archive;
 }
 
+/// A copy of an optimizer's archive whose parameter keys LibTorch 2.x can read. The optimizers key each
+/// parameter's state by the address of its TensorImpl as text: LibTorch 1.13 writes it in hexadecimal
+/// ("0x55d5..."), 2.x parses it as a decimal number (std::stoull), so every 1.13 key reads as 0 there and
+/// the states land on the wrong parameters. Hexadecimal keys are rewritten in decimal, in the state's
+/// names and in each parameter group's list; everything else is copied as it is.
+inline torch::serialize::InputArchive portable_optimizer_archive(torch::serialize::InputArchive& in,
+                                                                 const torch::Device& device) {
+  const auto decimal = [](const std::string& key) {
+    return key.rfind("0x", 0) == 0 ? std::to_string(std::stoull(key, nullptr, 16)) : key;
+  };
+  const std::function<void(torch::serialize::InputArchive&, torch::serialize::OutputArchive&)> copy =
+      [&](torch::serialize::InputArchive& from, torch::serialize::OutputArchive& to) {
+        for (const auto& key : from.keys()) {
+          torch::serialize::InputArchive nested;
+          if (from.try_read(key, nested)) {
+            torch::serialize::OutputArchive out(to.compilation_unit());
+            copy(nested, out);
+            to.write(decimal(key), out);
+            continue;
+          }
+          torch::Tensor tensor;
+          if (from.try_read(key, tensor)) {
+            to.write(key, tensor);
+          } else if (from.try_read(key, tensor, /*is_buffer=*/true)) {
+            to.write(key, tensor, /*is_buffer=*/true);
+          } else {
+            c10::IValue value;
+            from.read(key, value);
+            to.write(key, value.isString() ? c10::IValue(decimal(value.toStringRef())) : value);
+          }
+        }
+      };
+  torch::serialize::OutputArchive out;
+  copy(in, out);
+  std::ostringstream bytes;
+  out.save_to(bytes);
+  torch::serialize::InputArchive portable;
+  std::istringstream back(bytes.str());
+  portable.load_from(back, device);
+  return portable;
+}
+
 inline c10::IValue read_value(torch::serialize::InputArchive& a, const std::string& key, const std::filesystem::path& path) {
   c10::IValue v;
   TORCH_CHECK(a.try_read(key, v), "checkpoint: ", path.string(), " has no '", key, "' field");
@@ -432,7 +475,12 @@ inline TrainingProgress load_training_state(const std::filesystem::path& path, t
     torch::serialize::InputArchive state;
     TORCH_CHECK(archive.try_read(detail::key::optimizer, state), "checkpoint: ", path.string(), " has no optimizer state");
     detail::reading(path, [&] {
+#if TORCH_VERSION_MAJOR >= 2
+      auto portable = detail::portable_optimizer_archive(state, device);  // written by LibTorch 1.x, perhaps
+      optimizer->load(portable);
+#else
       optimizer->load(state);
+#endif
       return 0;
     });
   }
