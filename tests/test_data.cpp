@@ -33,4 +33,11 @@ TEST_CASE("the idx loader reads good files, plain and gzipped, and names the fau
   write_bytes(dir / "t10k-images-idx3-ubyte", idx_bytes(0x803, {2, 28, 28}, 2 * 28 * 28));
   write_bytes(dir / "t10k-labels-idx1-ubyte", idx_bytes(0x801, {3}, 3));
   CHECK_REFUSED(data::load_mnist(dir, data::Split::Test), "has 2 images but");
+  // A label outside the classes is refused when the file is read, naming the file and the index.
+  auto labels = idx_bytes(0x801, {2}, 2, 3);
+  labels.back() = 200;
+  write_bytes(dir / "t10k-labels-idx1-ubyte", labels);
+  CHECK_REFUSED(data::load_mnist(dir, data::Split::Test),
+                "t10k-labels-idx1-ubyte: label 200 at index 1 is outside the dataset's 10 classes [0, 10)");
+  CHECK_NOTHROW(data::load_mnist(dir, data::Split::Test, 201));
 }

@@ -95,11 +95,14 @@ struct MnistSplit {
 enum class Split { Train, Test };
 
 /// Reads `train-images-idx3-ubyte` / `train-labels-idx1-ubyte` (or the `t10k-` pair) from `dir`, each
-/// plain or with a `.gz` suffix, checks they agree, and returns the images normalized to [-1, 1].
+/// plain or with a `.gz` suffix, checks they agree, and returns the images normalized to [-1, 1]. Labels
+/// must lie in [0, num_classes): one outside is refused, naming the file and the first such index (a
+/// label of 200 would otherwise surface much later as LibTorch's "Target 200 is out of bounds").
 ///
 /// Example:
 ///   auto train = diffusion::data::load_mnist("data/mnist", Split::Train);   // 60,000 images
-inline MnistSplit load_mnist(const std::filesystem::path& dir, Split split) {
+inline MnistSplit load_mnist(const std::filesystem::path& dir, Split split, int64_t num_classes = 10) {
+  TORCH_CHECK(num_classes >= 1, "load_mnist: num_classes must be >= 1, got ", num_classes);
   const std::string prefix = split == Split::Train ? "train" : "t10k";
   const auto find = [&](const std::string& stem) {
     for (const auto& candidate : {dir / stem, dir / (stem + ".gz")}) {
@@ -117,6 +120,11 @@ inline MnistSplit load_mnist(const std::filesystem::path& dir, Split split) {
   TORCH_CHECK(labels.dim() == 1, "load_mnist: ", labels_path.string(), ": expected 1 dimension (N), got ", labels.dim());
   TORCH_CHECK(images.size(0) == labels.size(0), "load_mnist: ", images_path.string(), " has ", images.size(0),
               " images but ", labels_path.string(), " has ", labels.size(0), " labels");
+  const auto out_of_range = labels.to(torch::kLong).ge(num_classes).nonzero();
+  TORCH_CHECK(out_of_range.numel() == 0, "load_mnist: ", labels_path.string(), ": label ",
+              out_of_range.numel() ? labels[out_of_range[0][0].item<int64_t>()].item<int64_t>() : 0, " at index ",
+              out_of_range.numel() ? out_of_range[0][0].item<int64_t>() : 0, " is outside the dataset's ", num_classes,
+              " classes [0, ", num_classes, ")");
   return {images.unsqueeze(1).to(torch::kFloat32).div_(255).sub_(0.5).div_(0.5), labels.to(torch::kLong)};
 }
 
