@@ -49,7 +49,9 @@ struct WrongReturnImpl : torch::nn::Module {
 /// A user's experiment: the seed's ConvNet with a global residual connection, from subclassing.
 struct ResidualConvNetImpl : ConvNetImpl {
   using ConvNetImpl::ConvNetImpl;
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) override { return ConvNetImpl::forward(x, t) + x; }
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& cond = {}) override {
+    return ConvNetImpl::forward(x, t, cond) + x;
+  }
 };
 TORCH_MODULE(ResidualConvNet);
 

@@ -597,3 +597,72 @@ TEST_CASE("progress shows epoch, percent, steps, rate and loss", "[trainer]") {
   CHECK_FALSE(lines.due(5));  // not before its interval
   CHECK(lines.due(10));       // but always at the end
 }
+
+// ---- Class labels ----------------------------------------------------------------------------------
+
+namespace label_helpers {
+/// A conditional backbone with one weight that records every label it is given in training.
+struct LabelProbeImpl : torch::nn::Module {
+  LabelProbeImpl() { w = register_parameter("w", torch::ones({1})); }
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor&, const torch::Tensor& cond = {}) {
+    if (is_training() && cond.defined()) seen.push_back(cond.clone());
+    if (!is_training() && cond.defined()) seen_eval.push_back(cond.clone());
+    return x * w;
+  }
+  torch::Tensor w;
+  std::vector<torch::Tensor> seen, seen_eval;
+};
+TORCH_MODULE(LabelProbe);
+}  // namespace label_helpers
+using namespace label_helpers;
+
+TEST_CASE("condition dropout replaces labels by the null class at its rate, never in validation", "[trainer][cfg]") {
+  // 4,000 labels (class 3) at p = 0.1: the null count is Binomial(4000, 0.1), mean 400, sd 19; 5 sd bound it.
+  const auto data = tiny_dataset(400);
+  const auto labels = torch::full({400}, 3, torch::kLong);
+  LabelProbe probe;
+  Trainer trainer(probe, NoiseSchedule(NoiseScheduleOptions().num_timesteps(20)), quiet().epochs(10).batch_size(100).cond_dropout(0.1));
+  trainer.fit(data, data.slice(0, 0, 50), Labels{labels, labels.slice(0, 0, 50)});
+  const auto all = torch::cat(probe->seen);
+  REQUIRE(all.numel() == 4000);
+  const auto nulls = all.eq(null_class).sum().item<int64_t>();
+  CHECK(std::abs(nulls - 400) < 5 * 19);
+  CHECK(all.ne(null_class).logical_and(all.ne(3)).sum().item<int64_t>() == 0);  // the others kept their class
+  for (const auto& v : probe->seen_eval) CHECK(v.eq(3).all().item<bool>());     // validation: never dropped
+  // p = 0: the conditional prediction only.
+  LabelProbe none;
+  Trainer kept(none, NoiseSchedule(NoiseScheduleOptions().num_timesteps(20)), quiet().epochs(1).cond_dropout(0));
+  kept.fit(data.slice(0, 0, 32), {}, Labels{labels.slice(0, 0, 32), {}});
+  CHECK(torch::cat(none->seen).eq(3).all().item<bool>());
+}
+
+TEST_CASE("a class-conditional UNet trains with labels; its checkpoint rebuilds a conditional model", "[trainer][cfg]") {
+  torch::manual_seed(0);
+  const auto dir = scratch("conditional");
+  // Two classes: the square at the left (class 0) or at the right (class 1).
+  const auto data = tiny_dataset(128);
+  const auto labels = torch::div(torch::arange(128), 2, "floor").remainder(2);  // tiny_dataset's column: (i / 2) % 2
+  Trainer trainer(UNet(UNetOptions().widths({8, 16}).blocks({1, 1}).time_dim(16).num_classes(2)),
+                  NoiseSchedule(NoiseScheduleOptions().num_timesteps(50)), quiet(3e-3).epochs(3).ema_decay(0.9));
+  auto outputs = std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(4).grid_labels(torch::tensor({0, 1, 0, 1})));
+  trainer.add_hook(outputs);
+  std::vector<double> val;
+  trainer.on_epoch = [&](const TrainEpoch& e) { val.push_back(*e.val_loss); };
+  trainer.fit(data, data.slice(0, 0, 32), Labels{labels, labels.slice(0, 0, 32)});
+  CHECK(val.back() < val.front());
+  const auto info = read_checkpoint_info(*outputs->latest_checkpoint());
+  CHECK(info.backbone->options.at("num_classes") == 2);
+  CHECK(info.training.at("cond_dropout") == 0.1);
+  auto [model, loaded] = load_model(*outputs->latest_checkpoint());
+  CHECK(model->conditional());
+  const auto x = sample(model, NoiseSchedule(loaded.schedule), {2, 1, 8, 8}, DDIM().steps(5),
+                        SampleOptions().seed(1).cond(torch::tensor({0, 1})));
+  CHECK(torch::isfinite(x).all().item<bool>());
+  // A ConvNet without num_classes takes labels in type but refuses them at its first step; a backbone type
+  // that takes none is refused before training starts.
+  CHECK_REFUSED(Trainer(tiny_net(), NoiseSchedule(), quiet()).fit(data, {}, Labels{labels, {}}),
+                "ConvNet: class labels given to an unconditional model");
+  CHECK_REFUSED(Trainer(ScaleNet(), NoiseSchedule(), quiet()).fit(data, {}, Labels{labels, {}}), "labels given for a backbone that takes none");
+  CHECK_REFUSED(trainer.fit(data, {}, Labels{labels.slice(0, 0, 5), {}}), "train labels must be 1-D integers, one per image (128)");
+  CHECK_REFUSED(Trainer(tiny_net(), NoiseSchedule(), quiet().cond_dropout(1.5)), "cond_dropout must be in [0, 1], got 1.5");
+}

@@ -67,8 +67,9 @@ struct GatedConvNetImpl : ConvNetImpl {
     gate = register_module("gate", torch::nn::Embedding(1000, 1));
     torch::nn::init::ones_(gate->weight);
   }
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) override {
-    return ConvNetImpl::forward(x, t) * gate(t).view({-1, 1, 1, 1});
+  // ConvNet's forward takes optional class labels (cond) too; an override keeps that signature.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& cond = {}) override {
+    return ConvNetImpl::forward(x, t, cond) * gate(t).view({-1, 1, 1, 1});
   }
   torch::nn::Embedding gate{nullptr};
 };

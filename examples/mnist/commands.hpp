@@ -17,7 +17,8 @@ struct TrainCommand {
           grid = 25, grid_steps = 0, keep = 1, warmup = 0, checkpoint_every = 0, skip_nonfinite = 0;
   double lr = 1e-3, ema = 0.0, grad_clip = 0.0, min_snr_gamma = 0.0, checkpoint_minutes = 0.0;
   uint64_t seed = 0;
-  bool resume = false, zero_terminal_snr = false;
+  bool resume = false, zero_terminal_snr = false, conditional = false;
+  double cond_dropout = 0.1;
   /// The command line, for the message that says how to resume.
   std::string command_line;
 };
@@ -26,8 +27,9 @@ int run_train(const TrainCommand& t);
 
 struct SampleCommand {
   SampleArgs args;
-  std::string out = "samples.png", singles;
+  std::string out = "samples.png", singles, classes;
   int64_t nrow = 0;
+  std::optional<int64_t> klass;
 };
 CLI::App* add_sample(CLI::App& app, SampleCommand& s);
 int run_sample(const SampleCommand& s);
@@ -50,6 +52,7 @@ int run_classifier(const ClassifierCommand& c);
 struct EvaluateCommand {
   SampleArgs sample;
   std::string classifier = "runs/classifier.pt", data = "data/mnist", images;
+  bool unconditional = false;
 };
 CLI::App* add_evaluate(CLI::App& app, EvaluateCommand& e);
 int run_evaluate(const EvaluateCommand& e);

@@ -53,12 +53,21 @@ const std::vector<std::string>& backbone_names() {
   return names;
 }
 
-diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape) {
+int64_t num_classes_of(const diffusion::CheckpointInfo& info) {
+  return info.backbone ? info.backbone->options.value("num_classes", int64_t{0}) : 0;
+}
+
+diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape, int64_t num_classes) {
   TORCH_CHECK(shape.widths.empty() || name == "conv" || name == "conv-small" || name == "unet",
               "--widths applies to the conv and unet backbones only");
   TORCH_CHECK(shape.blocks.empty() || name == "unet", "--blocks applies to the unet backbone only, got --backbone ", name);
   TORCH_CHECK(shape.patch == 0 || name == "unet", "--patch applies to the unet backbone only, got --backbone ", name);
   nlohmann::json options = nlohmann::json::object();
+  if (num_classes > 0) {
+    TORCH_CHECK(name == "conv" || name == "conv-small" || name == "unet",
+                "--conditional applies to the conv and unet backbones only, got --backbone ", name);
+    options["num_classes"] = num_classes;
+  }
   if (name == "conv" || name == "conv-small") {
     options["widths"] = shape.widths.empty() ? (name == "conv" ? std::vector<int64_t>{32, 64, 128, 256}
                                                                : std::vector<int64_t>{32, 64})
@@ -112,6 +121,16 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
   cmd->add_option("--guidance", args.guidance,
                   "Autoguidance weight w with --guide: guide + w (main - guide); 1 is the main model alone")
       ->needs(guide)
+      ->capture_default_str();
+  auto* cfg = cmd->add_option_function<double>(
+      "--cfg", [&args](const double& w) { args.cfg = w; },
+      "Classifier-free guidance weight w for a class-conditional checkpoint: null + w (class - null); 1 (the "
+      "default) is the conditional model alone, 0 the unconditional one");
+  cfg->excludes(guide);
+  cmd->add_option("--cfg-rescale", args.cfg_rescale,
+                  "Guidance rescale phi with --cfg (Lin et al. 2024): match the conditional prediction's spread (0: off)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->needs(cfg)
       ->capture_default_str();
 }
 

@@ -33,9 +33,12 @@ struct Shape {
   int64_t patch = 0;
 };
 
-/// The library's registered backbone for one of this program's names and shape flags; the library refuses
-/// options that do not make a network.
-diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape);
+/// The library's registered backbone for one of this program's names and shape flags, class-conditional
+/// with `num_classes` > 0; the library refuses options that do not make a network.
+diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape, int64_t num_classes = 0);
+
+/// The number of classes a checkpoint's model is conditioned on (0: unconditional).
+int64_t num_classes_of(const diffusion::CheckpointInfo& info);
 
 /// The sampling flags sample and evaluate share.
 struct SampleArgs {
@@ -49,6 +52,11 @@ struct SampleArgs {
   /// Autoguidance: a second, weaker checkpoint and its weight.
   std::string guide;
   double guidance = 2.0;
+  /// Classifier-free guidance weight and rescale, for a class-conditional checkpoint.
+  std::optional<double> cfg;
+  double cfg_rescale = 0.0;
+  /// The class of each of the n images (undefined: unconditional).
+  torch::Tensor labels;
   /// Weights from elsewhere (a torch.save state_dict or safetensors) instead of a checkpoint, for this
   /// program's backbone of that name and shape.
   std::string weights, backbone = "conv";

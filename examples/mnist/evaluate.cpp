@@ -45,9 +45,52 @@ CLI::App* add_evaluate(CLI::App& app, EvaluateCommand& e) {
   cmd->add_option("--classifier", e.classifier, "Classifier from the classifier subcommand")->capture_default_str();
   cmd->add_option("--data", e.data, "MNIST directory (the reference is its test set)")->capture_default_str();
   cmd->add_option("--n", e.sample.n, "Samples to draw")->check(at_least(2))->capture_default_str();
+  cmd->add_flag("--unconditional", e.unconditional,
+                "For a class-conditional checkpoint: sample without labels (by default the classes are requested "
+                "in turn, and the classifier's agreement with them is scored)");
   add_sampling_flags(cmd, e.sample);
   return cmd;
 }
+
+namespace {
+
+/// For samples drawn with requested classes: how often the classifier names the requested class (overall
+/// and per class), and the Frechet distance of each class's samples to the test images of that class,
+/// beside its floor (as many training images of the class).
+void report_requested_classes(eval::LeNet& net, const torch::Tensor& samples, const torch::Tensor& labels, int64_t classes,
+                              const data::MnistSplit& test, const data::MnistSplit& train) {
+  const auto x = samples.clamp(-1, 1);
+  const auto predicted = eval::batched(net, x, 1000, [&](const torch::Tensor& b) { return net(b).argmax(1); });
+  const auto agree = predicted.eq(labels);
+  std::vector<std::string> per_class, per_class_fd;
+  double worst = 1.0;
+  for (int64_t k = 0; k < classes; ++k) {
+    const auto mine = labels.eq(k);
+    const auto n = mine.sum().item<int64_t>();
+    if (n < 2) continue;
+    const double acc = agree.masked_select(mine).to(torch::kDouble).mean().item<double>();
+    worst = std::min(worst, acc);
+    per_class.push_back(fmt::format("{:.3f}", acc));
+    const auto references = test.images.index({test.labels.eq(k)});
+    const auto real = train.images.index({train.labels.eq(k)}).slice(0, 0, n);
+    if (references.size(0) < 2 || real.size(0) < 2) {
+      per_class_fd.push_back("n/a");  // too few real images of the class to fit a Gaussian to
+      continue;
+    }
+    const auto reference = eval::feature_statistics(eval::features_of(net, references));
+    const auto own = eval::feature_statistics(eval::features_of(net, x.index({mine})));
+    const auto floor = eval::feature_statistics(eval::features_of(net, real));
+    per_class_fd.push_back(fmt::format("{:.1f} ({:.1f})", eval::frechet_distance(own, reference),
+                                       eval::frechet_distance(floor, reference)));
+  }
+  fmt::print("requested class:  {:.4f}   (share the classifier assigns to the class asked for; worst class {:.3f})\n",
+             agree.to(torch::kDouble).mean().item<double>(), worst);
+  fmt::print("per class:        {}\n", fmt::join(per_class, " "));
+  fmt::print("per-class FD:     {}   (each class's samples vs its test images; floor in brackets)\n",
+             fmt::join(per_class_fd, " "));
+}
+
+}  // namespace
 
 int run_evaluate(const EvaluateCommand& e) {
   TORCH_CHECK(e.sample.checkpoint.empty() != e.images.empty(), "evaluate: give exactly one of --checkpoint or --images");
@@ -59,12 +102,18 @@ int run_evaluate(const EvaluateCommand& e) {
   const auto train = data::load_mnist(e.data, data::Split::Train);
   const auto reference = eval::feature_statistics(eval::features_of(net, test.images));
   torch::Tensor samples;
+  auto args = e.sample;
+  int64_t classes = 0;
+  if (!args.checkpoint.empty() && !e.unconditional) {
+    classes = num_classes_of(read_checkpoint_info(args.checkpoint));
+    if (classes > 0) args.labels = torch::arange(args.n) % classes;  // every class in turn
+  }
   if (!e.images.empty()) {
     torch::load(samples, e.images);
     TORCH_CHECK(samples.dim() == 4 && samples.size(1) == 1 && samples.size(2) == 28 && samples.size(3) == 28,
                 "evaluate: ", e.images, " must hold an (N, 1, 28, 28) tensor in [-1, 1], got ", samples.sizes());
   } else {
-    samples = generate(e.sample, true);
+    samples = generate(args, true);
   }
   // The bounds, on as many images as the samples: train vs test (the floor) and uniform noise vs test.
   // The real images' scores also give the digit rate for scale: the classifier is not certain of every
@@ -82,6 +131,7 @@ int run_evaluate(const EvaluateCommand& e) {
   fmt::print("class histogram:  {}\n", fmt::join(q.histogram, " "));
   fmt::print("class entropy:    {:.3f} nats (uniform: {:.3f}); smallest class share {:.3f}\n", q.class_entropy,
              std::log(10.0), q.min_class_share);
+  if (classes > 0) report_requested_classes(net, samples, args.labels, classes, test, train);
   return 0;
 }
 

@@ -51,6 +51,8 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
   const auto method = make_sampler(a.sampler, a.settings);
   auto source = open_source(a, device);
   AnyBackbone model = source.model;
+  TORCH_CHECK(!a.cfg || a.labels.defined(), "sample: --cfg guides towards classes; give --class or --classes");
+  if (a.cfg) model = AnyBackbone(ClassifierFreeGuidance(source.model, ClassifierFreeGuidanceOptions(*a.cfg).rescale(a.cfg_rescale)));
   if (!a.guide.empty()) {
     auto [guide, guide_info] = load_model(a.guide, !a.no_ema, device);
     TORCH_CHECK(nlohmann::json(guide_info.schedule) == nlohmann::json(source.schedule), "sample: --guide ", a.guide,
@@ -69,6 +71,14 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
     fmt::print("sampling {} images from {} with {} on {}, {}\n", a.n, source.description, method->describe(), device.str(),
                to_string(precision));
     if (!a.guide.empty()) fmt::print("autoguidance: weight {} against {} (two model calls per step)\n", a.guidance, a.guide);
+    if (a.cfg) fmt::print("classifier-free guidance: weight {}{}\n", *a.cfg, a.cfg_rescale > 0 ? fmt::format(", rescale {}", a.cfg_rescale) : "");
+    if (a.labels.defined()) {
+      const auto first = a.labels[0].item<int64_t>();
+      const auto classes = torch::bincount(a.labels.clamp_min(0)).gt(0).sum().item<int64_t>();
+      fmt::print("classes requested: {}\n", a.labels.eq(first).all().item<bool>()
+                                                 ? fmt::format("{} of class {}", a.n, first)
+                                                 : fmt::format("{} images over {} classes", a.n, classes));
+    }
     if (a.clip_x0 > 0) fmt::print("predicted x_0 clamped to [-{0}, {0}] at every step\n", a.clip_x0);
     if (!a.init.empty()) {
       fmt::print("starting from {}{}\n", a.init,
@@ -83,7 +93,9 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
   std::vector<torch::Tensor> chunks;
   for (int64_t done = 0, k = 0; done < a.n; done += 100, ++k) {
     const std::vector<int64_t> shape{std::min<int64_t>(100, a.n - done), 1, 28, 28};
-    chunks.push_back(sample(model, schedule, shape, *method, SampleOptions(base).seed(a.seed + static_cast<uint64_t>(k))).cpu());
+    auto options = SampleOptions(base).seed(a.seed + static_cast<uint64_t>(k));
+    if (a.labels.defined()) options.cond(a.labels.slice(0, done, done + shape[0]).to(device));
+    chunks.push_back(sample(model, schedule, shape, *method, options).cpu());
   }
   return torch::cat(chunks);
 }
@@ -114,6 +126,12 @@ CLI::App* add_sample(CLI::App& app, SampleCommand& s) {
                                    "With --init: how much of the sampling to run from it, 0 (return it) to 1 (ignore it)")
       ->check(CLI::Range(0.0, 1.0))
       ->needs(init);
+  cmd->add_option_function<int64_t>("--class", [&s](const int64_t& k) { s.klass = k; },
+                                    "A class-conditional checkpoint's class for every image, e.g. 7")
+      ->check(CLI::Range(0, 100000));
+  cmd->add_option("--classes", s.classes,
+                  "'all': a grid with one row per class, --n images each (a class-conditional checkpoint)")
+      ->check(CLI::IsMember({"all"}));
   cmd->add_option("--mask", s.args.mask,
                   "With --init: a 28x28 PNG, white where --init's pixels are kept, black where they are generated "
                   "(inpainting)")
@@ -122,14 +140,26 @@ CLI::App* add_sample(CLI::App& app, SampleCommand& s) {
   return cmd;
 }
 
-int run_sample(const SampleCommand& s) {
-  const auto& a = s.args;
+int run_sample(const SampleCommand& given) {
+  auto s = given;
+  auto& a = s.args;
+  TORCH_CHECK(!(s.klass && !s.classes.empty()), "sample: give --class or --classes, not both");
+  int64_t nrow = s.nrow;
+  if (s.klass) a.labels = torch::full({a.n}, *s.klass, torch::kLong);
+  if (!s.classes.empty()) {
+    TORCH_CHECK(!a.checkpoint.empty(), "sample: --classes needs a checkpoint, whose class count it reads");
+    const auto classes = num_classes_of(read_checkpoint_info(a.checkpoint));
+    TORCH_CHECK(classes > 0, "sample: ", a.checkpoint, " is not class-conditional (trained without --conditional)");
+    a.labels = torch::arange(classes).repeat_interleave(a.n);  // one row of n per class
+    if (nrow == 0) nrow = a.n;
+    a.n *= classes;
+  }
   TORCH_CHECK(a.checkpoint.empty() != a.weights.empty(), "sample: give --checkpoint or --weights");
   TORCH_CHECK(a.init.empty() || a.strength || !a.mask.empty(),
               "sample: --init needs --strength S (how much of it to change, 0 to 1) or --mask (which pixels to keep)");
   const auto x = to_unit_range(generate(a, true));
   if (!s.out.empty()) {
-    const auto nrow = s.nrow > 0 ? s.nrow : static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(a.n))));
+    if (nrow == 0) nrow = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(a.n))));
     write_png(s.out, make_grid(x, nrow, 2));
     fmt::print("wrote {}\n", s.out);
   }

@@ -71,6 +71,12 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
   cmd->add_option("--skip-nonfinite", t.skip_nonfinite,
                   "Skip up to N steps whose loss or gradients are not finite before stopping (0: stop at the first)")
       ->check(at_least(0))->capture_default_str();
+  cmd->add_flag("--conditional", t.conditional,
+                "Class-conditional: the network learns each image's label (10 classes) and, with --cond-dropout, "
+                "the unconditional prediction too, for classifier-free guidance (sample --class / --classes, --cfg)");
+  cmd->add_option("--cond-dropout", t.cond_dropout, "With --conditional: share of labels dropped to the null class")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
   cmd->add_flag("--resume", t.resume, "Continue from the newest checkpoint in OUT/checkpoints");
   return cmd;
 }
@@ -96,9 +102,11 @@ int run_train(const TrainCommand& t) {
                             .warmup_steps(t.warmup)
                             .grad_clip(t.grad_clip))
           .ema_decay(t.ema)
+          .cond_dropout(t.cond_dropout)
           .skip_nonfinite(t.skip_nonfinite)
           .device(device);
-  Trainer trainer(make_backbone(backbone_config(t.backbone, t.shape)), schedule, options);
+  constexpr int64_t classes = 10;  // MNIST's digits, Fashion-MNIST's garments
+  Trainer trainer(make_backbone(backbone_config(t.backbone, t.shape, t.conditional ? classes : 0)), schedule, options);
   auto outputs = std::make_shared<RunOutputs>(
       RunOutputsOptions(t.out)
           .keep_checkpoints(t.keep)
@@ -106,6 +114,7 @@ int run_train(const TrainCommand& t) {
           .grid_samples(t.grid)
           .grid_sampler(t.grid_steps > 0 ? make_sampler("ddim", SamplerSettings().steps(t.grid_steps).eta(1)) : nullptr)
           .grid_seed(t.seed + 1)
+          .grid_labels(t.conditional && t.grid > 0 ? torch::arange(t.grid) % classes : torch::Tensor())
           .checkpoint_every_steps(t.checkpoint_every)
           .checkpoint_every_minutes(t.checkpoint_minutes));
   trainer.add_hook(outputs);
@@ -116,17 +125,26 @@ int run_train(const TrainCommand& t) {
     }
   }
   // Loaded before any long work, so that a missing dataset is reported at once.
-  auto images = data::load_mnist(t.data, data::Split::Train).images;
-  if (t.limit > 0) images = images.slice(0, 0, std::min<int64_t>(t.limit, images.size(0)));
+  auto train = data::load_mnist(t.data, data::Split::Train, classes);
+  auto images = train.images;
+  Labels labels;
+  if (t.conditional) labels.train = train.labels;
+  if (t.limit > 0) {
+    images = images.slice(0, 0, std::min<int64_t>(t.limit, images.size(0)));
+    if (t.conditional) labels.train = labels.train.slice(0, 0, images.size(0));
+  }
   torch::Tensor val;
   if (t.val_size > 0) {
-    const auto test = data::load_mnist(t.data, data::Split::Test);
+    const auto test = data::load_mnist(t.data, data::Split::Test, classes);
     val = test.images.slice(0, 0, std::min<int64_t>(t.val_size, test.images.size(0)));
+    if (t.conditional) labels.val = test.labels.slice(0, 0, val.size(0));
   }
   int64_t params = 0;
   for (const auto& p : unwrap(trainer.model()).parameters()) params += p.numel();
-  fmt::print("training {} ({} parameters, {} prediction) on {} images from {} for {} epochs on {} with {} threads, {}\n",
-             t.backbone, params, t.prediction, images.size(0), t.data, t.epochs, trainer.device().str(),
+  fmt::print("training {} ({} parameters, {} prediction{}) on {} images from {} for {} epochs on {} with {} threads, {}\n",
+             t.backbone, params, t.prediction,
+             t.conditional ? fmt::format(", conditional on {} classes, label dropout {}", classes, t.cond_dropout) : "",
+             images.size(0), t.data, t.epochs, trainer.device().str(),
              at::get_num_threads(), to_string(options.loss().precision()));
   std::fflush(stdout);  // before the progress bar starts on stderr
   trainer.on_epoch = [](const TrainEpoch& e) {
@@ -140,7 +158,7 @@ int run_train(const TrainCommand& t) {
   };
   install_stop_signals();
   try {
-    trainer.fit(images, val);
+    trainer.fit(images, val, labels);
   } catch (const TrainingInterrupted& e) {
     fmt::print(stderr, "\n{}\nresume with: {}{}\n", e.what(), t.command_line, t.resume ? "" : " --resume");
     return 130;

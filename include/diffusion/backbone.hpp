@@ -58,6 +58,20 @@ concept PredictsNoise = requires(module_type_t<B>& m, const torch::Tensor& x, co
 template <class B>
 concept Backbone = TorchModule<B> && PredictsNoise<B>;
 
+/// A backbone that also takes a condition: `forward(x_t, t, cond)` with cond of shape (N,) holding int64
+/// class labels in [0, num_classes), or null_class for "no condition" (what classifier-free guidance's
+/// unconditional branch asks for). A conditional backbone is still a Backbone: forward(x_t, t) means
+/// unconditional.
+template <class B>
+concept ConditionalBackbone = Backbone<B> && requires(module_type_t<B>& m, const torch::Tensor& x, const torch::Tensor& t,
+                                                      const torch::Tensor& cond) {
+  { m.forward(x, t, cond) } -> std::convertible_to<torch::Tensor>;
+};
+
+/// The label that stands for "no condition": a conditional backbone maps it to its learned null
+/// embedding (Ho & Salimans 2022 train one model for both by dropping labels to it).
+inline constexpr int64_t null_class = -1;
+
 /// The module behind a backbone handle, as a reference.
 template <Backbone B>
 module_type_t<B>& unwrap(B& backbone) {

@@ -22,6 +22,7 @@
 #include <diffusion/sampling/dpm_solver.hpp>
 #include <diffusion/registry.hpp>
 #include <diffusion/guidance/autoguidance.hpp>
+#include <diffusion/guidance/classifier_free.hpp>
 #include <diffusion/backbones/embedding.hpp>
 #include <diffusion/backbones/conv_net.hpp>
 #include <diffusion/backbones/mlp.hpp>

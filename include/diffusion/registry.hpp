@@ -28,14 +28,17 @@ struct BackboneConfig {
 /// A backbone of any type behind one type: what load_model returns and what wrappers (autoguidance)
 /// hold. It adopts the wrapped module's parameters, buffers and submodules under their own names, so that
 /// its state_dict, its checkpoints and its EMA read exactly like the wrapped module's (the seed's names);
-/// eval(), train() and to() reach the wrapped module. forward(x, t) calls it.
+/// eval(), train() and to() reach the wrapped module. forward(x, t, cond) calls it, with the labels when the
+/// wrapped backbone is a ConditionalBackbone; labels for an unconditional one are refused.
 ///
 /// Example:
 ///   AnyBackbone model(UNet());                  // or load_model(path).model
 ///   auto x = sample(model, schedule, {4, 1, 28, 28}, DDIM());
 class AnyBackboneImpl : public torch::nn::Module {
  public:
-  explicit AnyBackboneImpl(torch::nn::AnyModule backbone) : backbone_(std::move(backbone)) {
+  /// From a type-erased module: `conditional` says whether its forward takes labels (forward(x, t, cond)).
+  explicit AnyBackboneImpl(torch::nn::AnyModule backbone, bool conditional = false)
+      : backbone_(std::move(backbone)), conditional_(conditional) {
     TORCH_CHECK(!backbone_.is_empty(), "AnyBackbone: the backbone must be given");
     auto& inner = *backbone_.ptr();
     for (auto& p : inner.named_parameters(/*recurse=*/false)) register_parameter(p.key(), p.value(), p.value().requires_grad());
@@ -44,9 +47,17 @@ class AnyBackboneImpl : public torch::nn::Module {
   }
   template <Backbone B>
     requires(!std::is_same_v<std::remove_cvref_t<B>, torch::nn::AnyModule>)
-  explicit AnyBackboneImpl(B backbone) : AnyBackboneImpl(torch::nn::AnyModule(std::move(backbone))) {}
+  explicit AnyBackboneImpl(B backbone)
+      : AnyBackboneImpl(torch::nn::AnyModule(std::move(backbone)), ConditionalBackbone<B>) {}
 
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) { return backbone_.forward(x, t); }
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& cond = {}) {
+    if (conditional_) return backbone_.forward(x, t, cond);
+    TORCH_CHECK(!cond.defined(), "AnyBackbone: class labels given to a backbone that takes none (not conditional)");
+    return backbone_.forward(x, t);
+  }
+
+  /// Whether the wrapped backbone takes class labels.
+  bool conditional() const noexcept { return conditional_; }
 
   /// The wrapped module's own mode goes with this one's (a module may read is_training() itself).
   void train(bool on = true) override {
@@ -59,8 +70,12 @@ class AnyBackboneImpl : public torch::nn::Module {
   const torch::nn::Module& module() const { return *backbone_.ptr(); }
   torch::nn::AnyModule& any() { return backbone_; }
 
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({2, torch::nn::AnyValue(torch::Tensor())})
+
  private:
   torch::nn::AnyModule backbone_;
+  bool conditional_ = false;
 };
 TORCH_MODULE(AnyBackbone);
 
@@ -70,7 +85,7 @@ struct BackboneType {
   std::string name;
   std::function<nlohmann::json(const torch::nn::Module&)> options;
 };
-using BackboneFactory = std::function<torch::nn::AnyModule(const nlohmann::json&)>;
+using BackboneFactory = std::function<AnyBackbone(const nlohmann::json&)>;
 
 inline Registry<BackboneFactory>& backbones() {
   static Registry<BackboneFactory> registry("backbone");
@@ -110,7 +125,7 @@ void register_backbone(const std::string& name) {
                 detail::backbone_types().at(typeid(Impl)).name, "'");
   }
   detail::backbones().add(name, [](const nlohmann::json& options) {
-    return torch::nn::AnyModule(std::make_shared<Impl>(options.get<Options>()));
+    return AnyBackbone(std::make_shared<Impl>(options.get<Options>()));
   });
   std::lock_guard lock(detail::backbone_types_mutex());
   detail::backbone_types().emplace(typeid(Impl), detail::BackboneType{name, [](const torch::nn::Module& module) {
@@ -136,7 +151,7 @@ inline std::optional<BackboneConfig> backbone_config(const torch::nn::Module& mo
 inline AnyBackbone make_backbone(const BackboneConfig& config) {
   const auto factory = detail::backbones().at(config.name);
   try {
-    return AnyBackbone(factory(config.options));
+    return factory(config.options);
   } catch (const nlohmann::json::exception& e) {
     TORCH_CHECK(false, "make_backbone: the options of '", config.name, "' are malformed: ", e.what(), " in ",
                 config.options.dump());

@@ -76,6 +76,9 @@ struct ConvNetOptions {
   TORCH_ARG(int64_t, time_dim) = 256;
   /// GroupNorm groups in every block.
   TORCH_ARG(int64_t, groups) = 8;
+  /// Class-conditional with this many classes (a learned class embedding added to the time embedding, plus
+  /// a null class; see ClassEmbedding); 0: unconditional, the seed's.
+  TORCH_ARG(int64_t, num_classes) = 0;
 };
 
 /// The seed's CNN backbone: nine ConvBlocks at full resolution (four encoder blocks, a bottleneck,
@@ -113,12 +116,21 @@ class ConvNetImpl : public torch::nn::Cloneable<ConvNetImpl> {
       decoder.push_back(register_module("dec" + std::to_string(i), block(w[i - 1], w[i >= 2 ? i - 2 : 0])));
     }
     final = register_module("final", torch::nn::Conv2d(torch::nn::Conv2dOptions(w.front(), o.channels(), 1)));
+    TORCH_CHECK(o.num_classes() >= 0, "ConvNet: num_classes must be >= 0 (0: unconditional), got ", o.num_classes());
+    class_embedding = o.num_classes() > 0 ? register_module("class_embedding", ClassEmbedding(o.num_classes(), o.time_dim()))
+                                          : ClassEmbedding(nullptr);
   }
 
-  /// x: (N, channels, H, W) noisy images; t: (N,) timesteps. Returns the predicted noise, x's shape.
-  virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
+  /// x: (N, channels, H, W) noisy images; t: (N,) timesteps; cond: (N,) class labels (null_class: none;
+  /// undefined: none for all) when num_classes > 0. Returns the predicted noise, x's shape.
+  virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& cond = {}) {
     detail::check_image_batch("ConvNet", x, t, options.channels(), 0);
-    const auto t_emb = time_mlp->forward(t.to(x.scalar_type()));
+    auto t_emb = time_mlp->forward(t.to(x.scalar_type()));
+    if (class_embedding) {
+      t_emb = t_emb + class_embedding->forward(cond, x.size(0), "ConvNet").to(t_emb.scalar_type());
+    } else {
+      detail::check_no_labels("ConvNet", cond);
+    }
     auto h = x;
     for (auto& block : encoder) h = block(h, t_emb);
     h = bottleneck(h, t_emb);
@@ -134,15 +146,22 @@ class ConvNetImpl : public torch::nn::Cloneable<ConvNetImpl> {
   /// dec_n .. dec1, in the order they run.
   std::vector<ConvBlock> decoder;
   torch::nn::Conv2d final{nullptr};
+  /// Present when num_classes > 0.
+  ClassEmbedding class_embedding{nullptr};
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({2, torch::nn::AnyValue(torch::Tensor())})
 };
 TORCH_MODULE(ConvNet);
 
 /// ConvNetOptions as JSON, every field by name (how checkpoints record them); unknown fields are refused.
 inline void to_json(nlohmann::json& j, const ConvNetOptions& o) {
-  j = {{"channels", o.channels()}, {"widths", o.widths()}, {"time_dim", o.time_dim()}, {"groups", o.groups()}};
+  j = {{"channels", o.channels()}, {"widths", o.widths()}, {"time_dim", o.time_dim()}, {"groups", o.groups()},
+       {"num_classes", o.num_classes()}};
 }
 inline void from_json(const nlohmann::json& j, ConvNetOptions& o) {
-  detail::check_json_fields(j, {"channels", "widths", "time_dim", "groups"}, "ConvNetOptions");
+  detail::check_json_fields(j, {"channels", "widths", "time_dim", "groups", "num_classes"}, "ConvNetOptions");
+  detail::read_json_field<int64_t>(j, "num_classes", [&](auto v) { o.num_classes(v); });
   detail::read_json_field<int64_t>(j, "channels", [&](auto v) { o.channels(v); });
   detail::read_json_field<std::vector<int64_t>>(j, "widths", [&](auto v) { o.widths(v); });
   detail::read_json_field<int64_t>(j, "time_dim", [&](auto v) { o.time_dim(v); });

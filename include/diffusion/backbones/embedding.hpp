@@ -42,7 +42,58 @@ class SinusoidalPositionEmbeddingsImpl : public torch::nn::Cloneable<SinusoidalP
 };
 TORCH_MODULE(SinusoidalPositionEmbeddings);
 
+/// A learned embedding of class labels for conditional backbones: num_classes classes plus one "null"
+/// class (null_class, -1) that stands for no condition (Ho & Salimans 2022, "Classifier-Free Diffusion
+/// Guidance": one network learns both when training drops labels to it). Its output is added to the time
+/// embedding.
+///
+/// Example:
+///   ClassEmbedding emb(10, 128);
+///   auto e = emb->forward(torch::tensor({3, -1}), 2);   // (2, 128): class 3, and no class
+class ClassEmbeddingImpl : public torch::nn::Cloneable<ClassEmbeddingImpl> {
+ public:
+  ClassEmbeddingImpl(int64_t num_classes, int64_t dim) : num_classes(num_classes), dim(dim) { reset(); }
+
+  void reset() override {
+    TORCH_CHECK(num_classes >= 1 && dim >= 1, "ClassEmbedding: num_classes and dim must be >= 1, got ", num_classes,
+                " and ", dim);
+    table = register_module("table", torch::nn::Embedding(num_classes + 1, dim));
+  }
+
+  /// cond: (n,) integer labels in [0, num_classes) or null_class; undefined means null for all n. `who`
+  /// names the backbone in messages.
+  torch::Tensor forward(const torch::Tensor& cond, int64_t n, const char* who = "ClassEmbedding") {
+    auto index = torch::full({n}, num_classes, torch::TensorOptions().dtype(torch::kLong).device(table->weight.device()));
+    if (cond.defined()) {
+      TORCH_CHECK(!cond.is_floating_point() && !cond.is_complex() && cond.scalar_type() != torch::kBool && cond.dim() == 1,
+                  who, ": cond must be a 1-D integer tensor of class labels, got ", cond.scalar_type(), " of shape ",
+                  cond.sizes());
+      TORCH_CHECK(cond.size(0) == n, who, ": cond has ", cond.size(0), " labels but the batch has ", n, " samples");
+      const auto lo = cond.min().item<int64_t>(), hi = cond.max().item<int64_t>();
+      TORCH_CHECK(lo >= -1 && hi < num_classes, who, ": class labels must be in [0, ", num_classes,
+                  ") or null_class (-1), got values in [", lo, ", ", hi, "]");
+      const auto labels = cond.to(index.device(), torch::kLong);
+      index = torch::where(labels < 0, index, labels);
+    }
+    return table(index);
+  }
+
+  void pretty_print(std::ostream& os) const override {
+    os << "diffusion::ClassEmbedding(" << num_classes << " classes + null, " << dim << ")";
+  }
+
+  int64_t num_classes, dim;
+  torch::nn::Embedding table{nullptr};
+};
+TORCH_MODULE(ClassEmbedding);
+
 namespace detail {
+
+/// Refuses class labels for an unconditional backbone (num_classes 0).
+inline void check_no_labels(const char* who, const torch::Tensor& cond) {
+  TORCH_CHECK(!cond.defined(), who, ": class labels given to an unconditional model (num_classes is 0); train it with "
+              "num_classes to condition it");
+}
 
 /// The seed's time MLP: Sequential(SinusoidalPositionEmbeddings(dim), Linear(dim, dim), ReLU).
 /// Kept as a Sequential so parameter names ("time_mlp.1.weight") match the seed's state_dict.

@@ -50,6 +50,9 @@ struct UNetOptions {
   /// patch(2) turns a 1x28x28 image into 4x14x14, so the network never touches the memory-bound full
   /// resolution; 1 folds nothing.
   TORCH_ARG(int64_t, patch) = 1;
+  /// Class-conditional with this many classes (a learned class embedding added to the time embedding, plus
+  /// a null class; see ClassEmbedding); 0: unconditional.
+  TORCH_ARG(int64_t, num_classes) = 0;
 };
 
 /// GroupNorm -> SiLU -> conv3x3, twice, with the time embedding added between, and a residual path
@@ -175,17 +178,25 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
     for (size_t i = top; i-- > 0;) extra(up[i], "up" + std::to_string(i), i);
     out_norm = register_module("out_norm", GroupNorm(g, w[0]));
     out_conv = register_module("out_conv", Conv2d(Conv2dOptions(w[0], folded, 3).padding(1)));
+    TORCH_CHECK(o.num_classes() >= 0, "UNet: num_classes must be >= 0 (0: unconditional), got ", o.num_classes());
+    class_embedding = o.num_classes() > 0 ? register_module("class_embedding", ClassEmbedding(o.num_classes(), td))
+                                          : ClassEmbedding(nullptr);
   }
 
-  /// x: (N, channels, H, W) with H, W divisible by patch * 2^(levels - 1); t: (N,). Returns the
-  /// predicted noise, x's shape.
-  virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
+  /// x: (N, channels, H, W) with H, W divisible by patch * 2^(levels - 1); t: (N,); cond: (N,) class labels
+  /// (null_class: none; undefined: none for all) when num_classes > 0. Returns the predicted noise, x's shape.
+  virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& cond = {}) {
     detail::check_image_batch("UNet", x, t, options.channels(), 0);
     const int64_t factor = options.size_multiple();
     TORCH_CHECK(x.size(2) % factor == 0 && x.size(3) % factor == 0, "UNet: height and width must be divisible by ",
                 factor, " (patch ", options.patch(), " times 2^", options.widths().size() - 1, " for ",
                 options.widths().size(), " levels), got ", x.size(2), "x", x.size(3));
-    const auto e = time_mlp->forward(t.to(x.scalar_type()));
+    auto e = time_mlp->forward(t.to(x.scalar_type()));
+    if (class_embedding) {
+      e = e + class_embedding->forward(cond, x.size(0), "UNet").to(e.scalar_type());
+    } else {
+      detail::check_no_labels("UNet", cond);
+    }
     const auto run = [&](std::vector<ResBlock>& stage, torch::Tensor h) {
       for (auto& block : stage) h = block(h, e);
       return h;
@@ -223,16 +234,23 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
   std::vector<ResBlock> mid1, mid2;
   SelfAttention attn{nullptr};
   torch::nn::GroupNorm out_norm{nullptr};
+  /// Present when num_classes > 0.
+  ClassEmbedding class_embedding{nullptr};
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({2, torch::nn::AnyValue(torch::Tensor())})
 };
 TORCH_MODULE(UNet);
 
 /// UNetOptions as JSON, every field by name (how checkpoints record them); unknown fields are refused.
 inline void to_json(nlohmann::json& j, const UNetOptions& o) {
   j = {{"channels", o.channels()}, {"widths", o.widths()}, {"time_dim", o.time_dim()}, {"groups", o.groups()},
-       {"attention", o.attention()}, {"blocks", o.blocks()}, {"patch", o.patch()}};
+       {"attention", o.attention()}, {"blocks", o.blocks()}, {"patch", o.patch()}, {"num_classes", o.num_classes()}};
 }
 inline void from_json(const nlohmann::json& j, UNetOptions& o) {
-  detail::check_json_fields(j, {"channels", "widths", "time_dim", "groups", "attention", "blocks", "patch"}, "UNetOptions");
+  detail::check_json_fields(j, {"channels", "widths", "time_dim", "groups", "attention", "blocks", "patch", "num_classes"},
+                            "UNetOptions");
+  detail::read_json_field<int64_t>(j, "num_classes", [&](auto v) { o.num_classes(v); });
   detail::read_json_field<int64_t>(j, "channels", [&](auto v) { o.channels(v); });
   detail::read_json_field<std::vector<int64_t>>(j, "widths", [&](auto v) { o.widths(v); });
   detail::read_json_field<int64_t>(j, "time_dim", [&](auto v) { o.time_dim(v); });

@@ -33,6 +33,8 @@ inline void check_trainer_options(const TrainerOptions& o, const NoiseSchedule& 
   TORCH_CHECK(o.ema_decay() >= 0 && o.ema_decay() < 1, "Trainer: ema_decay must be in [0, 1) (0 = off), got ",
               o.ema_decay());
   TORCH_CHECK(o.skip_nonfinite() >= 0, "Trainer: skip_nonfinite must be >= 0, got ", o.skip_nonfinite());
+  TORCH_CHECK(o.cond_dropout() >= 0 && o.cond_dropout() <= 1, "Trainer: cond_dropout must be in [0, 1], got ",
+              o.cond_dropout());
   const auto device = o.device();
   TORCH_CHECK(!device || !device->is_cuda() || torch::cuda::is_available(), "Trainer: device ", device->str(),
               " requested but this LibTorch sees no CUDA device");
@@ -43,6 +45,18 @@ inline void check_images(const char* name, const torch::Tensor& x) {
   TORCH_CHECK(x.defined() && x.dim() == 4 && x.size(0) >= 1 && x.is_floating_point(), "Trainer::fit: ", name,
               " must be a non-empty floating-point (N, C, H, W) tensor, got ",
               x.defined() ? c10::str(x.sizes(), " ", x.scalar_type()) : "an undefined tensor");
+}
+
+/// Labels, when given, must be one non-negative integer per image.
+inline void check_labels(const char* name, const torch::Tensor& labels, const torch::Tensor& images) {
+  if (!labels.defined()) return;
+  TORCH_CHECK(images.defined(), "Trainer::fit: ", name, " labels given without their images");
+  TORCH_CHECK(!labels.is_floating_point() && labels.scalar_type() != torch::kBool && labels.dim() == 1 &&
+                  labels.size(0) == images.size(0),
+              "Trainer::fit: ", name, " labels must be 1-D integers, one per image (", images.size(0), "), got ",
+              labels.scalar_type(), " of shape ", labels.sizes());
+  TORCH_CHECK(labels.min().item<int64_t>() >= 0, "Trainer::fit: ", name, " labels must be >= 0, got ",
+              labels.min().item<int64_t>());
 }
 
 /// AdamW with the seed's settings (torch.optim.AdamW's betas and eps) at `o`'s lr and weight decay.

@@ -36,9 +36,10 @@ namespace diffusion {
 ///   auto images = sample(guided, schedule, {25, 1, 28, 28}, DDIM().steps(50).eta(1));
 class AutoguidanceImpl : public torch::nn::Module {
  public:
-  /// `main` and `guide` hold backbones with `forward(x, t)` (any TORCH_MODULE holder or shared_ptr of
-  /// one); `weight` is w above.
-  AutoguidanceImpl(torch::nn::AnyModule main, torch::nn::AnyModule guide, double weight)
+  /// `main` and `guide` are backbones (any TORCH_MODULE holder, shared_ptr, or AnyBackbone); `weight` is
+  /// w above. For class-conditional models both get the same labels (Karras et al. 2024 guide
+  /// class-conditional ImageNet models so, with a weaker conditional model as the guide).
+  AutoguidanceImpl(AnyBackbone main, AnyBackbone guide, double weight)
       : main_(std::move(main)), guide_(std::move(guide)), weight_(weight) {
     TORCH_CHECK(!main_.is_empty() && !guide_.is_empty(), "Autoguidance: both the main and the guide model must be given");
     TORCH_CHECK(std::isfinite(weight_), "Autoguidance: weight must be finite, got ", weight_);
@@ -47,14 +48,14 @@ class AutoguidanceImpl : public torch::nn::Module {
   }
 
   template <Backbone M, Backbone G>
-  AutoguidanceImpl(M main, G guide, double weight)
-      : AutoguidanceImpl(torch::nn::AnyModule(std::move(main)), torch::nn::AnyModule(std::move(guide)), weight) {}
+    requires(!std::is_same_v<M, AnyBackbone> || !std::is_same_v<G, AnyBackbone>)
+  AutoguidanceImpl(M main, G guide, double weight) : AutoguidanceImpl(wrap(std::move(main)), wrap(std::move(guide)), weight) {}
 
-  /// eps_guide + w (eps_main - eps_guide), in the main prediction's dtype. Under bf16 autocast both
-  /// predictions are combined in fp32, as w > 1 amplifies their difference.
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
-    auto main = main_.forward(x, t);
-    auto guide = guide_.forward(x, t);
+  /// eps_guide + w (eps_main - eps_guide), in the main prediction's dtype; `cond` (class labels) goes to
+  /// both. Under bf16 autocast both predictions are combined in fp32, as w > 1 amplifies their difference.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& cond = {}) {
+    auto main = main_->forward(x, t, cond);
+    auto guide = guide_->forward(x, t, cond);
     TORCH_CHECK(main.sizes() == guide.sizes(), "Autoguidance: the main model returned shape ", main.sizes(),
                 " but the guide returned ", guide.sizes(), "; both must predict noise of the input's shape");
     const auto dtype = main.scalar_type();
@@ -64,11 +65,24 @@ class AutoguidanceImpl : public torch::nn::Module {
 
   /// w: 1 is the main model alone, 0 the guide alone.
   double weight() const { return weight_; }
-  torch::nn::AnyModule& main() { return main_; }
-  torch::nn::AnyModule& guide() { return guide_; }
+  AnyBackbone& main() { return main_; }
+  AnyBackbone& guide() { return guide_; }
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({2, torch::nn::AnyValue(torch::Tensor())})
 
  private:
-  torch::nn::AnyModule main_, guide_;
+  template <Backbone B>
+  static AnyBackbone wrap(B backbone) {
+    if constexpr (std::is_same_v<B, AnyBackbone>) {
+      return backbone;
+    } else {
+      TORCH_CHECK(static_cast<bool>(backbone), "Autoguidance: both the main and the guide model must be given");
+      return AnyBackbone(std::move(backbone));
+    }
+  }
+
+  AnyBackbone main_, guide_;
   double weight_;
 };
 TORCH_MODULE(Autoguidance);

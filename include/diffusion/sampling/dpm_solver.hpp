@@ -77,6 +77,48 @@ inline torch::Tensor dpm_solver_pp_step(const NoiseSchedule& schedule, const tor
   return out.add_(x0, c_d * (1.0 + half_over_r)).add_(x0_last, -c_d * half_over_r);
 }
 
+/// One step of the stochastic DPM-Solver++(2M) ("SDE-DPM-Solver++", Lu et al. 2022, sec. 5 and appendix;
+/// the midpoint form diffusers and k-diffusion use), from t to t_prev with fresh noise z:
+///   x_{t_prev} = (sigma_{t_prev} / sigma_t) e^{-h} x_t + alpha_{t_prev} (1 - e^{-2h}) D
+///                + sigma_{t_prev} sqrt(1 - e^{-2h}) z
+/// with h, r and D as in dpm_solver_pp_step (D = x0 at first order). First order it is DDIM at eta 1 (the
+/// same coefficients, written in log-SNR time); the second-order term corrects the drift as DPM-Solver++
+/// does. A step to x_0 returns x0. `noise` is needed unless t_prev = -1.
+inline torch::Tensor dpm_solver_pp_sde_step(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t,
+                                            int64_t t_prev, const torch::Tensor& x0, const torch::Tensor& noise,
+                                            int64_t t_last = -1, const torch::Tensor& x0_last = {}) {
+  constexpr const char* fn = "dpm_solver_pp_sde_step";
+  detail::check_sample_batch(fn, "x_t", x_t);
+  const int64_t T = schedule.num_timesteps();
+  TORCH_CHECK(t >= 0 && t < T, fn, ": t must be in [0, ", T, "), got ", t);
+  TORCH_CHECK(t_prev >= -1 && t_prev < t, fn, ": t_prev must be in [-1, t = ", t, "), got ", t_prev);
+  TORCH_CHECK(x0.defined() && x0.sizes() == x_t.sizes(), fn, ": x0 must have x_t's shape ", detail::shape_str(x_t),
+              ", got ", x0.defined() ? detail::shape_str(x0) : "an undefined tensor");
+  const bool second = x0_last.defined();
+  if (second) {
+    TORCH_CHECK(t_last > t && t_last < T, fn, ": t_last must be in (t = ", t, ", ", T, "), got ", t_last);
+    TORCH_CHECK(x0_last.sizes() == x_t.sizes(), fn, ": x0_last must have x_t's shape ", detail::shape_str(x_t),
+                ", got ", detail::shape_str(x0_last));
+  }
+  if (t_prev < 0) return x0.clone();
+  TORCH_CHECK(noise.defined() && noise.sizes() == x_t.sizes(), fn, ": the noise z must have x_t's shape ",
+              detail::shape_str(x_t), ", got ", noise.defined() ? detail::shape_str(noise) : "an undefined tensor");
+  const auto& h = schedule.host();
+  const auto i = static_cast<size_t>(t), j = static_cast<size_t>(t_prev);
+  const double lambda = detail::half_log_snr(schedule, t);
+  const double step = detail::half_log_snr(schedule, t_prev) - lambda;
+  const double decay = std::exp(-step);  // e^{-h}
+  const double c_x = h.sqrt_one_minus_alphas_cumprod[j] / h.sqrt_one_minus_alphas_cumprod[i] * decay;
+  const double c_d = -h.sqrt_alphas_cumprod[j] * std::expm1(-2 * step);
+  const double c_z = h.sqrt_one_minus_alphas_cumprod[j] * std::sqrt(-std::expm1(-2 * step));
+  auto out = x_t * c_x;
+  out.add_(noise, c_z);
+  const double step_last = second ? lambda - detail::half_log_snr(schedule, t_last) : 0.0;
+  if (!second || !std::isfinite(step_last)) return out.add_(x0, c_d);
+  const double half_over_r = 0.5 * step / step_last;  // 1 / (2 r)
+  return out.add_(x0, c_d * (1.0 + half_over_r)).add_(x0_last, -c_d * half_over_r);
+}
+
 /// DPM-Solver++(2M) over `steps` timesteps spread by `spacing`: deterministic, one model call a step, the
 /// first step first order and each later one second order from the last two data predictions, the last
 /// to x_0 (Lu et al. 2022, Algorithm 2). order(1) is DDIM at eta 0. Reaches in 10-20 calls what DDIM
@@ -90,13 +132,17 @@ class DPMSolverPP final : public SamplingMethod {
   /// Model evaluations S (<= T).
   TORCH_ARG(int64_t, steps) = 20;
   TORCH_ARG(TimestepSpacing, spacing) = TimestepSpacing::Leading;
-  /// 2: the multistep second-order solver; 1: first order (DDIM at eta 0). Others are refused.
+  /// 2: the multistep second-order solver; 1: first order (DDIM at eta 0, or at eta 1 with sde). Others
+  /// are refused.
   TORCH_ARG(int64_t, order) = 2;
+  /// The stochastic solver (dpm_solver_pp_sde_step): fresh noise each step, as DDIM at eta 1 adds, with
+  /// the second-order correction. Often better samples than the deterministic one at 10-20 steps.
+  TORCH_ARG(bool, sde) = false;
 
  public:
-  std::string name() const override { return "dpmpp-2m"; }
+  std::string name() const override { return sde() ? "dpmpp-2m-sde" : "dpmpp-2m"; }
   std::string describe() const override {
-    return fmt::format("DPM-Solver++({}M), {} steps ({})", order(), steps(), to_string(spacing()));
+    return fmt::format("DPM-Solver++({}M){}, {} steps ({})", order(), sde() ? " SDE" : "", steps(), to_string(spacing()));
   }
   std::vector<int64_t> timesteps(int64_t num_timesteps) const override {
     TORCH_CHECK(order() == 1 || order() == 2, "DPMSolverPP: order must be 1 or 2, got ", order());
@@ -108,9 +154,11 @@ class DPMSolverPP final : public SamplingMethod {
       torch::Tensor x0;
     };
     auto last = std::make_shared<History>();
-    return [last, second = order() == 2](const StepContext& c) {
-      const auto out = dpm_solver_pp_step(c.schedule, c.x, c.t, c.t_prev, c.denoised.x0, last->t,
-                                          second ? last->x0 : torch::Tensor{});
+    return [last, second = order() == 2, sde = sde()](const StepContext& c) {
+      const auto previous = second ? last->x0 : torch::Tensor{};
+      const auto out = sde ? dpm_solver_pp_sde_step(c.schedule, c.x, c.t, c.t_prev, c.denoised.x0,
+                                                    c.t_prev >= 0 ? c.noise() : torch::Tensor{}, last->t, previous)
+                           : dpm_solver_pp_step(c.schedule, c.x, c.t, c.t_prev, c.denoised.x0, last->t, previous);
       *last = {c.t, c.denoised.x0};
       return out;
     };
@@ -118,14 +166,18 @@ class DPMSolverPP final : public SamplingMethod {
 };
 
 namespace detail {
-inline const bool dpm_solver_pp_registered = (register_sampler("dpmpp-2m", [](const SamplerSettings& s) {
-  TORCH_CHECK(!s.eta() || *s.eta() == 0.0, "make_sampler: dpmpp-2m is deterministic; eta applies to ddim, got ",
-              *s.eta());
+inline std::shared_ptr<const SamplingMethod> make_dpm_solver_pp(const SamplerSettings& s, bool sde) {
+  TORCH_CHECK(!s.eta() || *s.eta() == 0.0, "make_sampler: ", sde ? "dpmpp-2m-sde" : "dpmpp-2m",
+              " takes no eta (eta applies to ddim), got ", *s.eta());
   auto method = std::make_shared<DPMSolverPP>();
+  method->sde(sde);
   if (s.steps()) method->steps(*s.steps());
   if (s.spacing()) method->spacing(*s.spacing());
-  return std::shared_ptr<const SamplingMethod>(method);
-}), true);
+  return method;
+}
+inline const bool dpm_solver_pp_registered =
+    (register_sampler("dpmpp-2m", [](const SamplerSettings& s) { return make_dpm_solver_pp(s, false); }),
+     register_sampler("dpmpp-2m-sde", [](const SamplerSettings& s) { return make_dpm_solver_pp(s, true); }), true);
 }  // namespace detail
 
 }  // namespace diffusion

@@ -109,6 +109,10 @@ struct SampleOptions {
   TORCH_ARG(Precision, precision) = Precision::Float32;
   /// What the backbone predicts (the checkpoint records it for trained models).
   TORCH_ARG(Prediction, prediction) = Prediction::Epsilon;
+  /// Class labels for a class-conditional backbone (ConditionalBackbone): (N,) or (1,) for the whole batch,
+  /// integers in [0, num_classes) or null_class. Undefined: unconditional. Refused for a backbone that takes
+  /// no labels.
+  TORCH_ARG(torch::Tensor, cond) = {};
   /// Start from this image rather than from noise (image-to-image, SDEdit: Meng et al. 2022), and the
   /// known pixels for `mask`. Shape (N, ...) as the batch, or (1, ...) for one image for the whole batch;
   /// on the schedule's device; values as the training data (e.g. [-1, 1]).
@@ -152,14 +156,27 @@ void check_backbone_device(const char* fn, B& model, const torch::Device& device
   }
 }
 
-/// The model's output for (x_t, t) in x_t's dtype, the model call (and so its backward) autocast under
-/// Precision::BFloat16. What the sampling loop and the Trainer call the backbone through.
+/// The backbone's forward: with the class labels `cond` when it takes them, refusing labels when it does not.
 template <Backbone B>
-torch::Tensor forward_in(Precision precision, B& model, const torch::Tensor& x_t, const torch::Tensor& t) {
+torch::Tensor call_backbone(const char* fn, B& model, const torch::Tensor& x_t, const torch::Tensor& t,
+                            const torch::Tensor& cond) {
+  if constexpr (ConditionalBackbone<B>) {
+    return unwrap(model).forward(x_t, t, cond);
+  } else {
+    TORCH_CHECK(!cond.defined(), fn, ": class labels given to a backbone that takes none (not a ConditionalBackbone)");
+    return unwrap(model).forward(x_t, t);
+  }
+}
+
+/// The model's output for (x_t, t[, cond]) in x_t's dtype, the model call (and so its backward) autocast
+/// under Precision::BFloat16. What the sampling loop and the Trainer call the backbone through.
+template <Backbone B>
+torch::Tensor forward_in(Precision precision, B& model, const torch::Tensor& x_t, const torch::Tensor& t,
+                         const torch::Tensor& cond = {}) {
   torch::Tensor out;
   {
     AutocastGuard amp(precision, x_t.device());
-    out = unwrap(model).forward(x_t, t);
+    out = call_backbone("forward", model, x_t, t, cond);
   }
   return out.scalar_type() == x_t.scalar_type() ? out : out.to(x_t.scalar_type());
 }
@@ -167,8 +184,8 @@ torch::Tensor forward_in(Precision precision, B& model, const torch::Tensor& x_t
 /// forward_in, checked to return x_t's shape (no silent broadcasting downstream).
 template <Backbone B>
 torch::Tensor predict(const char* fn, B& model, const torch::Tensor& x_t, const torch::Tensor& t_batch,
-                      Precision precision = Precision::Float32) {
-  const auto out = forward_in(precision, model, x_t, t_batch);
+                      Precision precision = Precision::Float32, const torch::Tensor& cond = {}) {
+  const auto out = forward_in(precision, model, x_t, t_batch, cond);
   TORCH_CHECK(out.sizes() == x_t.sizes(), fn, ": the backbone returned shape ", shape_str(out), " for input ",
               shape_str(x_t), "; it must predict a tensor of the input's shape");
   return out;
@@ -217,7 +234,7 @@ inline torch::Tensor batch_like(const char* fn, const char* name, const torch::T
 /// Runs on the schedule's device (the model must be there) in the schedule's dtype, without autograd
 /// (InferenceMode), with the model in eval mode (its mode restored afterwards); the result is an ordinary
 /// tensor. Refused: an empty or non-positive shape, a model on another device, a model whose output
-/// shape differs from its input's, clip_x0 < 0, strength outside [0, 1], a mask without an image,
+/// shape differs from its input's, class labels for a model that takes none or of the wrong shape, clip_x0 < 0, strength outside [0, 1], a mask without an image,
 /// image or mask shapes that do not fit the batch, mask values outside [0, 1], and a plan that is not
 /// strictly descending in [0, T).
 ///
@@ -247,6 +264,16 @@ torch::Tensor sample(B& model, const NoiseSchedule& schedule, const std::vector<
                 "'s plan must be strictly descending in [0, ", T, "), got ", torch::IntArrayRef(plan));
   }
   const auto x_options = torch::TensorOptions().dtype(schedule.dtype()).device(device);
+  torch::Tensor cond;
+  if (options.cond().defined()) {
+    const auto& c = options.cond();
+    TORCH_CHECK(!c.is_floating_point() && !c.is_complex() && c.scalar_type() != torch::kBool && c.dim() == 1 &&
+                    (c.size(0) == 1 || c.size(0) == shape.front()),
+                fn, ": cond must be 1-D integer class labels, one per sample (", shape.front(), ") or one for all, got ",
+                c.scalar_type(), " of shape ", detail::shape_str(c));
+    TORCH_CHECK(c.device() == device, fn, ": cond is on ", c.device(), " but the schedule is on ", device);
+    cond = c.to(torch::kLong).expand({shape.front()});
+  }
   torch::Tensor image, mask;
   if (options.image().defined()) image = detail::batch_like(fn, "image", options.image(), shape, x_options, false);
   if (options.mask().defined()) {
@@ -289,7 +316,8 @@ torch::Tensor sample(B& model, const NoiseSchedule& schedule, const std::vector<
     for (int64_t k = first; k < S; ++k) {
       const int64_t t = plan[static_cast<size_t>(k)];
       const int64_t t_prev = k + 1 < S ? plan[static_cast<size_t>(k + 1)] : -1;
-      const auto out = detail::predict(fn, model, x, detail::timestep_batch(shape.front(), t, device), options.precision());
+      const auto out =
+          detail::predict(fn, model, x, detail::timestep_batch(shape.front(), t, device), options.precision(), cond);
       const auto d = denoise(schedule, x, t, out, options.prediction(), options.clip_x0());
       x = update(StepContext{schedule, k, S, t, t_prev, x, d, noise});
       if (mask.defined()) x = torch::lerp(x, known_at(t_prev), mask);

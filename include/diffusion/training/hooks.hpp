@@ -53,8 +53,9 @@ class TrainingRun {
   virtual std::vector<int64_t> image_shape() const = 0;
   /// Writes everything needed to continue the run, and to sample from it, to `path` (atomically).
   virtual void save_checkpoint(const std::filesystem::path& path) = 0;
-  /// `n` samples with `method` from the EMA weights (the trained ones without an EMA), seeded.
-  virtual torch::Tensor sample(int64_t n, const SamplingMethod& method, uint64_t seed) = 0;
+  /// `n` samples with `method` from the EMA weights (the trained ones without an EMA), seeded; of the
+  /// classes `labels` ((n,) or (1,)) for a conditional model, unconditional when undefined.
+  virtual torch::Tensor sample(int64_t n, const SamplingMethod& method, uint64_t seed, const torch::Tensor& labels = {}) = 0;
 };
 
 /// Something the trainer calls as the run goes: outputs, reporting, stopping. Override what you need.

@@ -55,9 +55,9 @@ inline torch::Tensor min_snr_weights(const NoiseSchedule& schedule, const torch:
 /// diffusion_loss without input checks, for the Trainer (which draws its own valid t and noise).
 template <Backbone B>
 torch::Tensor diffusion_loss(B& model, const NoiseSchedule& schedule, const torch::Tensor& x0, const torch::Tensor& t,
-                             const torch::Tensor& noise, const LossOptions& options) {
+                             const torch::Tensor& noise, const LossOptions& options, const torch::Tensor& cond = {}) {
   const auto x_t = extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise;
-  const auto output = predict("diffusion_loss", model, x_t, t, options.precision());
+  const auto output = predict("diffusion_loss", model, x_t, t, options.precision(), cond);
   const auto per_sample = (output - training_target(schedule, options.prediction(), x0, noise, t)).pow(2).flatten(1).mean(1);
   if (options.min_snr_gamma() <= 0) return per_sample;
   return per_sample * min_snr_weights(schedule, t, options.min_snr_gamma(), options.prediction()).to(per_sample.scalar_type());
@@ -85,7 +85,8 @@ inline torch::Tensor min_snr_weights(const NoiseSchedule& schedule, const torch:
 /// (model(x_t, t) - target)^2 with x_t = q_sample(x0, t, noise) and the target of
 /// `options.prediction()` (training_target), times min_snr_weights when `options.min_snr_gamma()` > 0.
 /// For epsilon prediction without weighting its mean is Ho et al. 2020's L_simple (eq. 14). Gradients flow
-/// into the model; take `.mean()` (or a weighted sum) and call backward.
+/// into the model; take `.mean()` (or a weighted sum) and call backward. `cond` holds class labels for a
+/// conditional backbone (null_class for "none").
 ///
 /// Refused (as q_sample refuses them): t out of range or of the wrong length, noise of another shape;
 /// also an epsilon prediction on a zero-terminal-SNR schedule.
@@ -96,7 +97,7 @@ inline torch::Tensor min_snr_weights(const NoiseSchedule& schedule, const torch:
 ///   loss.backward();
 template <Backbone B>
 torch::Tensor diffusion_loss(B& model, const NoiseSchedule& schedule, const torch::Tensor& x0, const torch::Tensor& t,
-                             const torch::Tensor& noise, const LossOptions& options = {}) {
+                             const torch::Tensor& noise, const LossOptions& options = {}, const torch::Tensor& cond = {}) {
   constexpr const char* fn = "diffusion_loss";
   detail::check_sample_batch(fn, "x0", x0);
   detail::check_timesteps(fn, t, x0.size(0), x0.device(), schedule.num_timesteps());
@@ -104,7 +105,7 @@ torch::Tensor diffusion_loss(B& model, const NoiseSchedule& schedule, const torc
               ", got ", noise.defined() ? detail::shape_str(noise) : "an undefined tensor");
   TORCH_CHECK(options.min_snr_gamma() >= 0, fn, ": min_snr_gamma must be >= 0 (0: off), got ", options.min_snr_gamma());
   detail::check_prediction_fits(fn, schedule, options.prediction());
-  return detail::diffusion_loss(model, schedule, x0, t, noise, options);
+  return detail::diffusion_loss(model, schedule, x0, t, noise, options, cond);
 }
 
 }  // namespace diffusion

@@ -91,6 +91,10 @@ struct TrainerOptions {
   TORCH_ARG(LossOptions, loss) = LossOptions();
   // How the weights move.
   TORCH_ARG(OptimizationOptions, optimization) = OptimizationOptions();
+  /// With class labels (Trainer::fit's labels): the share of each batch's labels replaced by null_class, so
+  /// that one model learns the conditional and the unconditional prediction that classifier-free guidance
+  /// needs (Ho & Salimans 2022 use 0.1 to 0.2). 0 trains the conditional prediction only.
+  TORCH_ARG(double, cond_dropout) = 0.1;
   /// Keep an exponential moving average of the weights with this decay (e.g. 0.999; see EMA); 0: off.
   /// Sampling from the trainer (and the run outputs' grids) uses the average.
   TORCH_ARG(double, ema_decay) = 0.0;
@@ -121,6 +125,7 @@ inline void to_json(nlohmann::json& j, const TrainerOptions& o) {
        {"optimization", {{"lr", u.lr()}, {"weight_decay", u.weight_decay()}, {"lr_schedule", to_string(u.lr_schedule())},
                          {"warmup_steps", u.warmup_steps()}, {"grad_clip", u.grad_clip()}}},
        {"ema_decay", o.ema_decay()},
+       {"cond_dropout", o.cond_dropout()},
        {"skip_nonfinite", o.skip_nonfinite()}};
 }
 

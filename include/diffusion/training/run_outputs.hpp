@@ -47,6 +47,9 @@ struct RunOutputsOptions {
   TORCH_ARG(std::shared_ptr<const SamplingMethod>, grid_sampler) = nullptr;
   /// The grids' seed: every epoch's grid starts from the same noise, so epochs compare.
   TORCH_ARG(uint64_t, grid_seed) = 1;
+  /// For a conditional model: the class of each grid image ((grid_samples,) labels, e.g. one row per
+  /// class); undefined draws unconditional grids.
+  TORCH_ARG(torch::Tensor, grid_labels) = {};
   /// Also write a checkpoint every this many steps within an epoch (0: off), and/or every this many
   /// minutes (0: off), so that a kill loses at most that much. Resuming from one continues mid-epoch.
   TORCH_ARG(int64_t, checkpoint_every_steps) = 0;
@@ -109,7 +112,7 @@ class RunOutputs : public TrainerHook {
     if (o.grid_samples() > 0) {
       static const DDPM ddpm;
       const SamplingMethod& method = o.grid_sampler() ? *o.grid_sampler() : static_cast<const SamplingMethod&>(ddpm);
-      const auto images = run.sample(o.grid_samples(), method, o.grid_seed());
+      const auto images = run.sample(o.grid_samples(), method, o.grid_seed(), o.grid_labels());
       const auto nrow = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(o.grid_samples()))));
       epoch.grid = o.dir() / "samples" / fmt::format("epoch_{:03d}.png", epoch.epoch);
       write_png(epoch.grid, make_grid(to_unit_range(images), nrow, 2));

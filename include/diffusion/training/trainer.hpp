@@ -42,6 +42,11 @@ struct TrainingInterrupted : std::runtime_error {
   std::optional<std::filesystem::path> checkpoint;
 };
 
+/// Class labels for Trainer::fit: one per training (and validation) image, for a ConditionalBackbone.
+struct Labels {
+  torch::Tensor train, val;
+};
+
 /// Trains any Backbone: for each batch x0, t ~ U{0..T-1} and eps ~ N(0, I) from the run's own generator,
 /// the mean of diffusion_loss (Ho et al. 2020, eq. 14 for epsilon prediction) is minimized by the
 /// optimizer (AdamW with the seed's settings unless one is given), with the learning rate from
@@ -72,10 +77,17 @@ class Trainer final : public TrainingRun {
 
   /// Trains until options().epochs() epochs are done (counting those restored by load_checkpoint, and
   /// continuing mid-epoch where it stopped). `train` and `val` are (N, C, H, W) images on the CPU; `val`
-  /// may be undefined.
-  void fit(const torch::Tensor& train, const torch::Tensor& val = {}) {
+  /// may be undefined. `labels` (for a ConditionalBackbone) hold their classes; each batch's are dropped to
+  /// null_class with probability options().cond_dropout(), the validation ones never.
+  void fit(const torch::Tensor& train, const torch::Tensor& val = {}, const Labels& labels = {}) {
     detail::check_images("train", train);
     if (val.defined()) detail::check_images("val", val);
+    detail::check_labels("train", labels.train, train);
+    detail::check_labels("val", labels.val, val);
+    TORCH_CHECK(!labels.val.defined() || labels.train.defined(), "Trainer::fit: validation labels without training labels");
+    if constexpr (!ConditionalBackbone<B>) {
+      TORCH_CHECK(!labels.train.defined(), "Trainer::fit: labels given for a backbone that takes none (not a ConditionalBackbone)");
+    }
     train_ = train;
     const int64_t n = train.size(0), bs = options_.batch_size(), steps = steps_per_epoch(n);
     const auto val_draws = detail::fixed_validation_draws(val, schedule_, options_.seed());
@@ -94,10 +106,11 @@ class Trainer final : public TrainingRun {
         const auto x0 = train.index_select(0, idx).to(device_, schedule_.dtype());
         const auto t = torch::randint(0, schedule_.num_timesteps(), {x0.size(0)}, generator_, torch::kLong).to(device_);
         const auto noise = detail::randn(x0.sizes(), x0.options(), generator_);
+        const auto cond = batch_labels(labels.train, idx);
         const double lr = learning_rate_at(options_.optimization(), global_step_, options_.epochs() * steps);
         for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
         optimizer_->zero_grad();
-        const auto loss = accumulate_gradients(x0, t, noise);
+        const auto loss = accumulate_gradients(x0, t, noise, cond);
         const bool skip =
             guard.check(loss, detail::clip_and_norm(unwrap(model_), options_.optimization().grad_clip()), global_step_ + 1);
         if (!skip) {
@@ -119,7 +132,7 @@ class Trainer final : public TrainingRun {
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       const auto done = steps - resumed_at_;
       TrainEpoch info{epoch_ + 1, options_.epochs(), global_step_, running.item<double>() / static_cast<double>(done),
-                      val.defined() ? std::optional<double>(validation_loss(val, val_draws)) : std::nullopt, seconds,
+                      val.defined() ? std::optional<double>(validation_loss(val, labels.val, val_draws)) : std::nullopt, seconds,
                       static_cast<double>(std::min(n, done * bs)) / seconds, guard.skipped(), {}, {}};
       ++epoch_;
       step_in_epoch_ = resumed_at_ = 0;
@@ -160,14 +173,15 @@ class Trainer final : public TrainingRun {
     diffusion::save_checkpoint(path, c);
   }
 
-  torch::Tensor sample(int64_t n, const SamplingMethod& method, uint64_t seed) override {
+  torch::Tensor sample(int64_t n, const SamplingMethod& method, uint64_t seed, const torch::Tensor& labels = {}) override {
     std::optional<EMA::Scope> averaged;
     if (ema_) averaged.emplace(*ema_, unwrap(model_));
     auto shape = image_shape();
     shape.insert(shape.begin(), n);
     return diffusion::sample(model_, schedule_, shape, method,
                              SampleOptions().seed(seed).precision(options_.loss().precision())
-                                 .prediction(options_.loss().prediction()));
+                                 .prediction(options_.loss().prediction())
+                                 .cond(labels.defined() ? labels.to(device_) : labels));
   }
 
   int64_t epoch() const override { return epoch_; }
@@ -209,16 +223,30 @@ class Trainer final : public TrainingRun {
     return perm;
   }
 
+  /// The labels of the batch `idx` on the device, each dropped to null_class with probability
+  /// cond_dropout (drawn from the run's generator, and only when there are labels).
+  torch::Tensor batch_labels(const torch::Tensor& labels, const torch::Tensor& idx) {
+    if (!labels.defined()) return {};
+    auto cond = labels.index_select(0, idx).to(torch::kLong);
+    if (options_.cond_dropout() > 0) {
+      const auto drop = torch::rand({cond.size(0)}, generator_) < options_.cond_dropout();
+      cond = torch::where(drop, torch::full_like(cond, null_class), cond);
+    }
+    return cond.to(device_);
+  }
+
   /// Forward and backward of the batch's mean loss, in micro-batches when asked (each micro-batch's mean
   /// weighted by its share, so the gradients sum to the batch's). Returns the batch's mean loss (0-d).
-  torch::Tensor accumulate_gradients(const torch::Tensor& x0, const torch::Tensor& t, const torch::Tensor& noise) {
+  torch::Tensor accumulate_gradients(const torch::Tensor& x0, const torch::Tensor& t, const torch::Tensor& noise,
+                                     const torch::Tensor& cond) {
     const int64_t n = x0.size(0);
     const int64_t m = options_.micro_batch() > 0 ? std::min(options_.micro_batch(), n) : n;
     torch::Tensor total;
     for (int64_t i = 0; i < n; i += m) {
       const int64_t j = std::min(n, i + m);
       const auto loss = detail::diffusion_loss(model_, schedule_, x0.slice(0, i, j), t.slice(0, i, j),
-                                               noise.slice(0, i, j), options_.loss()).mean() *
+                                               noise.slice(0, i, j), options_.loss(),
+                                               cond.defined() ? cond.slice(0, i, j) : cond).mean() *
                         (static_cast<double>(j - i) / static_cast<double>(n));
       loss.backward();
       total = total.defined() ? total + loss.detach() : loss.detach();
@@ -227,7 +255,8 @@ class Trainer final : public TrainingRun {
   }
 
   /// The mean loss (unweighted: the MSE of the prediction's target) over the validation set.
-  double validation_loss(const torch::Tensor& val, const std::pair<torch::Tensor, torch::Tensor>& draws) {
+  double validation_loss(const torch::Tensor& val, const torch::Tensor& labels,
+                         const std::pair<torch::Tensor, torch::Tensor>& draws) {
     detail::EvalModeGuard eval(unwrap(model_));
     c10::InferenceMode no_autograd;
     const auto objective = LossOptions(options_.loss()).min_snr_gamma(0);
@@ -236,7 +265,9 @@ class Trainer final : public TrainingRun {
       const auto j = std::min(val.size(0), i + options_.batch_size());
       sum += detail::diffusion_loss(model_, schedule_, val.slice(0, i, j).to(device_, schedule_.dtype()),
                                     draws.first.slice(0, i, j).to(device_), draws.second.slice(0, i, j).to(device_),
-                                    objective).to(torch::kFloat64).sum();
+                                    objective, labels.defined() ? labels.slice(0, i, j).to(device_, torch::kLong) : labels)
+                 .to(torch::kFloat64)
+                 .sum();
     }
     return sum.item<double>() / static_cast<double>(val.size(0));
   }
