@@ -6,11 +6,14 @@
 #   catch2 (v2)           tests; libfmt-dev; zlib1g-dev (gzipped datasets); libstb-dev (PNG);
 #   libcli11-dev          the MNIST example's command line; cmake, ninja-build, ccache, g++
 #   nlohmann-json3-dev    JSON: checkpoint configs, metrics.jsonl, safetensors headers
-#   python3-torch         the tests' Python side: weights written by PyTorch load in C++, and the other way
+#   python3-torch         the tests' Python side: weights written by PyTorch load in C++, and the other way;
+#                         its torchrun launches the data-parallel example
+#   libgloo-dev           the headers of Gloo, which LibTorch's c10d (data-parallel training) is built with
+# Extra package names given as arguments are installed too (scripts/fuzz.sh asks for clang).
 set -euo pipefail
 
 packages=(g++ cmake ninja-build ccache curl ca-certificates libtorch-dev libopenblas0-pthread libfmt-dev catch2 zlib1g-dev libstb-dev
-  libcli11-dev nlohmann-json3-dev python3-torch)
+  libcli11-dev nlohmann-json3-dev python3-torch libgloo-dev "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,7 +1,13 @@
 // mnist train: a backbone on MNIST-format data, with the run's files written by RunOutputs.
 #include "commands.hpp"
 
+#if defined(USE_C10D_GLOO)
+#include <diffusion/training/distributed.hpp>
+#endif
+
+#include <chrono>
 #include <cmath>
+#include <thread>
 
 namespace mnist {
 
@@ -78,11 +84,23 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   cmd->add_flag("--resume", t.resume, "Continue from the newest checkpoint in OUT/checkpoints");
+  cmd->add_option("--dist-timeout", t.dist_timeout,
+                  "Launched as several ranks (torchrun, or RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set): seconds a "
+                  "rank waits for the others before failing")
+      ->check(at_least(1))
+      ->capture_default_str();
   return cmd;
 }
 
 int run_train(const TrainCommand& t) {
-  set_threads(t.threads);
+  // Launched as several ranks (torchrun sets the variables; see docs/distributed.md): each takes its share
+  // of the cores unless --threads says otherwise, and only rank 0 prints and writes files.
+  const auto env = distributed_environment();
+  const char* local_world = std::getenv("LOCAL_WORLD_SIZE");
+  const int64_t local_ranks = env && local_world ? std::max(1, std::atoi(local_world)) : 1;
+  set_threads(t.threads > 0 ? t.threads
+                            : std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()) / local_ranks));
+  const bool main_rank = !env || env->rank == 0;
   const auto device = parse_device(t.device);
   const NoiseSchedule schedule(NoiseScheduleOptions().kind(parse_schedule_kind(t.schedule)).zero_terminal_snr(t.zero_terminal_snr));
   const auto options =
@@ -107,7 +125,8 @@ int run_train(const TrainCommand& t) {
           .device(device);
   constexpr int64_t classes = 10;  // MNIST's digits, Fashion-MNIST's garments
   Trainer trainer(make_backbone(backbone_config(t.backbone, t.shape, t.conditional ? classes : 0)), schedule, options);
-  auto outputs = std::make_shared<RunOutputs>(
+  // Only rank 0 writes (and locks the directory); the others train alongside.
+  const auto outputs = !main_rank ? nullptr : std::make_shared<RunOutputs>(
       RunOutputsOptions(t.out)
           .keep_checkpoints(t.keep)
           .keep_epochs(t.keep_epochs.empty() ? std::vector<int64_t>{} : parse_ints(t.keep_epochs))
@@ -117,11 +136,19 @@ int run_train(const TrainCommand& t) {
           .grid_labels(t.conditional && t.grid > 0 ? torch::arange(t.grid) % classes : torch::Tensor())
           .checkpoint_every_steps(t.checkpoint_every)
           .checkpoint_every_minutes(t.checkpoint_minutes));
-  trainer.add_hook(outputs);
+  if (env) {
+#if defined(USE_C10D_GLOO)
+    trainer.distribute(std::make_shared<ProcessGroup>(*env, device, std::chrono::seconds(t.dist_timeout)));
+#else
+    TORCH_CHECK(false, "train: launched as ", env->world_size, " ranks, but this build has no c10d (install libgloo-dev)");
+#endif
+  }
+  if (main_rank) trainer.add_hook(outputs);
   if (t.resume) {
-    if (const auto last = outputs->latest_checkpoint()) {
-      trainer.load_checkpoint(*last);
-      fmt::print("resumed from epoch {} (step {}) of {}\n", trainer.epoch(), trainer.global_step(), last->string());
+    const auto saved = list_checkpoints(std::filesystem::path(t.out) / "checkpoints");  // the same files on every rank
+    if (!saved.empty()) {
+      trainer.load_checkpoint(saved.back());
+      if (main_rank) fmt::print("resumed from epoch {} (step {}) of {}\n", trainer.epoch(), trainer.global_step(), saved.back().string());
     }
   }
   // Loaded before any long work, so that a missing dataset is reported at once.
@@ -141,13 +168,18 @@ int run_train(const TrainCommand& t) {
   }
   int64_t params = 0;
   for (const auto& p : unwrap(trainer.model()).parameters()) params += p.numel();
-  fmt::print("training {} ({} parameters, {} prediction{}) on {} images from {} for {} epochs on {} with {} threads, {}\n",
+  if (main_rank && env) {
+    fmt::print("data parallel: {} ranks of batch {} (global batch {}), {} threads each\n", env->world_size, t.batch_size,
+               env->world_size * t.batch_size, at::get_num_threads());
+  }
+  if (main_rank) fmt::print("training {} ({} parameters, {} prediction{}) on {} images from {} for {} epochs on {} with {} threads, {}\n",
              t.backbone, params, t.prediction,
              t.conditional ? fmt::format(", conditional on {} classes, label dropout {}", classes, t.cond_dropout) : "",
              images.size(0), t.data, t.epochs, trainer.device().str(),
              at::get_num_threads(), to_string(options.loss().precision()));
   std::fflush(stdout);  // before the progress bar starts on stderr
-  trainer.on_epoch = [](const TrainEpoch& e) {
+  trainer.on_epoch = [main_rank](const TrainEpoch& e) {
+    if (!main_rank) return;
     // Print only what this epoch produced: no validation (--val-size 0) and no grid (--grid 0) say nothing.
     const auto val = e.val_loss ? fmt::format(", val loss {:.4f}", *e.val_loss) : std::string();
     const auto skipped = e.skipped_steps > 0 ? fmt::format(", {} non-finite steps skipped", e.skipped_steps) : std::string();
@@ -160,7 +192,7 @@ int run_train(const TrainCommand& t) {
   try {
     trainer.fit(images, val, labels);
   } catch (const TrainingInterrupted& e) {
-    fmt::print(stderr, "\n{}\nresume with: {}{}\n", e.what(), t.command_line, t.resume ? "" : " --resume");
+    if (main_rank) fmt::print(stderr, "\n{}\nresume with: {}{}\n", e.what(), t.command_line, t.resume ? "" : " --resume");
     return 130;
   }
   return 0;

@@ -84,6 +84,22 @@ inline torch::Tensor clip_and_norm(torch::nn::Module& model, double max_norm) {
   return total;
 }
 
+/// Rank `rank`'s share of a shuffled epoch for `world` ranks (PyTorch's DistributedSampler): the order
+/// padded to a multiple of `world` by repeating its start, then every world-th entry from `rank` on. With
+/// one rank, the order itself.
+inline torch::Tensor shard(const torch::Tensor& order, int64_t world, int64_t rank) {
+  if (world == 1) return order;
+  const int64_t n = order.size(0), total = (n + world - 1) / world * world;
+  auto padded = order;
+  while (padded.size(0) < total) padded = torch::cat({padded, order.slice(0, 0, total - padded.size(0))});
+  return padded.slice(0, rank, total, world);
+}
+
+/// Rank `rank`'s rows of a global batch that `world` ranks share: every world-th row from `rank` on.
+inline torch::Tensor take_share(const torch::Tensor& global, int64_t world, int64_t rank) {
+  return world == 1 ? global : global.slice(0, rank, global.size(0), world);
+}
+
 /// One timestep and one noise tensor per validation image, from a generator of their own: the same
 /// every epoch and after a resume, and independent of the training draws.
 inline std::pair<torch::Tensor, torch::Tensor> fixed_validation_draws(const torch::Tensor& val, const NoiseSchedule& s,

@@ -9,6 +9,7 @@
 #include <diffusion/runtime.hpp>
 #include <diffusion/sampling/loop.hpp>
 #include <diffusion/schedule.hpp>
+#include <diffusion/training/collective.hpp>
 #include <diffusion/training/ema.hpp>
 #include <diffusion/training/hooks.hpp>
 #include <diffusion/training/loss.hpp>
@@ -75,6 +76,16 @@ class Trainer final : public TrainingRun {
 
   void add_hook(std::shared_ptr<TrainerHook> hook) { hooks_.push_back(std::move(hook)); }
 
+  /// Trains data-parallel with the other ranks of `group` (each running the same program with the same
+  /// options and data): rank 0's weights (and EMA) are copied to all at the start of fit; each epoch's
+  /// shuffle, drawn alike on every rank, is padded by wrapping around to a multiple of the ranks and dealt
+  /// out in turn (PyTorch's DistributedSampler), so that step k's batches together are the single-process
+  /// batch k of batch_size x ranks images; the timesteps, noise and label dropout of that global batch are
+  /// drawn alike too and each rank takes its share; gradients (and the loss) are averaged in flattened
+  /// buckets. Weights, EMA, learning rate and step counts stay identical on every rank, and a stop request
+  /// on any rank stops all at the same step. Only rank 0 should write files (add RunOutputs there).
+  void distribute(std::shared_ptr<Collective> group) { group_ = std::move(group); }
+
   /// Trains until options().epochs() epochs are done (counting those restored by load_checkpoint, and
   /// continuing mid-epoch where it stopped). `train` and `val` are (N, C, H, W) images on the CPU; `val`
   /// may be undefined. `labels` (for a ConditionalBackbone) hold their classes; each batch's are dropped to
@@ -89,28 +100,42 @@ class Trainer final : public TrainingRun {
       TORCH_CHECK(!labels.train.defined(), "Trainer::fit: labels given for a backbone that takes none (not a ConditionalBackbone)");
     }
     train_ = train;
-    const int64_t n = train.size(0), bs = options_.batch_size(), steps = steps_per_epoch(n);
+    const int64_t W = group_ ? group_->world_size() : 1, rank = group_ ? group_->rank() : 0;
+    TORCH_CHECK(step_in_epoch_ == 0 || saved_world_ == W, "Trainer::fit: the checkpoint stopped mid-epoch with ", saved_world_,
+                " ranks; resume it with ", saved_world_, ", or from an epoch's end with any number");
+    if (group_) synchronize_from_rank0();
+    // Each rank's share of the epoch: the shuffle padded to W * per_rank by wrapping around, dealt out in turn.
+    const int64_t n = train.size(0), bs = options_.batch_size(), per_rank = (n + W - 1) / W;
+    const int64_t steps = steps_per_epoch(per_rank);
     const auto val_draws = detail::fixed_validation_draws(val, schedule_, options_.seed());
     guard_.emplace(device_, options_.skip_nonfinite(), steps);
     auto& guard = *guard_;
     guard.set_skipped(skipped_);
     while (epoch_ < options_.epochs()) {
       const auto start = std::chrono::steady_clock::now();
-      ProgressBar bar(fmt::format("Epoch {}/{}", epoch_ + 1, options_.epochs()), steps, options_.progress(),
-                      options_.progress_interval());
-      const auto perm = epoch_permutation(n);
+      ProgressBar bar(fmt::format("Epoch {}/{}", epoch_ + 1, options_.epochs()), steps,
+                      rank == 0 ? options_.progress() : ProgressMode::Off, options_.progress_interval());
+      const auto perm = detail::shard(epoch_permutation(n), W, rank);
       auto running = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
       unwrap(model_).train();
       for (int64_t step = step_in_epoch_; step < steps; ++step) {
-        const auto idx = perm.slice(0, step * bs, std::min(n, (step + 1) * bs));
+        const auto idx = perm.slice(0, step * bs, std::min(per_rank, (step + 1) * bs));
         const auto x0 = train.index_select(0, idx).to(device_, schedule_.dtype());
-        const auto t = torch::randint(0, schedule_.num_timesteps(), {x0.size(0)}, generator_, torch::kLong).to(device_);
-        const auto noise = detail::randn(x0.sizes(), x0.options(), generator_);
-        const auto cond = batch_labels(labels.train, idx);
+        // The global batch's draws (all ranks alike), of which this rank's share: its samples are every
+        // W-th of the global batch, starting at its rank.
+        auto global_shape = x0.sizes().vec();
+        global_shape[0] *= W;
+        const auto t = detail::take_share(torch::randint(0, schedule_.num_timesteps(), {global_shape[0]}, generator_,
+                                                         torch::kLong), W, rank).to(device_);
+        const auto noise = detail::take_share(detail::randn(global_shape, x0.options(), generator_), W, rank).contiguous();
+        const auto cond = batch_labels(labels.train, idx, W, rank);
         const double lr = learning_rate_at(options_.optimization(), global_step_, options_.epochs() * steps);
         for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
         optimizer_->zero_grad();
-        const auto loss = accumulate_gradients(x0, t, noise, cond);
+        auto loss = accumulate_gradients(x0, t, noise, cond);
+        // With ranks, whether any was asked to stop travels with the gradients, so that all stop at one step.
+        bool shared_stop = false;
+        if (group_) std::tie(loss, shared_stop) = average_over_ranks(loss, stop_requested());
         const bool skip =
             guard.check(loss, detail::clip_and_norm(unwrap(model_), options_.optimization().grad_clip()), global_step_ + 1);
         if (!skip) {
@@ -125,7 +150,7 @@ class Trainer final : public TrainingRun {
         const TrainStep info{epoch_ + 1, options_.epochs(), step + 1, steps, global_step_, loss, lr, skip};
         for (auto& hook : hooks_) hook->on_step(*this, info);
         if (on_step) on_step(info);
-        if (stop_requested()) interrupt(guard);
+        if (group_ ? shared_stop : stop_requested()) interrupt(guard);
       }
       bar.finish();
       guard.verify();
@@ -133,7 +158,7 @@ class Trainer final : public TrainingRun {
       const auto done = steps - resumed_at_;
       TrainEpoch info{epoch_ + 1, options_.epochs(), global_step_, running.item<double>() / static_cast<double>(done),
                       val.defined() ? std::optional<double>(validation_loss(val, labels.val, val_draws)) : std::nullopt, seconds,
-                      static_cast<double>(std::min(n, done * bs)) / seconds, guard.skipped(), {}, {}};
+                      static_cast<double>(std::min(n, done * bs * W)) / seconds, guard.skipped(), {}, {}};
       ++epoch_;
       step_in_epoch_ = resumed_at_ = 0;
       for (auto& hook : hooks_) hook->on_epoch(*this, info);
@@ -151,6 +176,7 @@ class Trainer final : public TrainingRun {
     generator_.set_state(progress.rng_state);
     epoch_rng_ = progress.epoch_rng_state;
     skipped_ = progress.skipped_steps;
+    saved_world_ = read_checkpoint_info(path).training.value("world_size", int64_t{1});
   }
 
   void save_checkpoint(const std::filesystem::path& path) override {
@@ -169,6 +195,7 @@ class Trainer final : public TrainingRun {
     c.prediction = options_.loss().prediction();
     c.training = options_;
     c.training["device"] = device_.str();
+    c.training["world_size"] = group_ ? group_->world_size() : 1;
     c.metadata = metadata;
     diffusion::save_checkpoint(path, c);
   }
@@ -224,15 +251,41 @@ class Trainer final : public TrainingRun {
   }
 
   /// The labels of the batch `idx` on the device, each dropped to null_class with probability
-  /// cond_dropout (drawn from the run's generator, and only when there are labels).
-  torch::Tensor batch_labels(const torch::Tensor& labels, const torch::Tensor& idx) {
+  /// cond_dropout (drawn from the run's generator for the whole global batch, and only when there are
+  /// labels; this rank takes its share).
+  torch::Tensor batch_labels(const torch::Tensor& labels, const torch::Tensor& idx, int64_t W, int64_t rank) {
     if (!labels.defined()) return {};
     auto cond = labels.index_select(0, idx).to(torch::kLong);
     if (options_.cond_dropout() > 0) {
-      const auto drop = torch::rand({cond.size(0)}, generator_) < options_.cond_dropout();
+      const auto drop = detail::take_share(torch::rand({cond.size(0) * W}, generator_), W, rank) < options_.cond_dropout();
       cond = torch::where(drop, torch::full_like(cond, null_class), cond);
     }
     return cond.to(device_);
+  }
+
+  /// Rank 0's weights, buffers and EMA on every rank.
+  void synchronize_from_rank0() {
+    std::vector<torch::Tensor> state;
+    torch::NoGradGuard no_grad;
+    for (auto& p : unwrap(model_).parameters()) state.push_back(p.data());
+    for (auto& b : unwrap(model_).buffers()) state.push_back(b);
+    if (ema_) {
+      for (const auto& p : ema_->shadow()) state.push_back(p.value());
+    }
+    group_->broadcast(state, 0);
+  }
+
+  /// Averages the gradients and the loss over the ranks (flattened buckets), and tells whether any rank
+  /// was asked to stop.
+  std::pair<torch::Tensor, bool> average_over_ranks(const torch::Tensor& loss, bool stop) {
+    std::vector<torch::Tensor> tensors;
+    for (auto& p : unwrap(model_).parameters()) {
+      if (p.grad().defined()) tensors.push_back(p.mutable_grad());
+    }
+    auto shared = torch::stack({loss.to(torch::kFloat64), torch::full({}, stop ? 1.0 : 0.0, loss.options().dtype(torch::kFloat64))});
+    tensors.push_back(shared);
+    detail::all_reduce_mean(*group_, tensors);
+    return {shared[0], shared[1].item<double>() > 0};
   }
 
   /// Forward and backward of the batch's mean loss, in micro-batches when asked (each micro-batch's mean
@@ -255,8 +308,14 @@ class Trainer final : public TrainingRun {
   }
 
   /// The mean loss (unweighted: the MSE of the prediction's target) over the validation set.
-  double validation_loss(const torch::Tensor& val, const torch::Tensor& labels,
-                         const std::pair<torch::Tensor, torch::Tensor>& draws) {
+  /// Each rank scores every W-th validation image; the sums are added up over the ranks.
+  double validation_loss(const torch::Tensor& all_val, const torch::Tensor& all_labels,
+                         const std::pair<torch::Tensor, torch::Tensor>& all_draws) {
+    const int64_t W = group_ ? group_->world_size() : 1, rank = group_ ? group_->rank() : 0;
+    const auto val = detail::take_share(all_val, W, rank);
+    const auto labels = all_labels.defined() ? detail::take_share(all_labels, W, rank) : all_labels;
+    const std::pair<torch::Tensor, torch::Tensor> draws{detail::take_share(all_draws.first, W, rank),
+                                                        detail::take_share(all_draws.second, W, rank)};
     detail::EvalModeGuard eval(unwrap(model_));
     c10::InferenceMode no_autograd;
     const auto objective = LossOptions(options_.loss()).min_snr_gamma(0);
@@ -269,7 +328,11 @@ class Trainer final : public TrainingRun {
                  .to(torch::kFloat64)
                  .sum();
     }
-    return sum.item<double>() / static_cast<double>(val.size(0));
+    if (group_) {
+      std::vector<torch::Tensor> total{sum};
+      group_->all_reduce_sum(total);
+    }
+    return sum.item<double>() / static_cast<double>(all_val.size(0));
   }
 
   [[noreturn]] void interrupt(const detail::NonFiniteGuard& guard) {
@@ -293,6 +356,8 @@ class Trainer final : public TrainingRun {
   std::optional<EMA> ema_;
   std::vector<std::shared_ptr<TrainerHook>> hooks_;
   std::optional<detail::NonFiniteGuard> guard_;
+  std::shared_ptr<Collective> group_;
+  int64_t saved_world_ = 1;
   torch::Tensor train_, epoch_rng_;
   int64_t epoch_ = 0, global_step_ = 0, step_in_epoch_ = 0, resumed_at_ = 0, skipped_ = 0;
 };
