@@ -7,6 +7,7 @@
 #   scripts/test-debian13.sh            # root cached in /var/cache/diffusion/debian13 (reused when present)
 #   DEBIAN13_ROOT=/path scripts/test-debian13.sh
 #   DEBIAN13_MIRROR=http://... scripts/test-debian13.sh
+#   scripts/test-debian13.sh scripts/fuzz.sh 60     # another of this tree's scripts, run inside the root
 #
 # The root keeps its installed packages, its ccache and its build directory between runs, so a second
 # run only rebuilds what changed. /proc, /sys and /dev are bound for the run and unmounted on exit,
@@ -89,13 +90,21 @@ mkdir -p "$root$dest"
 (cd "$src" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) | tar -C "$root$dest" -xf - ||
   fail 21 "could not copy the working tree into the root"
 
-# 4. The README's test command inside. The build directory lives outside the copy, so ccache and the
-# build survive between runs.
-say "running scripts/test.sh inside Debian 13 ($(elapsed) so far)"
+# 4. The README's test command (or the script given) inside. Build directories live outside the copy, so
+# ccache and the builds survive between runs.
+command=("${@:-scripts/test.sh}")
+build=/work/build-debian13
+[ "${command[0]}" = scripts/test.sh ] || build=/work/build-debian13-$(basename "${command[0]}" .sh)
+say "running ${command[*]} inside Debian 13 ($(elapsed) so far)"
 chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  LANG=C.UTF-8 TERM=dumb BUILD_DIR=/work/build-debian13 CCACHE_DIR=/root/.ccache \
-  /bin/bash -c "cd $dest && scripts/test.sh"
+  LANG=C.UTF-8 TERM=dumb BUILD_DIR=$build CCACHE_DIR=/root/.ccache DIFFUSION_IN_DEBIAN13_ROOT=1 \
+  /bin/bash -c "cd $dest && $(printf '%q ' "${command[@]}")"
 status=$?
+if [ "${command[0]}" != scripts/test.sh ]; then
+  [ $status -eq 0 ] || fail "$status" "${command[*]} failed inside the Debian 13 root with status $status after $(elapsed)"
+  say "${command[*]} passed in $(elapsed)"
+  exit 0
+fi
 case $status in
   0) say "passed in $(elapsed) (Debian 13: $(chroot "$root" dpkg-query -W -f='libtorch-dev ${Version}' libtorch-dev 2>/dev/null))" ;;
   10) fail 10 "installing the packages inside the Debian 13 root failed (apt; see above) after $(elapsed)" ;;

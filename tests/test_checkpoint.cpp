@@ -120,6 +120,14 @@ TEST_CASE("format-1 checkpoints (written before the JSON config) still load and 
   CHECK(diffusion::detail::v1_backbone({{"backbone", "conv-small"}, {"widths", "32,64"}})->name == "convnet");
   CHECK(diffusion::detail::v1_backbone({{"backbone", "smol"}})->name == "smol_mlp");
   CHECK_FALSE(diffusion::detail::v1_backbone({{"note", "x"}}));
+  // A preset's name with a partial config keeps the preset's shape (the seed's ChunkyMLP: 20,589,584).
+  const auto count = [](const AnyBackbone& m) {
+    int64_t n = 0;
+    for (const auto& p : m->parameters()) n += p.numel();
+    return n;
+  };
+  CHECK(count(make_backbone(*diffusion::detail::v1_backbone({{"backbone", "chunky"}}))) == 20589584);
+  CHECK(count(make_backbone(BackboneConfig{"smol_mlp", {{"time_dim", 256}}})) == 1526288);
 }
 
 TEST_CASE("checkpoints refuse the wrong model, and every unreadable file is one error naming it",
@@ -127,9 +135,16 @@ TEST_CASE("checkpoints refuse the wrong model, and every unreadable file is one 
   const auto dir = scratch("refuse");
   const auto path = trained_checkpoint(tiny_net(), dir / "run");
   ConvNet wider(ConvNetOptions().widths({16, 16}).time_dim(32));
+  const auto before = torch::nn::utils::parameters_to_vector(wider->parameters()).clone();
   CHECK_REFUSED(load_weights(path, wider), "with shape");
+  // Refused before anything changed: the model keeps its shapes and weights.
+  CHECK(torch::equal(torch::nn::utils::parameters_to_vector(wider->parameters()), before));
   SmolMLP mlp;
-  CHECK_REFUSED(load_weights(path, mlp), "does not fit this model");
+  CHECK_REFUSED(load_weights(path, mlp), "(written for another backbone configuration?)");
+  // Resuming an EMA run from another architecture's checkpoint is an error, not a crash in the EMA's scope.
+  Trainer other(ConvNet(ConvNetOptions().widths({16, 16}).time_dim(32)), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)),
+                quiet().ema_decay(0.9));
+  CHECK_REFUSED(other.load_checkpoint(path), "with shape");
   CHECK_REFUSED(read_checkpoint_info(dir / "missing.pt"), "missing.pt: no such file");
   Trainer with_ema(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet().ema_decay(0.9));
   auto no_ema = dir / "no_ema.pt";
@@ -154,6 +169,14 @@ TEST_CASE("checkpoints refuse the wrong model, and every unreadable file is one 
     auto flipped = good;
     flipped[static_cast<size_t>(where * static_cast<double>(good.size()))] ^= 0x01;
     refused(flipped, " is damaged: its contents do not match the checksum written with it");
+  }
+  // The checksum comment stripped (the end record's comment length set to 0): refused, not read unverified.
+  {
+    const auto comment_at = good.rfind("diffusion-sha1:");
+    REQUIRE(comment_at != std::string::npos);
+    auto stripped = good.substr(0, comment_at);
+    stripped[stripped.size() - 2] = stripped[stripped.size() - 1] = '\0';
+    refused(stripped, " is damaged: it has format 2 but no checksum in its zip comment");
   }
   // A foreign archive: a zip LibTorch wrote that is not a checkpoint.
   torch::save(torch::ones({3}), bad.string());

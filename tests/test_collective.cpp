@@ -55,6 +55,8 @@ TEST_CASE("the launch variables of torchrun and Slurm, and their refusals", "[di
   CHECK(distributed_environment(from({{"WORLD_SIZE", "1"}}))->rank == 0);  // one process needs no master
   CHECK_REFUSED(distributed_environment(from({{"RANK", "1"}})), "RANK is set but WORLD_SIZE is not");
   CHECK_REFUSED(distributed_environment(from({{"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}})), "WORLD_SIZE is 2 but RANK is not set");
+  CHECK_REFUSED(distributed_environment(from({{"SLURM_NTASKS", "2"}, {"MASTER_ADDR", "a"}})),
+                "SLURM_NTASKS is 2 but SLURM_PROCID is not set");
   CHECK_REFUSED(distributed_environment(from({{"WORLD_SIZE", "two"}})), "WORLD_SIZE must be an integer, got \"two\"");
   CHECK_REFUSED(distributed_environment(from({{"WORLD_SIZE", "2"}, {"RANK", "2"}, {"MASTER_ADDR", "a"}})),
                 "RANK must be in [0, WORLD_SIZE = 2), got 2");

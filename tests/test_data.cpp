@@ -22,6 +22,10 @@ TEST_CASE("the idx loader reads good files, plain and gzipped, and names the fau
 
   write_bytes(dir / "truncated", idx_bytes(0x803, {3, 28, 28}, 100));
   CHECK_REFUSED(data::read_idx(dir / "truncated"), "truncated: header promises 2352 bytes of data, file has 100");
+  write_bytes(dir / "overflow", idx_bytes(0x804, {0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 2}, 8));
+  CHECK_REFUSED(data::read_idx(dir / "overflow"), "truncated: header promises more than 2^64 bytes of data, file has 8");
+  write_bytes(dir / "empty", idx_bytes(0x803, {0, 28, 28}, 0));  // no images: an empty tensor, not an error
+  CHECK(data::read_idx(dir / "empty").sizes() == torch::IntArrayRef({0, 28, 28}));
   write_bytes(dir / "short-header", {0, 0, 8, 3, 0, 0});
   CHECK_REFUSED(data::read_idx(dir / "short-header"), "truncated header");
   write_bytes(dir / "magic", idx_bytes(0x00000903, {1}, 1));

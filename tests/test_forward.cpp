@@ -23,7 +23,7 @@ TEST_CASE("q_sample is sqrt(abar) x0 + sqrt(1 - abar) eps exactly for a given no
                         torch::full({3}, std::sqrt(0.9999))));
 }
 
-TEST_CASE("q_sample from a generator is reproducible; the default draw is random", "[forward]") {
+TEST_CASE("q_sample from a generator is reproducible, the default draw is random", "[forward]") {
   NoiseSchedule s;
   const auto x0 = torch::zeros({8, 1, 4, 4});
   const auto t = torch::full({8}, 999, torch::kLong);

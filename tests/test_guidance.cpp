@@ -79,6 +79,14 @@ TEST_CASE("Autoguidance refuses bad inputs", "[guidance][errors]") {
                 "Autoguidance: both the main and the guide model must be given");
   CHECK_REFUSED(Autoguidance(oracle, oracle, std::nan("")), "Autoguidance: weight must be finite, got nan");
   CHECK_REFUSED(Autoguidance(oracle, oracle, INFINITY), "Autoguidance: weight must be finite, got inf");
+  // Two networks on two devices: refused when guidance is made, and by sample() for any parameter.
+  struct ElsewhereImpl : torch::nn::Module {  // a network whose weights live on another device (meta)
+    ElsewhereImpl() { register_parameter("w", torch::zeros({1}, torch::Device(torch::kMeta))); }
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor&) { return x; }
+  };
+  ConvNet on_cpu(ConvNetOptions().widths({8}).time_dim(8));
+  CHECK_REFUSED(Autoguidance(on_cpu, std::make_shared<ElsewhereImpl>(), 2.0),
+                "Autoguidance: the main model is on cpu but the guide on meta");
   struct FirstChannelImpl : torch::nn::Module {
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor&) { return x.slice(1, 0, 1); }
   };
@@ -237,4 +245,8 @@ TEST_CASE("labels are refused where they cannot apply, and checked where they ca
   CHECK_REFUSED(guided->forward(x.flatten(1), t), "ClassifierFreeGuidance: class labels are needed");
   CHECK_REFUSED(ClassifierFreeGuidance(model, ClassifierFreeGuidanceOptions(2.0).rescale(2)), "rescale must be in [0, 1]");
   CHECK_REFUSED(ClassifierFreeGuidance(AnyBackbone(unconditional), 2.0), "the model takes no class labels");
+  // A UNet is a ConditionalBackbone in type; built without classes it is refused when guidance is made.
+  CHECK_REFUSED(ClassifierFreeGuidance(UNet(UNetOptions().widths({8, 16}).blocks({1, 1}).time_dim(8)), 2.0), "the model takes no class labels");
+  CHECK_FALSE(AnyBackbone(UNet(UNetOptions().widths({8, 16}).blocks({1, 1}).time_dim(8)))->conditional());
+  CHECK(AnyBackbone(conv)->conditional());
 }

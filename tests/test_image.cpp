@@ -2,7 +2,7 @@
 #include "helpers.hpp"
 
 
-TEST_CASE("a grid PNG reads back with the right size and pixel values; bad PNGs are refused", "[image]") {
+TEST_CASE("a grid PNG reads back with the right size and pixel values, bad PNGs are refused", "[image]") {
   const auto dir = scratch("png");
   // Four 1x3x2 images with values -1, 0, 0.5, 1 -> grid of 2x2 with padding 2.
   auto images = torch::stack({torch::full({1, 3, 2}, -1.0), torch::full({1, 3, 2}, 0.0), torch::full({1, 3, 2}, 0.5),

@@ -2,7 +2,7 @@
 #include "helpers.hpp"
 
 
-TEST_CASE("precision names parse; other names are refused", "[precision][errors]") {
+TEST_CASE("precision names parse, other names are refused", "[precision][errors]") {
   CHECK(parse_precision("fp32") == Precision::Float32);
   CHECK(parse_precision("float32") == Precision::Float32);
   CHECK(parse_precision("bf16") == Precision::BFloat16);

@@ -147,6 +147,17 @@ TEST_CASE("the sampling loop refuses bad inputs", "[sampler][errors]") {
   }
   ConvNet empty{nullptr};
   CHECK_REFUSED(sample(empty, schedule, {2, 1, 4, 4}, DDPM()), "the backbone handle is empty");
+  // A zero-terminal-SNR schedule starts from noise only at T-1: leading spacing is refused, trailing and
+  // DDPM run, and image-to-image may start anywhere.
+  const NoiseSchedule zero(NoiseScheduleOptions().num_timesteps(100).zero_terminal_snr(true));
+  auto zero_net = ConvNet(ConvNetOptions().widths({8}).channels(1));
+  const auto x0_pred = SampleOptions().prediction(Prediction::V);
+  CHECK_REFUSED(sample(zero_net, zero, {1, 1, 4, 4}, DDIM().steps(4), x0_pred),
+                "the schedule has zero terminal SNR, so sampling from noise must start at t = T-1 = 99, but ddim's plan "
+                "starts at 75; use trailing or linspace spacing");
+  CHECK_NOTHROW(sample(zero_net, zero, {1, 1, 4, 4}, DDIM().steps(4).spacing(TimestepSpacing::Trailing), x0_pred));
+  CHECK_NOTHROW(sample(zero_net, zero, {1, 1, 4, 4}, DDIM().steps(4),
+                       SampleOptions(x0_pred).image(torch::zeros({1, 1, 4, 4})).strength(0.5)));
 }
 
 TEST_CASE("DDIM calls the model at its plan's timesteps and steps to the previous entry", "[ddim]") {
@@ -381,7 +392,7 @@ TEST_CASE("image-to-image runs the last floor(strength S) steps from the image n
   }
 }
 
-TEST_CASE("inpainting keeps the known pixels; all known returns the image, none known the plain run",
+TEST_CASE("inpainting keeps the known pixels, all known returns the image, none known the plain run",
           "[sampler][inpaint]") {
   const NoiseSchedule schedule(NoiseScheduleOptions().dtype(torch::kFloat64));
   GaussianOracle oracle(schedule, 0.3, 0.5);
@@ -430,6 +441,9 @@ TEST_CASE("make_sampler builds methods by name and refuses what they do not use"
   CHECK_REFUSED(make_sampler("euler"), "unknown sampler 'euler' (known: ddim, ddpm, dpmpp-2m, dpmpp-2m-sde)");
   CHECK_REFUSED(make_sampler("ddpm", SamplerSettings().steps(50)), "ddpm visits every timestep");
   CHECK_REFUSED(make_sampler("dpmpp-2m", SamplerSettings().eta(1)), "dpmpp-2m takes no eta (eta applies to ddim), got 1");
+  // Refused when made, not later when sampling starts.
+  CHECK_REFUSED(make_sampler("ddim", SamplerSettings().eta(-1)), "make_sampler: eta must be >= 0, got -1");
+  CHECK_REFUSED(make_sampler("dpmpp-2m-sde", SamplerSettings().steps(0)), "make_sampler: steps must be >= 1, got 0");
   CHECK_REFUSED(register_sampler("ddim", nullptr), "'ddim' is already registered");
 
   // A user's method plugs in: a plan that visits two timesteps and jumps to the prediction.
@@ -490,7 +504,7 @@ TEST_CASE("dpm_solver_pp_step is Algorithm 2 of Lu et al. 2022", "[dpm_solver]")
   CHECK_REFUSED(sample(oracle, s, {2, 2}, DPMSolverPP().order(3)), "order must be 1 or 2, got 3");
 }
 
-TEST_CASE("DPM-Solver++(2M) converges at second order to the exact ODE solution; order 1 is DDIM",
+TEST_CASE("DPM-Solver++(2M) converges at second order to the exact ODE solution, order 1 is DDIM",
           "[dpm_solver][statistics]") {
   // Linspace plans start at 999 and end at 0 for every step count, so each run solves the same ODE; the
   // final step is the oracle's x_0 at t = 0, applied to the exact solution too. Measured (max error over

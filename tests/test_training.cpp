@@ -67,6 +67,7 @@ TEST_CASE("diffusion_loss is each sample's mean squared error against the predic
   CHECK(net->scale.grad().abs().item<double>() > 0);
   CHECK_REFUSED(diffusion_loss(net, schedule, x0, torch::tensor({0, 1}), eps), "t has 2 timesteps but the batch has 3");
   CHECK_REFUSED(diffusion_loss(net, schedule, x0, t, eps.slice(0, 0, 2)), "noise must have x0's shape [3, 2, 2]");
+  CHECK_REFUSED(diffusion_loss(net, schedule, x0, t, eps.to(torch::kFloat32)), "noise has dtype Float but x0 has Double");
   CHECK_REFUSED(diffusion_loss(net, schedule, x0, t, eps, LossOptions().min_snr_gamma(-1)), "min_snr_gamma must be >= 0");
 }
 
@@ -195,7 +196,7 @@ TEST_CASE("training in bf16 lowers the loss like float32, keeps float32 weights 
   CHECK(read_checkpoint_info(dir / "bf16.pt").training.at("loss").at("precision") == "bf16");
 }
 
-TEST_CASE("training with min-SNR weighting learns; a gamma above every SNR is the plain loss", "[trainer][min_snr]") {
+TEST_CASE("training with min-SNR weighting learns, a gamma above every SNR is the plain loss", "[trainer][min_snr]") {
   const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(100));
   const auto run = [&](double gamma, int64_t epochs) {
     torch::manual_seed(0);
@@ -316,7 +317,44 @@ TEST_CASE("a run stopped mid-epoch resumes from its mid-epoch checkpoint and equ
   }
 }
 
-TEST_CASE("a non-finite loss stops the run naming epoch and step; no checkpoint is written from it",
+TEST_CASE("a stop on an epoch's last step ends that epoch first, a mid-epoch resume refuses other data or batch size",
+          "[trainer][checkpoint][faults]") {
+  const auto data = tiny_dataset(64);  // 4 steps an epoch at batch 16
+  const auto opts = quiet().epochs(3).ema_decay(0.9);
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(100));
+  const auto dir = scratch("stoplast");
+  Trainer first(tiny_net(), schedule, opts);
+  first.add_hook(std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(0).checkpoint_every_steps(3).keep_checkpoints(5)));
+  std::vector<int64_t> epochs_ended;
+  first.on_epoch = [&](const TrainEpoch& e) { epochs_ended.push_back(e.epoch); };
+  first.on_step = [](const TrainStep& s) {
+    if (s.global_step == 4) request_stop();
+  };
+  try {
+    first.fit(data);
+    FAIL("the stop request was ignored");
+  } catch (const TrainingInterrupted& e) {
+    REQUIRE(e.checkpoint);
+    CHECK(e.checkpoint->filename() == "checkpoint_epoch_001.pt");  // the epoch's own, with its validation and losses
+    CHECK_THAT(std::string(e.what()), diffusion_test::contains("stopped on request after epoch 1 (global step 4)"));
+  }
+  clear_stop_request();
+  CHECK(epochs_ended == std::vector<int64_t>{1});
+  CHECK(names_in(dir / "checkpoints") == std::vector<std::string>{"checkpoint_epoch_000_step_000003.pt", "checkpoint_epoch_001.pt"});
+  // Epoch-end checkpoints resume with any data; mid-epoch ones only with the same data and batch size.
+  const auto mid = dir / "checkpoints" / "checkpoint_epoch_000_step_000003.pt";
+  Trainer other_data(tiny_net(), schedule, opts);
+  other_data.load_checkpoint(mid);
+  CHECK_REFUSED(other_data.fit(tiny_dataset(48)), "stopped mid-epoch in a training set of 64 images, but this one has 48");
+  Trainer other_batch(tiny_net(), schedule, quiet().epochs(3).ema_decay(0.9).batch_size(8));
+  other_batch.load_checkpoint(mid);
+  CHECK_REFUSED(other_batch.fit(data), "stopped mid-epoch with batch size 16, but this run's is 8");
+  Trainer any_data(tiny_net(), schedule, opts);
+  any_data.load_checkpoint(dir / "checkpoints" / "checkpoint_epoch_001.pt");
+  CHECK_NOTHROW(any_data.fit(tiny_dataset(48)));
+}
+
+TEST_CASE("a non-finite loss stops the run naming epoch and step, no checkpoint is written from it",
           "[trainer][faults]") {
   const auto dir = scratch("nonfinite");
   const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(50));
@@ -529,6 +567,8 @@ TEST_CASE("keep_epochs pins early checkpoints besides the newest N", "[run_outpu
   CHECK(read_checkpoint_info(dir / "checkpoints" / "checkpoint_epoch_002.pt").epoch == 2);
   CHECK_REFUSED(RunOutputs(RunOutputsOptions(scratch("pin_bad")).keep_epochs({3, 0})), "keep_epochs must hold epochs >= 1, got 0");
   CHECK_REFUSED(RunOutputs(RunOutputsOptions(scratch("keep_bad")).keep_checkpoints(0)), "keep_checkpoints must be >= 1");
+  CHECK_REFUSED(RunOutputs(RunOutputsOptions(scratch("grid_bad")).grid_samples(4).grid_labels(torch::arange(3))),
+                "RunOutputs: grid_labels must be 1-D integer labels, one per grid image (4), got Long of shape [3]");
 }
 
 TEST_CASE("list_checkpoints orders by epoch and step, past 999 epochs too", "[run_outputs]") {
@@ -636,7 +676,7 @@ TEST_CASE("condition dropout replaces labels by the null class at its rate, neve
   CHECK(torch::cat(none->seen).eq(3).all().item<bool>());
 }
 
-TEST_CASE("a class-conditional UNet trains with labels; its checkpoint rebuilds a conditional model", "[trainer][cfg]") {
+TEST_CASE("a class-conditional UNet trains with labels, its checkpoint rebuilds a conditional model", "[trainer][cfg]") {
   torch::manual_seed(0);
   const auto dir = scratch("conditional");
   // Two classes: the square at the left (class 0) or at the right (class 1).
@@ -658,10 +698,12 @@ TEST_CASE("a class-conditional UNet trains with labels; its checkpoint rebuilds 
   const auto x = sample(model, NoiseSchedule(loaded.schedule), {2, 1, 8, 8}, DDIM().steps(5),
                         SampleOptions().seed(1).cond(torch::tensor({0, 1})));
   CHECK(torch::isfinite(x).all().item<bool>());
-  // A ConvNet without num_classes takes labels in type but refuses them at its first step; a backbone type
-  // that takes none is refused before training starts.
+  // A ConvNet without num_classes takes labels in type but not as built, and a backbone type that takes
+  // none: both refused before training starts.
   CHECK_REFUSED(Trainer(tiny_net(), NoiseSchedule(), quiet()).fit(data, {}, Labels{labels, {}}),
-                "ConvNet: class labels given to an unconditional model");
+                "labels given for a backbone that takes none (num_classes 0, or not a ConditionalBackbone)");
+  // Validation of a conditional run needs its labels too.
+  CHECK_REFUSED(trainer.fit(data, data, Labels{labels, {}}), "training labels but no validation labels");
   CHECK_REFUSED(Trainer(ScaleNet(), NoiseSchedule(), quiet()).fit(data, {}, Labels{labels, {}}), "labels given for a backbone that takes none");
   CHECK_REFUSED(trainer.fit(data, {}, Labels{labels.slice(0, 0, 5), {}}), "train labels must be 1-D integers, one per image (128)");
   CHECK_REFUSED(Trainer(tiny_net(), NoiseSchedule(), quiet().cond_dropout(1.5)), "cond_dropout must be in [0, 1], got 1.5");

@@ -50,6 +50,7 @@ TEST_CASE("safetensors round trip every dtype, shape and the metadata", "[weight
     CHECK(torch::equal(back[i].second, tensors[i].second));
   }
   CHECK(metadata == std::map<std::string, std::string>{{"format", "pt"}, {"made_by", "test"}});
+  CHECK(weights_metadata(dir / "all.safetensors") == metadata);
   // The layout: an 8-byte length, then a JSON header padded to 8 bytes.
   const auto bytes = read_all(dir / "all.safetensors");
   uint64_t n = 0;
@@ -89,10 +90,13 @@ TEST_CASE("a bad safetensors file is refused, naming the file and the fault", "[
   refused(safetensors_bytes(R"({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}})", "ab"),
           " has 1 bytes after its last tensor");
   refused(safetensors_bytes(R"({"a": {"dtype": "U8", "shape": "x", "data_offsets": [0, 1]}})", "a"), " has a malformed header");
+  // Dimensions whose product overflows 64 bits (2^32 x 2^32 x 2 x 4 bytes) cannot pass for a small range.
+  refused(safetensors_bytes(R"({"w": {"dtype": "F32", "shape": [4294967296, 4294967296, 2], "data_offsets": [0, 0]}})", ""),
+          ": 'w' has shape [4294967296, 4294967296, 2] of F32 (more than 2^64 bytes) but 0 bytes of data");
   CHECK_REFUSED(load_safetensors(dir / "none.safetensors"), "none.safetensors: no such file");
 }
 
-TEST_CASE("export_weights and import_weights move a backbone's weights by name; a misfit changes nothing",
+TEST_CASE("export_weights and import_weights move a backbone's weights by name, a misfit changes nothing",
           "[weights]") {
   const auto dir = scratch("export");
   torch::manual_seed(1);
@@ -117,9 +121,17 @@ TEST_CASE("export_weights and import_weights move a backbone's weights by name; 
   CHECK_REFUSED(import_weights(*mlp, dir / "nothing.pt"), "nothing.pt: no such file");
   write_bytes(dir / "junk.pt", {'P', 'K', 3, 4, 0, 0});
   CHECK_REFUSED(import_weights(*mlp, dir / "junk.pt"), "junk.pt is not a file torch.save wrote, or is damaged");
+  write_bytes(dir / "legacy.pt", {0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc});  // a pre-1.6 torch.save: a bare pickle
+  CHECK_REFUSED(import_weights(*mlp, dir / "legacy.pt"), "legacy.pt is a legacy torch.save file (a bare pickle, not a zip)");
+  // A write that cannot happen is an error naming the file, and leaves no temporary file behind.
+  CHECK_REFUSED(export_weights(*source, dir / "conv.safetensors" / "inside.safetensors"), "save_safetensors: cannot create the directory");
+  fs::create_directories(dir / "a_directory.safetensors");
+  CHECK_REFUSED(export_weights(*source, dir / "a_directory.safetensors"), "a_directory.safetensors failed");
+  CHECK_FALSE(fs::exists(dir / "a_directory.safetensors.tmp"));
   // A torch.save file of this library's own writing that is not a dict of tensors.
   torch::save(torch::ones({2}), (dir / "tensor.pt").string());
   CHECK_REFUSED(load_torch_state_dict(dir / "tensor.pt"), "tensor.pt");
+  CHECK(weights_metadata(dir / "tensor.pt").empty());  // torch.save files carry none
 }
 
 TEST_CASE("python interop: the seed's PyTorch weights load into the C++ ConvNet and give its output", "[python]") {

@@ -57,10 +57,12 @@ struct SampleArgs {
   double cfg_rescale = 0.0;
   /// The class of each of the n images (undefined: unconditional).
   torch::Tensor labels;
-  /// Weights from elsewhere (a torch.save state_dict or safetensors) instead of a checkpoint, for this
-  /// program's backbone of that name and shape.
-  std::string weights, backbone = "conv";
+  /// Weights from elsewhere (a torch.save state_dict or safetensors) instead of a checkpoint. A file
+  /// written by `mnist export` records its network, schedule and prediction; for others, this program's
+  /// backbone of that name (empty: conv), shape and class count.
+  std::string weights, backbone;
   Shape shape;
+  int64_t num_classes = 0;
   /// Image-to-image and inpainting (sample only).
   std::string init, mask;
   std::optional<double> strength;

@@ -67,7 +67,11 @@ void report_requested_classes(eval::LeNet& net, const torch::Tensor& samples, co
   for (int64_t k = 0; k < classes; ++k) {
     const auto mine = labels.eq(k);
     const auto n = mine.sum().item<int64_t>();
-    if (n < 2) continue;
+    if (n < 2) {  // a column per class whatever --n is: the class's place says "too few samples"
+      per_class.push_back("-");
+      per_class_fd.push_back("-");
+      continue;
+    }
     const double acc = agree.masked_select(mine).to(torch::kDouble).mean().item<double>();
     worst = std::min(worst, acc);
     per_class.push_back(fmt::format("{:.3f}", acc));
@@ -85,7 +89,7 @@ void report_requested_classes(eval::LeNet& net, const torch::Tensor& samples, co
   }
   fmt::print("requested class:  {:.4f}   (share the classifier assigns to the class asked for; worst class {:.3f})\n",
              agree.to(torch::kDouble).mean().item<double>(), worst);
-  fmt::print("per class:        {}\n", fmt::join(per_class, " "));
+  fmt::print("per class:        {}   (class 0 first; -: fewer than 2 samples of it)\n", fmt::join(per_class, " "));
   fmt::print("per-class FD:     {}   (each class's samples vs its test images; floor in brackets)\n",
              fmt::join(per_class_fd, " "));
 }
@@ -104,6 +108,8 @@ int run_evaluate(const EvaluateCommand& e) {
   torch::Tensor samples;
   auto args = e.sample;
   int64_t classes = 0;
+  TORCH_CHECK(!args.cfg || (!args.checkpoint.empty() && !e.unconditional), "evaluate: --cfg guides a class-conditional "
+              "checkpoint towards the classes evaluate requests in turn; it cannot apply with --images or --unconditional");
   if (!args.checkpoint.empty() && !e.unconditional) {
     classes = num_classes_of(read_checkpoint_info(args.checkpoint));
     if (classes > 0) args.labels = torch::arange(args.n) % classes;  // every class in turn
@@ -113,6 +119,8 @@ int run_evaluate(const EvaluateCommand& e) {
     TORCH_CHECK(samples.dim() == 4 && samples.size(1) == 1 && samples.size(2) == 28 && samples.size(3) == 28,
                 "evaluate: ", e.images, " must hold an (N, 1, 28, 28) tensor in [-1, 1], got ", samples.sizes());
   } else {
+    TORCH_CHECK(!args.cfg || classes > 0, "evaluate: --cfg needs a class-conditional checkpoint; ", args.checkpoint,
+                " was trained without --conditional");
     samples = generate(args, true);
   }
   // The bounds, on as many images as the samples: train vs test (the floor) and uniform noise vs test.

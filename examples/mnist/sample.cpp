@@ -30,11 +30,34 @@ struct Source {
 
 Source open_source(const SampleArgs& a, const torch::Device& device) {
   if (!a.weights.empty()) {
-    auto model = make_backbone(backbone_config(a.backbone, a.shape));
-    import_weights(model->module(), a.weights);
-    model->to(device);
-    model->eval();
-    return {model, NoiseScheduleOptions(), Prediction::Epsilon, fmt::format("{} (--backbone {})", a.weights, a.backbone)};
+    const auto metadata = weights_metadata(a.weights);
+    Source source;
+    BackboneConfig config;
+    if (metadata.count("backbone") && metadata.count("options")) {
+      // Written by `mnist export`: the file says what it is.
+      TORCH_CHECK(a.backbone.empty() && a.shape.widths.empty() && a.shape.blocks.empty() && a.shape.patch == 0 &&
+                      a.num_classes == 0,
+                  "sample: ", a.weights, " records its own network (", metadata.at("backbone"),
+                  "); drop --backbone, --widths, --blocks, --patch and --num-classes");
+      try {
+        config = {metadata.at("backbone"), nlohmann::json::parse(metadata.at("options"))};
+        if (metadata.count("schedule")) source.schedule = nlohmann::json::parse(metadata.at("schedule")).get<NoiseScheduleOptions>();
+      } catch (const nlohmann::json::exception& e) {
+        TORCH_CHECK(false, "sample: ", a.weights, " has metadata that is not valid JSON (", e.what(), ")");
+      }
+      if (metadata.count("prediction")) source.prediction = parse_prediction(metadata.at("prediction"));
+      source.description = fmt::format("{} ({}, {} prediction, from its metadata)", a.weights, config.name,
+                                       to_string(source.prediction));
+    } else {
+      const auto name = a.backbone.empty() ? std::string("conv") : a.backbone;
+      config = backbone_config(name, a.shape, a.num_classes);
+      source.description = fmt::format("{} (--backbone {}, the seed's schedule, epsilon prediction)", a.weights, name);
+    }
+    source.model = make_backbone(config);
+    import_weights(source.model->module(), a.weights);
+    source.model->to(device);
+    source.model->eval();
+    return source;
   }
   auto [model, info] = load_model(a.checkpoint, !a.no_ema, device);
   return {model, info.schedule, info.prediction,
@@ -52,6 +75,8 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
   auto source = open_source(a, device);
   AnyBackbone model = source.model;
   TORCH_CHECK(!a.cfg || a.labels.defined(), "sample: --cfg guides towards classes; give --class or --classes");
+  TORCH_CHECK(!a.labels.defined() || source.model->conditional(), "sample: ", a.checkpoint.empty() ? a.weights : a.checkpoint,
+              " is not class-conditional (trained without --conditional); --class, --classes and --cfg need one");
   if (a.cfg) model = AnyBackbone(ClassifierFreeGuidance(source.model, ClassifierFreeGuidanceOptions(*a.cfg).rescale(a.cfg_rescale)));
   if (!a.guide.empty()) {
     auto [guide, guide_info] = load_model(a.guide, !a.no_ema, device);
@@ -104,15 +129,27 @@ CLI::App* add_sample(CLI::App& app, SampleCommand& s) {
   auto* cmd = app.add_subcommand("sample", "Sample from a checkpoint (no training code needed) or from imported weights");
   auto* checkpoint = cmd->add_option("--checkpoint", s.args.checkpoint, "Checkpoint written by train")->check(CLI::ExistingFile);
   auto* weights = cmd->add_option("--weights", s.args.weights,
-                                  "Or: weights saved by Python (torch.save(model.state_dict()), a checkpoint dict like "
-                                  "the seed's, or safetensors) for --backbone, sampled with the seed's noise schedule")
+                                  "Or: weights: a .safetensors file written by export (it records its network, "
+                                  "schedule and prediction), or saved by Python (torch.save(model.state_dict()), a "
+                                  "checkpoint dict like the seed's, or safetensors) for --backbone, sampled with the "
+                                  "seed's noise schedule")
                       ->check(CLI::ExistingFile);
   checkpoint->excludes(weights);
-  cmd->add_option("--backbone", s.args.backbone, "With --weights: which network they belong to")
+  cmd->add_option("--backbone", s.args.backbone,
+                  "With --weights not written by export: which network they belong to (default conv)")
       ->check(CLI::IsMember(backbone_names()))
-      ->needs(weights)
-      ->capture_default_str();
-  cmd->add_option("--widths", s.args.shape.widths, "With --weights: the network's widths, comma-separated")->needs(weights);
+      ->needs(weights);
+  cmd->add_option("--widths", s.args.shape.widths, "With --weights not written by export: the network's widths, comma-separated")
+      ->needs(weights);
+  cmd->add_option("--blocks", s.args.shape.blocks, "With --weights not written by export: the unet's blocks per level")
+      ->needs(weights);
+  cmd->add_option("--patch", s.args.shape.patch, "With --weights not written by export: the unet's patch size")
+      ->check(at_least(1))
+      ->needs(weights);
+  cmd->add_option("--num-classes", s.args.num_classes,
+                  "With --weights not written by export: the classes the network is conditioned on (0: none)")
+      ->check(at_least(0))
+      ->needs(weights);
   cmd->add_option("--n", s.args.n, "Number of images")->check(at_least(1))->capture_default_str();
   cmd->add_option("--out", s.out, "Grid PNG to write ('' for none)")->capture_default_str();
   cmd->add_option("--nrow", s.nrow, "Images per grid row (0: square)")->check(at_least(0))->capture_default_str();

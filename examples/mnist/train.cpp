@@ -63,7 +63,7 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
   cmd->add_option("--max-steps", t.max_steps, "Stop each epoch after N steps (0: whole epochs)")->check(at_least(0))->capture_default_str();
   cmd->add_option("--grid", t.grid, "Images in each epoch's sample grid (0: none)")->check(at_least(0))->capture_default_str();
   cmd->add_option("--grid-steps", t.grid_steps,
-                  "Sample each epoch's grid with DDIM in this many steps at eta 1 (0: DDPM over all T steps, the seed's)")
+                  "Sample each epoch's grid with DDIM in this many steps at eta 1, trailing spacing (0: DDPM over all T steps, the seed's)")
       ->check(at_least(0))->capture_default_str();
   cmd->add_option("--keep", t.keep, "Checkpoints to keep")->check(at_least(1))->capture_default_str();
   cmd->add_option("--keep-epochs", t.keep_epochs,
@@ -101,7 +101,9 @@ int run_train(const TrainCommand& t) {
   set_threads(t.threads > 0 ? t.threads
                             : std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()) / local_ranks));
   const bool main_rank = !env || env->rank == 0;
-  const auto device = parse_device(t.device);
+  auto device = parse_device(t.device);
+  // Each rank on a machine takes its own GPU (LOCAL_RANK), unless --device names one.
+  if (env && device.is_cuda() && !device.has_index()) device = torch::Device(torch::kCUDA, static_cast<int8_t>(env->local_rank));
   const NoiseSchedule schedule(NoiseScheduleOptions().kind(parse_schedule_kind(t.schedule)).zero_terminal_snr(t.zero_terminal_snr));
   const auto options =
       TrainerOptions()
@@ -131,7 +133,10 @@ int run_train(const TrainCommand& t) {
           .keep_checkpoints(t.keep)
           .keep_epochs(t.keep_epochs.empty() ? std::vector<int64_t>{} : parse_ints(t.keep_epochs))
           .grid_samples(t.grid)
-          .grid_sampler(t.grid_steps > 0 ? make_sampler("ddim", SamplerSettings().steps(t.grid_steps).eta(1)) : nullptr)
+          // Trailing spacing starts at t = T-1, which a zero-terminal-SNR schedule needs (and costs nothing else).
+          .grid_sampler(t.grid_steps > 0 ? make_sampler("ddim", SamplerSettings().steps(t.grid_steps).eta(1).spacing(
+                                                                    TimestepSpacing::Trailing))
+                                         : nullptr)
           .grid_seed(t.seed + 1)
           .grid_labels(t.conditional && t.grid > 0 ? torch::arange(t.grid) % classes : torch::Tensor())
           .checkpoint_every_steps(t.checkpoint_every)

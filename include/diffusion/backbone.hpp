@@ -83,4 +83,24 @@ module_type_t<B>& unwrap(B& backbone) {
   }
 }
 
+/// Whether `backbone` takes class labels as it is built: a ConditionalBackbone whose options say
+/// num_classes > 0 (the library's ConvNet and UNet: their forward takes labels whatever the count, but
+/// with 0 classes has no embedding to look them up in), or that answers conditional() (AnyBackbone), or
+/// any other ConditionalBackbone. What ClassifierFreeGuidance and Trainer::fit check before using labels.
+template <Backbone B>
+bool takes_class_labels(B& backbone) {
+  if constexpr (!ConditionalBackbone<B>) {
+    return false;
+  } else {
+    auto& m = unwrap(backbone);
+    if constexpr (requires { m.conditional(); }) {
+      return m.conditional();
+    } else if constexpr (requires { m.options.num_classes(); }) {
+      return m.options.num_classes() > 0;
+    } else {
+      return true;
+    }
+  }
+}
+
 }  // namespace diffusion

@@ -2,6 +2,7 @@
 
 #include <diffusion/backbone.hpp>
 #include <diffusion/detail/archive.hpp>
+#include <diffusion/detail/atomic_file.hpp>
 #include <diffusion/forward.hpp>
 #include <diffusion/registry.hpp>
 #include <diffusion/schedule.hpp>
@@ -34,11 +35,13 @@
 ///
 /// The file is a LibTorch archive (a zip) holding: "format" (2); "config", a JSON document with the
 /// schedule, the prediction type, the backbone's registered name and options, the trainer's options and
-/// the user's metadata; "epoch", "global_step" and "rng" (the trainer's generator); "model" and, when an
-/// EMA is kept, "ema" (both nested like Module::save, so either loads into the model); "ema_updates"; and
-/// "optimizer". The zip's comment holds "diffusion-sha1:" and the SHA-1 of every byte before the zip's
-/// end record, so a changed byte anywhere is found on reading. Format 1 (before the JSON config) is read
-/// too.
+/// the user's metadata; "epoch", "global_step", "step_in_epoch", "skipped_steps" and "rng" (the trainer's
+/// generator), and for a checkpoint written mid-epoch "epoch_rng" (the generator that drew the epoch's
+/// shuffle); "model" and, when an EMA is kept, "ema" (both nested like Module::save, so either loads into
+/// the model) and "ema_updates"; and "optimizer". The zip's comment holds "diffusion-sha1:" and the
+/// SHA-1 of every byte up to the comment (the end record included, its comment length counted as 0), so
+/// a changed byte anywhere is found on reading, and a format-2 file without the comment is refused as
+/// damaged. Format 1 (before the JSON config and the checksum) is read too, unverified.
 namespace diffusion {
 
 inline constexpr int64_t checkpoint_format = 2;
@@ -130,50 +133,6 @@ inline std::string archive_digest(const std::string& bytes, size_t end) {
   return c10::sha1(covered).str();
 }
 
-/// Writes `bytes` to `path` so that a crash or a failure at any point leaves the previous file intact:
-/// to `path.tmp`, flushed to the disk (fsync), renamed over `path`, and the directory flushed. A failed
-/// write (disk full, file too large, no permission) removes the temporary file and is refused with the
-/// reason.
-inline void write_file_atomically(const std::filesystem::path& path, const std::string& bytes) {
-  namespace fs = std::filesystem;
-  const auto dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  TORCH_CHECK(!ec, "checkpoint: cannot create the directory ", dir.string(), ": ", ec.message());
-  auto tmp = path;
-  tmp += ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  TORCH_CHECK(fd >= 0, "checkpoint: cannot write ", tmp.string(), ": ", std::strerror(errno));
-  const auto fail = [&](const char* what, int err) {
-    ::close(fd);
-    fs::remove(tmp, ec);
-    TORCH_CHECK(false, "checkpoint: ", what, " ", path.string(), " failed: ", std::strerror(err), "; the previous file ",
-                "(if any) is intact");
-  };
-  for (size_t done = 0; done < bytes.size();) {
-    const auto n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) fail("writing", n < 0 ? errno : ENOSPC);
-    done += static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0) fail("flushing", errno);
-  if (::close(fd) != 0) {
-    const int err = errno;
-    fs::remove(tmp, ec);
-    TORCH_CHECK(false, "checkpoint: closing ", tmp.string(), " failed: ", std::strerror(err));
-  }
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    TORCH_CHECK(false, "checkpoint: renaming ", tmp.string(), " to ", path.string(), " failed: ", ec.message());
-  }
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
-}
-
 /// Serializes `archive`, adds the checksum comment, and writes it atomically.
 inline void save_archive(torch::serialize::OutputArchive& archive, const std::filesystem::path& path) {
   std::string bytes;
@@ -188,7 +147,7 @@ inline void save_archive(torch::serialize::OutputArchive& archive, const std::fi
   bytes[*end + 20] = static_cast<char>(comment.size() & 0xFF);
   bytes[*end + 21] = static_cast<char>(comment.size() >> 8);
   bytes += comment;
-  write_file_atomically(path, bytes);
+  write_file_atomically(path, bytes, "checkpoint");
 }
 
 /// Reads and verifies a checkpoint file into an archive whose tensors land on `device`. Every way a file
@@ -207,7 +166,8 @@ inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::pat
   const auto end = find_zip_end(bytes);
   TORCH_CHECK(end, "checkpoint: ", name, " is truncated or not a checkpoint (no zip end record)");
   const std::string comment = bytes.substr(*end + zip_end_record);
-  if (comment.rfind(checksum_tag, 0) == 0) {
+  const bool sealed = comment.rfind(checksum_tag, 0) == 0;
+  if (sealed) {
     TORCH_CHECK(comment.substr(checksum_tag.size()) == archive_digest(bytes, *end), "checkpoint: ", name,
                 " is damaged: its contents do not match the checksum written with it");
   }
@@ -231,6 +191,9 @@ inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::pat
   TORCH_CHECK(has_format, "checkpoint: ", name, " is not a diffusion checkpoint (no format field)");
   TORCH_CHECK(format.toInt() == 1 || format.toInt() == checkpoint_format, "checkpoint: ", name, " has format ",
               format.toInt(), "; this library reads formats 1 and ", checkpoint_format);
+  // Format 1 predates the checksum; a format-2 file without one lost its zip comment (damaged, or edited).
+  TORCH_CHECK(sealed || format.toInt() == 1, "checkpoint: ", name, " is damaged: it has format ", format.toInt(),
+              " but no checksum in its zip comment");
   if (format_out) *format_out = format.toInt();
   return archive;
 }

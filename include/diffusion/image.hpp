@@ -1,5 +1,6 @@
 #pragma once
 
+#include <diffusion/detail/atomic_file.hpp>
 #include <diffusion/detail/check.hpp>
 
 #include <torch/torch.h>
@@ -63,7 +64,8 @@ inline torch::Tensor make_grid(const torch::Tensor& images, int64_t nrow = 8, in
 inline torch::Tensor to_unit_range(const torch::Tensor& x) { return ((x + 1) / 2).clamp(0, 1); }
 
 /// Writes an image (C, H, W) or (H, W) with values in [0, 1] as an 8-bit PNG (C = 1 grey, 3 RGB,
-/// 4 RGBA). Values are clamped to [0, 1] and rounded: v -> round(255 v).
+/// 4 RGBA). Values are clamped to [0, 1] and rounded: v -> round(255 v). Written atomically (see
+/// save_checkpoint): a failed write keeps the previous file and is refused with the reason.
 inline void write_png(const std::filesystem::path& path, const torch::Tensor& image) {
   TORCH_CHECK(image.defined() && (image.dim() == 2 || image.dim() == 3), "write_png: image must be (C, H, W) or (H, W), got ",
               image.defined() ? detail::shape_str(image) : "an undefined tensor");
@@ -72,10 +74,13 @@ inline void write_png(const std::filesystem::path& path, const torch::Tensor& im
   TORCH_CHECK(c == 1 || c == 3 || c == 4, "write_png: expected 1, 3 or 4 channels, got ", c);
   const auto bytes = chw.detach().to(torch::kCPU, torch::kFloat32).clamp(0, 1).mul(255).round().to(torch::kUInt8)
                          .permute({1, 2, 0}).contiguous();
-  if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
-  const int ok = stbi_write_png(path.string().c_str(), static_cast<int>(bytes.size(1)), static_cast<int>(bytes.size(0)),
-                                static_cast<int>(c), bytes.data_ptr<uint8_t>(), static_cast<int>(bytes.size(1) * c));
-  TORCH_CHECK(ok != 0, "write_png: could not write ", path.string());
+  std::string png;  // encoded in memory, then written atomically (a failed write keeps the previous file)
+  const int ok = stbi_write_png_to_func(
+      [](void* context, void* data, int size) { static_cast<std::string*>(context)->append(static_cast<const char*>(data), size); },
+      &png, static_cast<int>(bytes.size(1)), static_cast<int>(bytes.size(0)), static_cast<int>(c), bytes.data_ptr<uint8_t>(),
+      static_cast<int>(bytes.size(1) * c));
+  TORCH_CHECK(ok != 0, "write_png: could not encode ", path.string());
+  detail::write_file_atomically(path, png, "write_png");
 }
 
 /// Reads a PNG into a float32 tensor (C, H, W) with values in [0, 1] (v / 255 for 8-bit files, v / 65535

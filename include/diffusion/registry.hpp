@@ -29,7 +29,8 @@ struct BackboneConfig {
 /// hold. It adopts the wrapped module's parameters, buffers and submodules under their own names, so that
 /// its state_dict, its checkpoints and its EMA read exactly like the wrapped module's (the seed's names);
 /// eval(), train() and to() reach the wrapped module. forward(x, t, cond) calls it, with the labels when the
-/// wrapped backbone is a ConditionalBackbone; labels for an unconditional one are refused.
+/// wrapped backbone takes them (takes_class_labels: a ConditionalBackbone with classes); labels for one that
+/// does not are refused.
 ///
 /// Example:
 ///   AnyBackbone model(UNet());                  // or load_model(path).model
@@ -47,12 +48,12 @@ class AnyBackboneImpl : public torch::nn::Module {
   }
   template <Backbone B>
     requires(!std::is_same_v<std::remove_cvref_t<B>, torch::nn::AnyModule>)
-  explicit AnyBackboneImpl(B backbone)
-      : AnyBackboneImpl(torch::nn::AnyModule(std::move(backbone)), ConditionalBackbone<B>) {}
+  explicit AnyBackboneImpl(B backbone) : AnyBackboneImpl(erase(std::move(backbone))) {}
 
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& cond = {}) {
     if (conditional_) return backbone_.forward(x, t, cond);
-    TORCH_CHECK(!cond.defined(), "AnyBackbone: class labels given to a backbone that takes none (not conditional)");
+    TORCH_CHECK(!cond.defined(), "AnyBackbone: class labels given to a backbone that takes none (num_classes 0, or not a "
+                "ConditionalBackbone)");
     return backbone_.forward(x, t);
   }
 
@@ -74,6 +75,15 @@ class AnyBackboneImpl : public torch::nn::Module {
   FORWARD_HAS_DEFAULT_ARGS({2, torch::nn::AnyValue(torch::Tensor())})
 
  private:
+  /// The type-erased module and whether it takes labels (asked before the module moves).
+  template <Backbone B>
+  static std::pair<torch::nn::AnyModule, bool> erase(B backbone) {
+    const bool conditional = takes_class_labels(backbone);
+    return {torch::nn::AnyModule(std::move(backbone)), conditional};
+  }
+  explicit AnyBackboneImpl(std::pair<torch::nn::AnyModule, bool> erased)
+      : AnyBackboneImpl(std::move(erased.first), erased.second) {}
+
   torch::nn::AnyModule backbone_;
   bool conditional_ = false;
 };
@@ -107,8 +117,9 @@ inline std::mutex& backbone_types_mutex() {
 /// Registers the backbone module `Impl` under `name`, so that checkpoints of it record its name and
 /// options and load_model rebuilds it. Impl needs a constructor from its options struct, a public
 /// `options` member of that type, and to_json / from_json for the options (nlohmann-json, found by
-/// argument-dependent lookup). One line per backbone; the library's register themselves. A name or type
-/// registered twice is refused.
+/// argument-dependent lookup). Fields a config leaves out keep their values in `defaults` (the options
+/// struct's own unless given: a preset such as ChunkyMLP passes its shape). One line per backbone; the
+/// library's register themselves. A name or type registered twice is refused.
 ///
 /// Example:
 ///   struct MyNetOptions { TORCH_ARG(int64_t, width) = 32; };
@@ -116,16 +127,17 @@ inline std::mutex& backbone_types_mutex() {
 ///   void from_json(const nlohmann::json& j, MyNetOptions& o) { o.width(j.at("width").get<int64_t>()); }
 ///   struct MyNetImpl : torch::nn::Module { explicit MyNetImpl(MyNetOptions o); MyNetOptions options; ... };
 ///   register_backbone<MyNetImpl>("mynet");
-template <class Impl>
-void register_backbone(const std::string& name) {
-  using Options = std::remove_cvref_t<decltype(std::declval<Impl&>().options)>;
+template <class Impl, class Options = std::remove_cvref_t<decltype(std::declval<Impl&>().options)>>
+void register_backbone(const std::string& name, Options defaults = Options{}) {
   {
     std::lock_guard lock(detail::backbone_types_mutex());
     TORCH_CHECK(!detail::backbone_types().count(typeid(Impl)), "register_backbone: this type is already registered as '",
                 detail::backbone_types().at(typeid(Impl)).name, "'");
   }
-  detail::backbones().add(name, [](const nlohmann::json& options) {
-    return AnyBackbone(std::make_shared<Impl>(options.get<Options>()));
+  detail::backbones().add(name, [defaults](const nlohmann::json& options) {
+    Options o = defaults;
+    options.get_to(o);
+    return AnyBackbone(std::make_shared<Impl>(o));
   });
   std::lock_guard lock(detail::backbone_types_mutex());
   detail::backbone_types().emplace(typeid(Impl), detail::BackboneType{name, [](const torch::nn::Module& module) {

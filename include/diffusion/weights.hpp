@@ -1,5 +1,6 @@
 #pragma once
 
+#include <diffusion/detail/atomic_file.hpp>
 #include <diffusion/detail/pickle.hpp>
 
 #include <caffe2/serialize/inline_container.h>
@@ -50,8 +51,9 @@ inline std::string read_bytes(const std::filesystem::path& path, const char* fn)
 
 /// Writes `tensors` as a safetensors file: an 8-byte little-endian header length, a JSON header
 /// {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}} padded with spaces to
-/// a multiple of 8 bytes, then each tensor's bytes (contiguous, little-endian) in order. Written to a
-/// temporary file and renamed, so a failed write leaves no partial file. Refused: a duplicate or empty
+/// a multiple of 8 bytes, then each tensor's bytes (contiguous, little-endian) in order. Written
+/// atomically like checkpoints (a temporary file, fsync, rename), so a failed write (a full disk, no
+/// permission) leaves the previous file intact and is refused with the reason. Also refused: a duplicate or empty
 /// name, an undefined tensor, a dtype safetensors has no name for.
 ///
 /// Example:
@@ -84,20 +86,7 @@ inline void save_safetensors(const std::filesystem::path& path, const NamedTenso
   for (size_t i = 0; i < 8; ++i) out[i] = static_cast<char>((uint64_t(text.size()) >> (8 * i)) & 0xFF);
   out += text;
   for (const auto& t : data) out.append(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
-  auto tmp = path;
-  tmp += ".tmp";
-  {
-    if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
-    std::ofstream file(tmp, std::ios::binary | std::ios::trunc);
-    file.write(out.data(), static_cast<std::streamsize>(out.size()));
-    file.close();
-    if (!file.good()) {
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      TORCH_CHECK(false, fn, ": could not write ", path.string());
-    }
-  }
-  std::filesystem::rename(tmp, path);
+  detail::write_file_atomically(path, out, fn);
 }
 
 /// Reads a safetensors file into named tensors (file order) and its metadata. Refused, naming the file:
@@ -140,14 +129,17 @@ inline NamedTensors load_safetensors(const std::filesystem::path& path,
       TORCH_CHECK(range.size() == 2 && range[0] <= range[1] && range[1] <= data_size, fn, ": ", name, ": '", key,
                   "' has data_offsets outside the file's ", data_size, " bytes of data");
       uint64_t count = 1;
+      const uint64_t element = c10::elementSize(type->type);
+      bool overflow = false;
       for (const auto d : shape) {
         TORCH_CHECK(d >= 0, fn, ": ", name, ": '", key, "' has a negative dimension");
-        count *= static_cast<uint64_t>(d);
+        overflow |= __builtin_mul_overflow(count, static_cast<uint64_t>(d), &count);
       }
-      const auto element = c10::elementSize(type->type);
-      TORCH_CHECK(count * element == range[1] - range[0], fn, ": ", name, ": '", key, "' has shape ",
-                  torch::IntArrayRef(shape), " of ", dtype, " (", count * element, " bytes) but ", range[1] - range[0],
-                  " bytes of data");
+      overflow |= __builtin_mul_overflow(count, element, &count);
+      TORCH_CHECK(!overflow && count == range[1] - range[0], fn, ": ", name, ": '", key, "' has shape ",
+                  torch::IntArrayRef(shape), " of ", dtype, " (", overflow ? std::string("more than 2^64") : std::to_string(count),
+                  " bytes) but ", range[1] - range[0], " bytes of data");
+      count /= element;
       auto tensor = torch::empty(shape, torch::TensorOptions().dtype(type->type));
       if (count > 0) std::memcpy(tensor.data_ptr(), bytes.data() + data_start + range[0], range[1] - range[0]);
       out.emplace_back(key, tensor);
@@ -232,6 +224,32 @@ inline void export_weights(const torch::nn::Module& module, const std::filesyste
   save_safetensors(path, tensors, metadata);
 }
 
+namespace detail {
+
+/// Whether a weights file is a torch.save zip (else it is read as safetensors), by its first bytes.
+/// Refused: a missing file, and torch.save's format before PyTorch 1.6 (a bare pickle).
+inline bool is_torch_save_file(const std::filesystem::path& path, const char* fn) {
+  std::string magic(4, '\0');
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(in.good() && std::filesystem::is_regular_file(path), fn, ": ", path.string(), ": no such file");
+  in.read(magic.data(), 4);
+  // torch.save before PyTorch 1.6 (or with _use_new_zipfile_serialization=False) writes a bare pickle.
+  TORCH_CHECK(magic.compare(0, 1, "\x80") != 0, fn, ": ", path.string(), " is a legacy torch.save file (a bare pickle, "
+              "not a zip); save it again with torch.save in PyTorch 1.6 or later (the default zip format), or as safetensors");
+  return magic == std::string("PK\x03\x04", 4);
+}
+
+}  // namespace detail
+
+/// The metadata of a weights file import_weights reads: a safetensors file's "__metadata__" (what
+/// export_weights was given), empty for a torch.save file, which has none. Refused as import_weights
+/// refuses the file.
+inline std::map<std::string, std::string> weights_metadata(const std::filesystem::path& path) {
+  std::map<std::string, std::string> metadata;
+  if (!detail::is_torch_save_file(path, "weights_metadata")) load_safetensors(path, &metadata);
+  return metadata;
+}
+
 /// Loads weights by name into `module` from a safetensors file or a torch.save file (told apart by
 /// their first bytes), converting dtypes to the module's. Every parameter and buffer must be present
 /// with its shape, and nothing else: refused, naming the file and the missing, extra or mismatched
@@ -242,13 +260,7 @@ inline void export_weights(const torch::nn::Module& module, const std::filesyste
 ///   import_weights(*model, "seed_model.pt");    // torch.save(model.state_dict(), ...) in Python
 inline void import_weights(torch::nn::Module& module, const std::filesystem::path& path) {
   constexpr const char* fn = "import_weights";
-  std::string magic(4, '\0');
-  {
-    std::ifstream in(path, std::ios::binary);
-    TORCH_CHECK(in.good(), fn, ": ", path.string(), ": no such file");
-    in.read(magic.data(), 4);
-  }
-  const auto loaded = magic == std::string("PK\x03\x04", 4) ? load_torch_state_dict(path) : load_safetensors(path);
+  const auto loaded = detail::is_torch_save_file(path, fn) ? load_torch_state_dict(path) : load_safetensors(path);
   std::map<std::string, torch::Tensor> by_name(loaded.begin(), loaded.end());
   std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;  // checked first, copied only if all fit
   std::vector<std::string> missing, mismatched;

@@ -5,12 +5,15 @@
 //   check run DIR    a short run (2 epochs, EMA, cosine learning rate, validation, label dropout), rank 0
 //                    writing checkpoints to DIR, against one process with the same global batch
 //   check dead DIR   rank 1 dies after joining; rank 0 must fail within the timeout instead of hanging
+//   check bench DIR  milliseconds to average the gradients of the UNet (the main command's) and of the seed's
+//                    ConvNet over the ranks (the median of 20 bucketed all-reduces), for docs/distributed.md
 #include <diffusion/diffusion.hpp>
 #include <diffusion/training/distributed.hpp>
 
 #include <fmt/core.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -55,6 +58,33 @@ int main(int argc, char** argv) {
     auto group = std::make_shared<ProcessGroup>(*env, torch::kCPU, std::chrono::seconds(mode == "dead" ? 5 : 60));
     const int64_t rank = group->rank();
     const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(50));
+    if (mode == "bench") {
+      const auto time_it = [&](const char* name, torch::nn::Module& model) {
+        std::vector<torch::Tensor> grads;
+        int64_t bytes = 0;
+        for (const auto& p : model.parameters()) {
+          grads.push_back(torch::randn_like(p));
+          bytes += p.numel() * 4;
+        }
+        std::vector<double> ms;
+        for (int i = 0; i < 22; ++i) {
+          group->barrier();
+          const auto start = std::chrono::steady_clock::now();
+          diffusion::detail::all_reduce_mean(*group, grads);
+          if (i >= 2) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+        }
+        std::sort(ms.begin(), ms.end());
+        if (rank == 0) {
+          fmt::print("{}: {:.2f} MB of gradients, all-reduce mean over {} ranks: median {:.2f} ms (min {:.2f}, max {:.2f})\n", name,
+                     bytes / 1e6, group->world_size(), ms[ms.size() / 2], ms.front(), ms.back());
+        }
+      };
+      UNet unet(UNetOptions().blocks({1, 1, 2}));
+      ConvNet conv;
+      time_it("unet 16,32,128 blocks 1,1,2", *unet);
+      time_it("seed ConvNet", *conv);
+      return 0;
+    }
     if (mode == "dead") {
       if (rank == 1) ::_exit(0);  // gone without a word, as a killed process
       Trainer trainer(net(), schedule, TrainerOptions().epochs(1).batch_size(16).progress(ProgressMode::Off).device(torch::kCPU));

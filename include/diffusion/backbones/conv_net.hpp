@@ -122,7 +122,7 @@ class ConvNetImpl : public torch::nn::Cloneable<ConvNetImpl> {
   }
 
   /// x: (N, channels, H, W) noisy images; t: (N,) timesteps; cond: (N,) class labels (null_class: none;
-  /// undefined: none for all) when num_classes > 0. Returns the predicted noise, x's shape.
+  /// undefined: none for all) when num_classes > 0. Returns the prediction (noise, v or x_0, as trained), x's shape.
   virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& cond = {}) {
     detail::check_image_batch("ConvNet", x, t, options.channels(), 0);
     auto t_emb = time_mlp->forward(t.to(x.scalar_type()));

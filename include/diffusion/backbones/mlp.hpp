@@ -52,7 +52,7 @@ class MLPImpl : public torch::nn::Cloneable<MLPImpl> {
     }
   }
 
-  /// x: (N, channels, image_size, image_size); t: (N,). Returns the predicted noise, x's shape.
+  /// x: (N, channels, image_size, image_size); t: (N,). Returns the prediction (noise, v or x_0, as trained), x's shape.
   virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
     detail::check_image_batch(name_.c_str(), x, t, options.channels(), options.image_size());
     const auto t_emb = time_mlp->forward(t.to(x.scalar_type()));
@@ -77,14 +77,17 @@ TORCH_MODULE(MLP);
 /// The seed's ~1.5M-parameter MLP (1,526,288 parameters): hidden 512, depth 3.
 class SmolMLPImpl : public MLPImpl {
  public:
-  explicit SmolMLPImpl(MLPOptions options = MLPOptions().hidden(512).depth(3)) : MLPImpl(options, "SmolMLP") {}
+  static MLPOptions preset() { return MLPOptions().hidden(512).depth(3); }
+  explicit SmolMLPImpl(MLPOptions options = preset()) : MLPImpl(options, "SmolMLP") {}
 };
 TORCH_MODULE(SmolMLP);
 
-/// The seed's ~20.6M-parameter MLP (20,589,584 parameters): hidden 2048, depth 5.
+/// The seed's ~20.6M-parameter MLP (20,589,584 parameters): hidden 2048, depth 5. Options given to the
+/// constructor replace the preset whole (ChunkyMLP(preset().time_dim(128)) changes one field).
 class ChunkyMLPImpl : public MLPImpl {
  public:
-  explicit ChunkyMLPImpl(MLPOptions options = MLPOptions().hidden(2048).depth(5)) : MLPImpl(options, "ChunkyMLP") {}
+  static MLPOptions preset() { return MLPOptions().hidden(2048).depth(5); }
+  explicit ChunkyMLPImpl(MLPOptions options = preset()) : MLPImpl(options, "ChunkyMLP") {}
 };
 TORCH_MODULE(ChunkyMLP);
 
@@ -103,8 +106,8 @@ inline void from_json(const nlohmann::json& j, MLPOptions& o) {
 }
 
 namespace detail {
-inline const bool mlp_registered = (register_backbone<MLPImpl>("mlp"), register_backbone<SmolMLPImpl>("smol_mlp"),
-                                    register_backbone<ChunkyMLPImpl>("chunky_mlp"), true);
+inline const bool mlp_registered = (register_backbone<MLPImpl>("mlp"), register_backbone<SmolMLPImpl>("smol_mlp", SmolMLPImpl::preset()),
+                                    register_backbone<ChunkyMLPImpl>("chunky_mlp", ChunkyMLPImpl::preset()), true);
 }  // namespace detail
 
 }  // namespace diffusion

@@ -26,8 +26,9 @@ namespace diffusion {
 ///   UNet patched(UNetOptions().patch(2).widths({32, 128}).blocks({1, 2}));  // 14x14 and 7x7 for MNIST
 struct UNetOptions {
   /// What the height and width must be divisible by: patch * 2^(levels - 1). (Declared before the
-  /// TORCH_ARG members, which leave what follows them private.)
-  int64_t size_multiple() const { return patch() << (widths().size() - 1); }
+  /// TORCH_ARG members, which leave what follows them private.) Empty widths (refused by UNet) count as one
+  /// level.
+  int64_t size_multiple() const { return patch() << (widths().empty() ? 0 : widths().size() - 1); }
 
   /// Image channels.
   TORCH_ARG(int64_t, channels) = 1;
@@ -184,7 +185,7 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
   }
 
   /// x: (N, channels, H, W) with H, W divisible by patch * 2^(levels - 1); t: (N,); cond: (N,) class labels
-  /// (null_class: none; undefined: none for all) when num_classes > 0. Returns the predicted noise, x's shape.
+  /// (null_class: none; undefined: none for all) when num_classes > 0. Returns the prediction (noise, v or x_0, as trained), x's shape.
   virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& cond = {}) {
     detail::check_image_batch("UNet", x, t, options.channels(), 0);
     const int64_t factor = options.size_multiple();

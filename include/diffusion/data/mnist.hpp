@@ -72,20 +72,22 @@ inline torch::Tensor read_idx(const std::filesystem::path& path) {
   size_t count = 1;
   for (uint32_t d = 0; d < dims; ++d) {
     shape.push_back(detail::big_endian(bytes, 4 + 4 * d));
-    count *= static_cast<size_t>(shape.back());
+    TORCH_CHECK(!__builtin_mul_overflow(count, static_cast<size_t>(shape.back()), &count), "read_idx: ", name,
+                ": truncated: header promises more than 2^64 bytes of data, file has ", bytes.size() - header);
   }
   TORCH_CHECK(bytes.size() - header >= count, "read_idx: ", name, ": truncated: header promises ", count,
               " bytes of data, file has ", bytes.size() - header);
   TORCH_CHECK(bytes.size() - header == count, "read_idx: ", name, ": ", bytes.size() - header - count,
               " unexpected trailing bytes after the data");
   auto out = torch::empty(shape, torch::kUInt8);
-  std::memcpy(out.data_ptr<uint8_t>(), bytes.data() + header, count);
+  if (count > 0) std::memcpy(out.data_ptr<uint8_t>(), bytes.data() + header, count);
   return out;
 }
 
 /// One split of an MNIST-format dataset, in memory.
 struct MnistSplit {
-  /// (N, 1, 28, 28) float32 in [-1, 1]: x / 255 normalized with mean 0.5, std 0.5, as the seed does.
+  /// (N, 1, H, W) float32 in [-1, 1] (H and W from the file: 28 for MNIST): x / 255 normalized with mean
+  /// 0.5, std 0.5, as the seed does.
   torch::Tensor images;
   /// (N,) int64 class labels.
   torch::Tensor labels;

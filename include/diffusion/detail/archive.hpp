@@ -29,28 +29,44 @@ inline void save_module_as(const torch::nn::Module& module, torch::serialize::Ou
   }
 }
 
-/// Loads the nested archive `key` into `module` with Module::load, refusing an archive written for another
-/// architecture: a missing parameter, or one of another shape (Module::load would silently take it).
+/// What load_module walks: each tensor of `module` (parameters and buffers, recursively, in the nesting
+/// Module::save and save_module_as write) paired with the archive's tensor of that name, every name and
+/// shape checked before anything is copied.
+inline void collect_for_load(torch::serialize::InputArchive& archive, torch::nn::Module& module, const std::string& prefix,
+                             const std::filesystem::path& path, std::vector<std::pair<torch::Tensor, torch::Tensor>>& pairs) {
+  const auto take = [&](const std::string& name, const torch::Tensor& target, bool is_buffer) {
+    torch::Tensor source;
+    TORCH_CHECK(archive.try_read(name, source, is_buffer), "checkpoint: ", path.string(), " has no '", prefix + name,
+                "' (written for another backbone?)");
+    TORCH_CHECK(source.sizes() == target.sizes(), "checkpoint: ", path.string(), " holds '", prefix + name,
+                "' with shape ", source.sizes(), " but the model's is ", target.sizes(),
+                " (written for another backbone configuration?)");
+    pairs.emplace_back(target, source);
+  };
+  for (const auto& p : module.named_parameters(/*recurse=*/false)) take(p.key(), p.value(), false);
+  for (const auto& b : module.named_buffers(/*recurse=*/false)) take(b.key(), b.value(), true);
+  for (const auto& child : module.named_children()) {
+    if (!child.value()->is_serializable()) continue;
+    torch::serialize::InputArchive nested;
+    TORCH_CHECK(archive.try_read(child.key(), nested), "checkpoint: ", path.string(), " has no '", prefix + child.key(),
+                "' module (written for another backbone?)");
+    collect_for_load(nested, *child.value(), prefix + child.key() + ".", path, pairs);
+  }
+}
+
+/// Loads the nested archive `key` (written by Module::save or save_module_as) into `module`. Unlike
+/// Module::load, which takes a tensor of another shape by replacing the parameter's, a file written for
+/// another architecture (a missing tensor, one of another shape) is refused before any weight changes:
+/// the module is left as it was. Values are copied into the module's tensors (their dtype and device).
 /// `path` names the file in messages.
 inline void load_module(torch::serialize::InputArchive& archive, const std::string& key, torch::nn::Module& module,
                         const std::filesystem::path& path) {
-  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
-  for (const auto& p : module.named_parameters()) shapes.emplace_back(p.key(), p.value().sizes().vec());
   torch::serialize::InputArchive nested;
   TORCH_CHECK(archive.try_read(key, nested), "checkpoint: ", path.string(), " has no '", key, "' weights");
-  try {
-    module.load(nested);
-  } catch (const c10::Error& e) {
-    TORCH_CHECK(false, "checkpoint: ", path.string(), " does not fit this model (written for another backbone?): ",
-                e.what_without_backtrace());
-  }
-  size_t i = 0;
-  for (const auto& p : module.named_parameters()) {
-    const auto& [name, before] = shapes[i++];
-    TORCH_CHECK(p.value().sizes() == torch::IntArrayRef(before), "checkpoint: ", path.string(), " holds '", name,
-                "' with shape ", p.value().sizes(), " but the model's is ", torch::IntArrayRef(before),
-                " (written for another backbone configuration?)");
-  }
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> pairs;
+  collect_for_load(nested, module, "", path, pairs);
+  torch::NoGradGuard no_grad;
+  for (auto& [target, source] : pairs) target.copy_(source);
 }
 
 }  // namespace diffusion::detail

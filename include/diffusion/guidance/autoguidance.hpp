@@ -27,8 +27,8 @@ namespace diffusion {
 /// needs no labels, so an unconditional model can be guided.
 ///
 /// Each step calls both networks, so sampling costs twice the model calls. Autoguidance satisfies Backbone:
-/// every sampler takes it unchanged. Both models must be on the same device; eval mode and the device
-/// (`.to`) apply to both, as they are submodules ("main" and "guide").
+/// every sampler takes it unchanged. Both models must be on the same device (refused otherwise); eval mode
+/// and the device (`.to`) apply to both, as they are submodules ("main" and "guide").
 ///
 /// Example:
 ///   UNet main = ..., early = ...;          // e.g. the last and an early checkpoint of one run
@@ -43,6 +43,11 @@ class AutoguidanceImpl : public torch::nn::Module {
       : main_(std::move(main)), guide_(std::move(guide)), weight_(weight) {
     TORCH_CHECK(!main_.is_empty() && !guide_.is_empty(), "Autoguidance: both the main and the guide model must be given");
     TORCH_CHECK(std::isfinite(weight_), "Autoguidance: weight must be finite, got ", weight_);
+    const auto main_params = main_->parameters(), guide_params = guide_->parameters();
+    TORCH_CHECK(main_params.empty() || guide_params.empty() || main_params.front().device() == guide_params.front().device(),
+                "Autoguidance: the main model is on ", main_params.empty() ? "" : main_params.front().device().str(),
+                " but the guide on ", guide_params.empty() ? "" : guide_params.front().device().str(),
+                "; both must be on one device");
     register_module("main", main_.ptr());
     register_module("guide", guide_.ptr());
   }

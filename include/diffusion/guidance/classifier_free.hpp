@@ -49,7 +49,8 @@ class ClassifierFreeGuidanceImpl : public torch::nn::Module {
   ClassifierFreeGuidanceImpl(AnyBackbone model, ClassifierFreeGuidanceOptions options)
       : options(std::move(options)), model_(std::move(model)) {
     TORCH_CHECK(!model_.is_empty(), "ClassifierFreeGuidance: the model must be given");
-    TORCH_CHECK(model_->conditional(), "ClassifierFreeGuidance: the model takes no class labels (not a ConditionalBackbone)");
+    TORCH_CHECK(model_->conditional(), "ClassifierFreeGuidance: the model takes no class labels (num_classes 0, or not "
+                "a ConditionalBackbone)");
     TORCH_CHECK(std::isfinite(this->options.weight()), "ClassifierFreeGuidance: weight must be finite, got ",
                 this->options.weight());
     TORCH_CHECK(this->options.rescale() >= 0 && this->options.rescale() <= 1,

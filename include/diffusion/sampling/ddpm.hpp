@@ -89,8 +89,8 @@ class DDPM final : public SamplingMethod {
 
 namespace detail {
 inline const bool ddpm_registered = (register_sampler("ddpm", [](const SamplerSettings& s) {
-  TORCH_CHECK(!s.steps() && !s.eta() && !s.spacing(), "make_sampler: ddpm visits every timestep; steps, eta and "
-              "spacing apply to ddim and dpmpp-2m");
+  TORCH_CHECK(!s.steps() && !s.eta() && !s.spacing(), "make_sampler: ddpm visits every timestep; steps and spacing "
+              "apply to ddim and the dpmpp samplers, eta to ddim");
   return std::make_shared<const DDPM>();
 }), true);
 }  // namespace detail

@@ -149,10 +149,10 @@ class EvalModeGuard {
 
 template <Backbone B>
 void check_backbone_device(const char* fn, B& model, const torch::Device& device) {
-  const auto params = unwrap(model).parameters();
-  if (!params.empty()) {
-    TORCH_CHECK(params.front().device() == device, fn, ": the model's parameters are on ", params.front().device(),
-                " but the schedule is on ", device, "; move one with .to(device)");
+  // Every parameter: a wrapper (guidance) holds several networks, each of which must be there.
+  for (const auto& p : unwrap(model).named_parameters()) {
+    TORCH_CHECK(p.value().device() == device, fn, ": the model's parameters are on ", p.value().device(),
+                " but the schedule is on ", device, " ('", p.key(), "'); move one with .to(device)");
   }
 }
 
@@ -235,8 +235,9 @@ inline torch::Tensor batch_like(const char* fn, const char* name, const torch::T
 /// (InferenceMode), with the model in eval mode (its mode restored afterwards); the result is an ordinary
 /// tensor. Refused: an empty or non-positive shape, a model on another device, a model whose output
 /// shape differs from its input's, class labels for a model that takes none or of the wrong shape, clip_x0 < 0, strength outside [0, 1], a mask without an image,
-/// image or mask shapes that do not fit the batch, mask values outside [0, 1], and a plan that is not
-/// strictly descending in [0, T).
+/// image or mask shapes that do not fit the batch, mask values outside [0, 1], a plan that is not
+/// strictly descending in [0, T), and, for a zero-terminal-SNR schedule, sampling from noise with a plan
+/// that does not start at T-1 (leading spacing: use trailing or linspace).
 ///
 /// Example:
 ///   UNet model = ...;
@@ -263,6 +264,10 @@ torch::Tensor sample(B& model, const NoiseSchedule& schedule, const std::vector<
     TORCH_CHECK(plan[i] >= 0 && plan[i] < T && (i == 0 || plan[i] < plan[i - 1]), fn, ": ", method.name(),
                 "'s plan must be strictly descending in [0, ", T, "), got ", torch::IntArrayRef(plan));
   }
+  // From pure noise, a zero-terminal-SNR model has learned to start only at T-1 (where x_T is N(0, I)).
+  TORCH_CHECK(!schedule.options().zero_terminal_snr() || options.image().defined() || plan.front() == T - 1, fn,
+              ": the schedule has zero terminal SNR, so sampling from noise must start at t = T-1 = ", T - 1, ", but ",
+              method.name(), "'s plan starts at ", plan.front(), "; use trailing or linspace spacing (Lin et al. 2024)");
   const auto x_options = torch::TensorOptions().dtype(schedule.dtype()).device(device);
   torch::Tensor cond;
   if (options.cond().defined()) {
@@ -348,14 +353,19 @@ inline Registry<SamplerFactory>& samplers() {
 }  // namespace detail
 
 /// Makes `name` known to make_sampler (e.g. for a program that chooses its sampler by name). The built-in
-/// methods register themselves: "ddpm", "ddim", "dpmpp-2m". A name already registered is refused.
+/// methods register themselves: "ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde". A name already registered is refused.
 inline void register_sampler(const std::string& name, detail::SamplerFactory factory) {
   detail::samplers().add(name, std::move(factory));
 }
 
-/// The method registered as `name`, with `settings`; an unknown name is refused with the known ones.
+/// The method registered as `name`, with `settings`. Refused: an unknown name (the message lists the
+/// known ones), steps below 1, a negative eta, and a setting the method does not use. (Steps above the
+/// schedule's T are refused by sample(), which knows T.)
 inline std::shared_ptr<const SamplingMethod> make_sampler(std::string_view name, const SamplerSettings& settings = {}) {
-  return detail::samplers().at(name)(settings);
+  const auto& factory = detail::samplers().at(name);
+  TORCH_CHECK(!settings.steps() || *settings.steps() >= 1, "make_sampler: steps must be >= 1, got ", *settings.steps());
+  TORCH_CHECK(!settings.eta() || *settings.eta() >= 0.0, "make_sampler: eta must be >= 0, got ", *settings.eta());
+  return factory(settings);
 }
 
 /// The names make_sampler knows, sorted.

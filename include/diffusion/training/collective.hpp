@@ -62,8 +62,10 @@ inline std::optional<int64_t> env_integer(const std::function<std::optional<std:
 /// MASTER_ADDR, MASTER_PORT), or Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR and
 /// MASTER_PORT still needed) when those are absent; nothing when neither says WORLD_SIZE/SLURM_NTASKS
 /// (a single process). `get` reads a variable (default: the environment). Refused, naming the variables:
-/// non-integers, a rank outside [0, world size), a world size below 1, a missing RANK or MASTER_ADDR for
-/// more than one process, a port outside [1, 65535], and RANK disagreeing with SLURM_PROCID.
+/// non-integers, RANK without WORLD_SIZE, a rank outside [0, world size), a local rank outside [0, rank],
+/// a world size below 1, a missing RANK (or SLURM_PROCID) or MASTER_ADDR for more than one process, a
+/// port outside [1, 65535], and RANK/WORLD_SIZE disagreeing with SLURM_PROCID/SLURM_NTASKS when all four
+/// are set.
 inline std::optional<DistributedEnvironment> distributed_environment(
     const std::function<std::optional<std::string>(const char*)>& get = [](const char* name) -> std::optional<std::string> {
       const char* value = std::getenv(name);
@@ -78,7 +80,8 @@ inline std::optional<DistributedEnvironment> distributed_environment(
     TORCH_CHECK(*rank == *slurm_rank && *world == *slurm_world, "distributed: RANK/WORLD_SIZE (", *rank, "/", *world,
                 ") contradict SLURM_PROCID/SLURM_NTASKS (", *slurm_rank, "/", *slurm_world, ")");
   }
-  if (!world && slurm_world) {
+  const bool from_slurm = !world && slurm_world;
+  if (from_slurm) {
     world = slurm_world;
     rank = slurm_rank;
     local = detail::env_integer(get, "SLURM_LOCALID");
@@ -88,7 +91,8 @@ inline std::optional<DistributedEnvironment> distributed_environment(
     return std::nullopt;
   }
   TORCH_CHECK(*world >= 1, "distributed: WORLD_SIZE must be >= 1, got ", *world);
-  TORCH_CHECK(rank || *world == 1, "distributed: WORLD_SIZE is ", *world, " but RANK is not set");
+  TORCH_CHECK(rank || *world == 1, "distributed: ", from_slurm ? "SLURM_NTASKS" : "WORLD_SIZE", " is ", *world, " but ",
+              from_slurm ? "SLURM_PROCID" : "RANK", " is not set");
   DistributedEnvironment env;
   env.world_size = *world;
   env.rank = rank.value_or(0);

@@ -66,8 +66,12 @@ class ProcessGroup final : public Collective {
     if (device.is_cuda()) {
       auto nccl = c10d::ProcessGroupNCCL::Options::create();
       nccl->timeout = timeout;
-      group_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(store_, static_cast<int>(env.rank),
-                                                           static_cast<int>(env.world_size), nccl);
+      try {
+        group_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(store_, static_cast<int>(env.rank),
+                                                             static_cast<int>(env.world_size), nccl);
+      } catch (const std::exception& e) {
+        TORCH_CHECK(false, "distributed: rank ", env.rank, " could not create its NCCL group (", first_line(e.what()), ")");
+      }
       backend_ = "nccl";
       return;
     }
@@ -87,6 +91,8 @@ class ProcessGroup final : public Collective {
   int64_t world_size() const override { return world_; }
   /// "gloo" or "nccl".
   const std::string& backend() const noexcept { return backend_; }
+  /// The device the group was made for (CUDA: NCCL when built with it; otherwise Gloo).
+  const torch::Device& device() const noexcept { return device_; }
 
   void all_reduce_sum(std::vector<torch::Tensor>& tensors) override {
     run("all_reduce", [&] { return group_->allreduce(tensors, c10d::AllreduceOptions()); });

@@ -88,8 +88,8 @@ inline torch::Tensor min_snr_weights(const NoiseSchedule& schedule, const torch:
 /// into the model; take `.mean()` (or a weighted sum) and call backward. `cond` holds class labels for a
 /// conditional backbone (null_class for "none").
 ///
-/// Refused (as q_sample refuses them): t out of range or of the wrong length, noise of another shape;
-/// also an epsilon prediction on a zero-terminal-SNR schedule.
+/// Refused (as q_sample refuses them): t out of range or of the wrong length, noise of another shape,
+/// dtype or device; also an epsilon prediction on a zero-terminal-SNR schedule.
 ///
 /// Example:
 ///   auto t = torch::randint(0, schedule.num_timesteps(), {x0.size(0)}, torch::kLong);
@@ -103,6 +103,9 @@ torch::Tensor diffusion_loss(B& model, const NoiseSchedule& schedule, const torc
   detail::check_timesteps(fn, t, x0.size(0), x0.device(), schedule.num_timesteps());
   TORCH_CHECK(noise.defined() && noise.sizes() == x0.sizes(), fn, ": noise must have x0's shape ", detail::shape_str(x0),
               ", got ", noise.defined() ? detail::shape_str(noise) : "an undefined tensor");
+  TORCH_CHECK(noise.device() == x0.device(), fn, ": noise is on ", noise.device(), " but x0 is on ", x0.device());
+  TORCH_CHECK(noise.scalar_type() == x0.scalar_type(), fn, ": noise has dtype ", noise.scalar_type(), " but x0 has ",
+              x0.scalar_type());
   TORCH_CHECK(options.min_snr_gamma() >= 0, fn, ": min_snr_gamma must be >= 0 (0: off), got ", options.min_snr_gamma());
   detail::check_prediction_fits(fn, schedule, options.prediction());
   return detail::diffusion_loss(model, schedule, x0, t, noise, options, cond);

@@ -77,6 +77,11 @@ class RunOutputs : public TrainerHook {
     TORCH_CHECK(o.keep_checkpoints() >= 1, "RunOutputs: keep_checkpoints must be >= 1, got ", o.keep_checkpoints());
     for (const auto e : o.keep_epochs()) TORCH_CHECK(e >= 1, "RunOutputs: keep_epochs must hold epochs >= 1, got ", e);
     TORCH_CHECK(o.grid_samples() >= 0, "RunOutputs: grid_samples must be >= 0, got ", o.grid_samples());
+    const auto& g = o.grid_labels();
+    TORCH_CHECK(!g.defined() || (!g.is_floating_point() && !g.is_complex() && g.scalar_type() != torch::kBool && g.dim() == 1 &&
+                                 g.size(0) == o.grid_samples()),
+                "RunOutputs: grid_labels must be 1-D integer labels, one per grid image (", o.grid_samples(), "), got ",
+                g.defined() ? c10::str(g.scalar_type(), " of shape ", g.sizes()) : std::string());
     TORCH_CHECK(o.checkpoint_every_steps() >= 0, "RunOutputs: checkpoint_every_steps must be >= 0 (0: off), got ",
                 o.checkpoint_every_steps());
     TORCH_CHECK(o.checkpoint_every_minutes() >= 0, "RunOutputs: checkpoint_every_minutes must be >= 0 (0: off), got ",
@@ -131,7 +136,10 @@ class RunOutputs : public TrainerHook {
   }
 
   std::optional<std::filesystem::path> on_interrupt(TrainingRun& run) override {
-    return save(run, checkpoint_filename(run.epoch(), run.step_in_epoch()));
+    // A stop at an epoch's end finds that epoch's checkpoint just written.
+    const auto name = checkpoint_filename(run.epoch(), run.step_in_epoch());
+    if (run.step_in_epoch() == 0 && std::filesystem::exists(checkpoint_dir() / name)) return checkpoint_dir() / name;
+    return save(run, name);
   }
 
  private:

@@ -96,13 +96,22 @@ class Trainer final : public TrainingRun {
     detail::check_labels("train", labels.train, train);
     detail::check_labels("val", labels.val, val);
     TORCH_CHECK(!labels.val.defined() || labels.train.defined(), "Trainer::fit: validation labels without training labels");
-    if constexpr (!ConditionalBackbone<B>) {
-      TORCH_CHECK(!labels.train.defined(), "Trainer::fit: labels given for a backbone that takes none (not a ConditionalBackbone)");
-    }
+    TORCH_CHECK(!labels.train.defined() || !val.defined() || labels.val.defined(),
+                "Trainer::fit: training labels but no validation labels: give the validation images' classes too "
+                "(validation scores the class-conditional prediction)");
+    TORCH_CHECK(!labels.train.defined() || takes_class_labels(model_), "Trainer::fit: labels given for a backbone that "
+                "takes none (num_classes 0, or not a ConditionalBackbone)");
     train_ = train;
     const int64_t W = group_ ? group_->world_size() : 1, rank = group_ ? group_->rank() : 0;
     TORCH_CHECK(step_in_epoch_ == 0 || saved_world_ == W, "Trainer::fit: the checkpoint stopped mid-epoch with ", saved_world_,
                 " ranks; resume it with ", saved_world_, ", or from an epoch's end with any number");
+    // The position in the epoch's shuffle means something only for the same data and batch size.
+    TORCH_CHECK(step_in_epoch_ == 0 || saved_train_size_ < 0 || saved_train_size_ == train.size(0), "Trainer::fit: the checkpoint "
+                "stopped mid-epoch in a training set of ", saved_train_size_, " images, but this one has ", train.size(0),
+                "; resume with the same data, or from an epoch's end");
+    TORCH_CHECK(step_in_epoch_ == 0 || saved_batch_size_ < 0 || saved_batch_size_ == options_.batch_size(), "Trainer::fit: the "
+                "checkpoint stopped mid-epoch with batch size ", saved_batch_size_, ", but this run's is ", options_.batch_size(),
+                "; resume with the same batch size, or from an epoch's end");
     if (group_) synchronize_from_rank0();
     // Each rank's share of the epoch: the shuffle padded to W * per_rank by wrapping around, dealt out in turn.
     const int64_t n = train.size(0), bs = options_.batch_size(), per_rank = (n + W - 1) / W;
@@ -118,6 +127,7 @@ class Trainer final : public TrainingRun {
       const auto perm = detail::shard(epoch_permutation(n), W, rank);
       auto running = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
       unwrap(model_).train();
+      bool stop_at_epoch_end = false;
       for (int64_t step = step_in_epoch_; step < steps; ++step) {
         const auto idx = perm.slice(0, step * bs, std::min(per_rank, (step + 1) * bs));
         const auto x0 = train.index_select(0, idx).to(device_, schedule_.dtype());
@@ -150,7 +160,9 @@ class Trainer final : public TrainingRun {
         const TrainStep info{epoch_ + 1, options_.epochs(), step + 1, steps, global_step_, loss, lr, skip};
         for (auto& hook : hooks_) hook->on_step(*this, info);
         if (on_step) on_step(info);
-        if (group_ ? shared_stop : stop_requested()) interrupt(guard);
+        // A stop on the epoch's last step lets the epoch end first (validation, hooks, its checkpoint).
+        stop_at_epoch_end = group_ ? shared_stop : stop_requested();
+        if (stop_at_epoch_end && step + 1 < steps) interrupt(guard);
       }
       bar.finish();
       guard.verify();
@@ -163,6 +175,7 @@ class Trainer final : public TrainingRun {
       step_in_epoch_ = resumed_at_ = 0;
       for (auto& hook : hooks_) hook->on_epoch(*this, info);
       if (on_epoch) on_epoch(info);
+      if (stop_at_epoch_end && epoch_ < options_.epochs()) interrupt(guard);
     }
   }
 
@@ -176,7 +189,14 @@ class Trainer final : public TrainingRun {
     generator_.set_state(progress.rng_state);
     epoch_rng_ = progress.epoch_rng_state;
     skipped_ = progress.skipped_steps;
-    saved_world_ = read_checkpoint_info(path).training.value("world_size", int64_t{1});
+    // What the run recorded about itself (format 1 recorded text, or nothing: -1, unknown).
+    const auto training = read_checkpoint_info(path).training;
+    const auto recorded = [&](const char* key, int64_t otherwise) {
+      return training.contains(key) && training.at(key).is_number_integer() ? training.at(key).get<int64_t>() : otherwise;
+    };
+    saved_world_ = recorded("world_size", 1);
+    saved_train_size_ = recorded("train_size", -1);
+    saved_batch_size_ = recorded("batch_size", -1);
   }
 
   void save_checkpoint(const std::filesystem::path& path) override {
@@ -196,6 +216,7 @@ class Trainer final : public TrainingRun {
     c.training = options_;
     c.training["device"] = device_.str();
     c.training["world_size"] = group_ ? group_->world_size() : 1;
+    if (train_.defined()) c.training["train_size"] = train_.size(0);
     c.metadata = metadata;
     diffusion::save_checkpoint(path, c);
   }
@@ -341,8 +362,9 @@ class Trainer final : public TrainingRun {
     for (auto& hook : hooks_) {
       if (auto path = hook->on_interrupt(*this)) saved = path;
     }
-    throw TrainingInterrupted(fmt::format("stopped on request at epoch {}, step {} (global step {}){}", epoch_ + 1,
-                                          step_in_epoch_, global_step_,
+    const auto where = step_in_epoch_ > 0 ? fmt::format("at epoch {}, step {}", epoch_ + 1, step_in_epoch_)
+                                          : fmt::format("after epoch {}", epoch_);
+    throw TrainingInterrupted(fmt::format("stopped on request {} (global step {}){}", where, global_step_,
                                           saved ? "; saved " + saved->string() : std::string()),
                               saved);
   }
@@ -357,7 +379,7 @@ class Trainer final : public TrainingRun {
   std::vector<std::shared_ptr<TrainerHook>> hooks_;
   std::optional<detail::NonFiniteGuard> guard_;
   std::shared_ptr<Collective> group_;
-  int64_t saved_world_ = 1;
+  int64_t saved_world_ = 1, saved_train_size_ = -1, saved_batch_size_ = -1;
   torch::Tensor train_, epoch_rng_;
   int64_t epoch_ = 0, global_step_ = 0, step_in_epoch_ = 0, resumed_at_ = 0, skipped_ = 0;
 };
