@@ -134,6 +134,18 @@ TEST_CASE("export_weights and import_weights move a backbone's weights by name, 
   CHECK(weights_metadata(dir / "tensor.pt").empty());  // torch.save files carry none
 }
 
+TEST_CASE("the pickle rewrite refuses lengths past the end, even ones that wrap around", "[weights][errors]") {
+  // BINBYTES8 with a length of 2^64 - 9: at + n wrapped to 0 and the walk started over, forever (found by
+  // fuzz_pickle; fuzz/seeds/pickle/regression-binbytes8-length-wraps).
+  const std::string wraps("\x8e\xf7\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x54", 13);
+  CHECK_REFUSED(diffusion::detail::rewrite_ordered_dicts(wraps, "w.pt"),
+                "w.pt: not a pickle this library can read (an opcode's argument runs past the end at byte 9)");
+  const std::string short_binunicode("\x80\x02X\x05\x00\x00\x00" "abc.", 11);
+  CHECK_REFUSED(diffusion::detail::rewrite_ordered_dicts(short_binunicode, "s.pt"), "an opcode's argument runs past the end");
+  const std::string fine("\x80\x02X\x03\x00\x00\x00" "abc.", 11);
+  CHECK(diffusion::detail::rewrite_ordered_dicts(fine, "f.pt") == fine);
+}
+
 TEST_CASE("python interop: the seed's PyTorch weights load into the C++ ConvNet and give its output", "[python]") {
   // Run by the CTest python.cpp after tests/python/interop.py wrote the files (DIFFUSION_INTEROP_DIR).
   const char* dir_env = std::getenv("DIFFUSION_INTEROP_DIR");

@@ -47,8 +47,8 @@ inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::s
   const auto fail = [&](const std::string& why) {
     TORCH_CHECK(false, what, ": not a pickle this library can read (", why, " at byte ", at, ")");
   };
-  const auto need = [&](size_t n) {
-    if (at + n > pickle.size()) fail("an opcode's argument runs past the end");
+  const auto need = [&](uint64_t n) {  // at <= size always; at + n could wrap around (a length of 2^64 - 9)
+    if (n > pickle.size() - at) fail("an opcode's argument runs past the end");
   };
   const auto little = [&](size_t n) {
     need(n);
