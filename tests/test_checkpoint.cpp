@@ -81,6 +81,13 @@ TEST_CASE("load_model rebuilds the model a checkpoint was written for, without k
   CHECK_REFUSED(make_backbone(BackboneConfig{"resnet", {}}), "unknown backbone 'resnet' (known: chunky_mlp, convnet, mlp, smol_mlp, unet)");
   CHECK_REFUSED(make_backbone(BackboneConfig{"unet", {{"widths", "wide"}}}), "make_backbone: the options of 'unet' are malformed");
   CHECK_REFUSED(make_backbone(BackboneConfig{"unet", {{"depth", 3}}}), "UNetOptions: unknown field \"depth\"");
+  // `{}` in braces is a JSON null, not an empty object: the defaults, as with no options at all.
+  const auto count = [](AnyBackbone m) {
+    int64_t n = 0;
+    for (const auto& p : m->parameters()) n += p.numel();
+    return n;
+  };
+  CHECK(count(make_backbone(BackboneConfig{"unet", {}})) == count(make_backbone(BackboneConfig{"unet"})));
 }
 
 TEST_CASE("format-1 checkpoints (written before the JSON config) still load and resume", "[checkpoint][compat]") {

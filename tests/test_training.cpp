@@ -403,6 +403,19 @@ TEST_CASE("skip_nonfinite skips up to N bad steps, counts them, then stops", "[t
   CHECK(nlohmann::json::parse(metrics[1]).at("skipped_steps") == 2);
   Trainer strict(tiny_net(), schedule, quiet().epochs(5).batch_size(48).skip_nonfinite(1));
   CHECK_REFUSED(strict.fit(poison(48)), "Trainer: non-finite loss at epoch 2, step 1");
+  // One bad batch of three per epoch: the epoch's train loss is the mean of the other two, not NaN.
+  Trainer some(tiny_net(), schedule, quiet().epochs(2).batch_size(16).skip_nonfinite(5));
+  std::vector<double> losses;
+  int64_t skipped_so_far = 0;
+  some.on_epoch = [&](const TrainEpoch& e) {
+    losses.push_back(e.train_loss);
+    skipped_so_far = e.skipped_steps;
+  };
+  some.fit(poison(48));
+  REQUIRE(losses.size() == 2);
+  CHECK(std::isfinite(losses[0]));
+  CHECK(std::isfinite(losses[1]));
+  CHECK(skipped_so_far == 2);
 }
 
 TEST_CASE("on CUDA, when present: the CPU's noise, training, and checkpoints that load on the CPU", "[cuda]") {

@@ -22,7 +22,17 @@ int main(int argc, char** argv) {
   auto* classifier_cmd = mnist::add_classifier(app, classifier);
   auto* evaluate_cmd = mnist::add_evaluate(app, evaluate);
   CLI11_PARSE(app, argc, argv);
-  for (int i = 0; i < argc; ++i) train.command_line += (i ? " " : "") + std::string(argv[i]);
+  // The command line as the shell takes it back (the resume hint): words with other characters than these
+  // are single-quoted, a single quote inside as '\''.
+  const auto shell_word = [](const std::string& w) {
+    const bool plain = !w.empty() && w.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                                          "0123456789_./:=,+-@%") == std::string::npos;
+    if (plain) return w;
+    std::string quoted = "'";
+    for (const char c : w) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return quoted + "'";
+  };
+  for (int i = 0; i < argc; ++i) train.command_line += (i ? " " : "") + shell_word(argv[i]);
   try {
     if (train_cmd->parsed()) return mnist::run_train(train);
     if (sample_cmd->parsed()) return mnist::run_sample(sample);

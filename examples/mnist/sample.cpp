@@ -74,17 +74,18 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
   const auto method = make_sampler(a.sampler, a.settings);
   auto source = open_source(a, device);
   AnyBackbone model = source.model;
+  const auto& source_file = a.checkpoint.empty() ? a.weights : a.checkpoint;
   TORCH_CHECK(!a.cfg || a.labels.defined(), "sample: --cfg guides towards classes; give --class or --classes");
-  TORCH_CHECK(!a.labels.defined() || source.model->conditional(), "sample: ", a.checkpoint.empty() ? a.weights : a.checkpoint,
+  TORCH_CHECK(!a.labels.defined() || source.model->conditional(), "sample: ", source_file,
               " is not class-conditional (trained without --conditional); --class, --classes and --cfg need one");
   if (a.cfg) model = AnyBackbone(ClassifierFreeGuidance(source.model, ClassifierFreeGuidanceOptions(*a.cfg).rescale(a.cfg_rescale)));
   if (!a.guide.empty()) {
     auto [guide, guide_info] = load_model(a.guide, !a.no_ema, device);
     TORCH_CHECK(nlohmann::json(guide_info.schedule) == nlohmann::json(source.schedule), "sample: --guide ", a.guide,
-                " was trained with another noise schedule than ", a.checkpoint,
+                " was trained with another noise schedule than ", source_file,
                 "; autoguidance needs both to predict for the same x_t");
     TORCH_CHECK(guide_info.prediction == source.prediction, "sample: --guide ", a.guide, " predicts ",
-                to_string(guide_info.prediction), " but ", a.checkpoint, " predicts ", to_string(source.prediction));
+                to_string(guide_info.prediction), " but ", source_file, " predicts ", to_string(source.prediction));
     model = AnyBackbone(Autoguidance(source.model, guide, a.guidance));
   }
   auto base = SampleOptions().clip_x0(a.clip_x0).precision(precision).prediction(source.prediction);

@@ -86,7 +86,8 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
   cmd->add_flag("--resume", t.resume, "Continue from the newest checkpoint in OUT/checkpoints");
   cmd->add_option("--dist-timeout", t.dist_timeout,
                   "Launched as several ranks (torchrun, or RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set): seconds a "
-                  "rank waits for the others before failing")
+                  "rank waits for the others before failing (a rank that exits is noticed at once; the others wait "
+                  "while rank 0 samples each epoch's grid)")
       ->check(at_least(1))
       ->capture_default_str();
   return cmd;

@@ -432,8 +432,10 @@ inline TrainingProgress load_training_state(const std::filesystem::path& path, t
   auto archive = detail::open_checkpoint(path, device, &format);
   const auto info = detail::reading(path, [&] { return detail::read_info(archive, format, path); });
   TORCH_CHECK(!ema || info.has_ema, "checkpoint: ", path.string(), " has no EMA weights but this run keeps an EMA");
-  if (ema) ema->load(archive, detail::key::ema, model, path, info.global_step);
+  // The model first: its names and shapes are checked before anything is copied, so a file written for
+  // another model changes neither the model nor the EMA.
   detail::load_module(archive, detail::key::model, model, path);
+  if (ema) ema->load(archive, detail::key::ema, model, path, info.global_step);
   if (optimizer) {
     torch::serialize::InputArchive state;
     TORCH_CHECK(archive.try_read(detail::key::optimizer, state), "checkpoint: ", path.string(), " has no optimizer state");

@@ -43,18 +43,23 @@ inline void write_file_atomically(const std::filesystem::path& path, const std::
   if (::close(fd) != 0) {
     const int err = errno;
     fs::remove(tmp, ec);
-    TORCH_CHECK(false, who, ": closing ", tmp.string(), " failed: ", std::strerror(err));
+    TORCH_CHECK(false, who, ": closing ", tmp.string(), " failed: ", std::strerror(err), "; the previous file ",
+                "(if any) is intact");
   }
   fs::rename(tmp, path, ec);
   if (ec) {
+    const auto reason = ec.message();
     fs::remove(tmp, ec);
-    TORCH_CHECK(false, who, ": renaming ", tmp.string(), " to ", path.string(), " failed: ", ec.message());
+    TORCH_CHECK(false, who, ": renaming ", tmp.string(), " to ", path.string(), " failed: ", reason,
+                "; the previous file (if any) is intact");
   }
+  // The rename is only durable once the directory is: a failure here is reported, though the new file is
+  // already in place (a crash before the directory reaches the disk could bring back the previous one).
   const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
+  const int derr = dfd < 0 ? errno : ::fsync(dfd) != 0 ? errno : 0;
+  if (dfd >= 0) ::close(dfd);
+  TORCH_CHECK(derr == 0 || derr == EINVAL, who, ": wrote ", path.string(), " but flushing its directory ", dir.string(),
+              " failed: ", std::strerror(derr), "; a crash now could bring back the previous file");
 }
 
 }  // namespace diffusion::detail

@@ -43,7 +43,7 @@ struct ClassifierFreeGuidanceOptions {
 /// Example:
 ///   UNet model(UNetOptions().num_classes(10));   // trained with labels
 ///   ClassifierFreeGuidance guided(model, 3.0);
-///   auto sevens = sample(guided, schedule, {16, 1, 28, 28}, DDIM(), SampleOptions().cond(torch::full({16}, 7)));
+///   auto sevens = sample(guided, schedule, {16, 1, 28, 28}, DDIM(), SampleOptions().cond(torch::full({16}, 7, torch::kLong)));
 class ClassifierFreeGuidanceImpl : public torch::nn::Module {
  public:
   ClassifierFreeGuidanceImpl(AnyBackbone model, ClassifierFreeGuidanceOptions options)

@@ -16,6 +16,7 @@
 #include <torch/version.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -77,7 +78,17 @@ class ProcessGroup final : public Collective {
     }
 #endif
     auto gloo = c10d::ProcessGroupGloo::Options::create(timeout);
-    gloo->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    // As PyTorch does: GLOO_SOCKET_IFNAME names the network interface to use (one name here); otherwise the
+    // address the hostname resolves to (on Debian often 127.0.1.1: set it for several machines).
+    const char* interface = std::getenv("GLOO_SOCKET_IFNAME");
+    try {
+      gloo->devices.push_back(interface && *interface ? c10d::ProcessGroupGloo::createDeviceForInterface(interface)
+                                                      : c10d::ProcessGroupGloo::createDefaultDevice());
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "distributed: rank ", env.rank, " could not open a Gloo device",
+                  interface && *interface ? c10::str(" on GLOO_SOCKET_IFNAME=", interface) : std::string(), " (",
+                  first_line(e.what()), ")");
+    }
     try {
       group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(store_, static_cast<int>(env.rank),
                                                            static_cast<int>(env.world_size), gloo);

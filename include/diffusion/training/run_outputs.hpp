@@ -132,6 +132,7 @@ class RunOutputs : public TrainerHook {
     if (epoch.val_loss) line["val_loss"] = number(*epoch.val_loss);
     std::ofstream metrics(o.dir() / "metrics.jsonl", std::ios::app);
     metrics << line.dump() << "\n";
+    metrics.flush();  // a full disk shows when the buffer is written, not before
     TORCH_CHECK(metrics.good(), "RunOutputs: could not append to ", (o.dir() / "metrics.jsonl").string());
   }
 

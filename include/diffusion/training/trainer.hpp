@@ -126,6 +126,7 @@ class Trainer final : public TrainingRun {
                       rank == 0 ? options_.progress() : ProgressMode::Off, options_.progress_interval());
       const auto perm = detail::shard(epoch_permutation(n), W, rank);
       auto running = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
+      int64_t skipped_here = 0;  // skipped steps' losses are not finite: the epoch's loss leaves them out
       unwrap(model_).train();
       bool stop_at_epoch_end = false;
       for (int64_t step = step_in_epoch_; step < steps; ++step) {
@@ -155,8 +156,11 @@ class Trainer final : public TrainingRun {
         ++global_step_;
         step_in_epoch_ = step + 1;
         skipped_ = guard.skipped();
-        running += loss;
-        if (bar.due(step + 1)) bar.update(step + 1, running.item<double>() / static_cast<double>(step + 1 - resumed_at_));
+        if (skip) ++skipped_here;
+        else running += loss;
+        if (bar.due(step + 1)) {
+          bar.update(step + 1, running.item<double>() / static_cast<double>(step + 1 - resumed_at_ - skipped_here));
+        }
         const TrainStep info{epoch_ + 1, options_.epochs(), step + 1, steps, global_step_, loss, lr, skip};
         for (auto& hook : hooks_) hook->on_step(*this, info);
         if (on_step) on_step(info);
@@ -168,7 +172,8 @@ class Trainer final : public TrainingRun {
       guard.verify();
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       const auto done = steps - resumed_at_;
-      TrainEpoch info{epoch_ + 1, options_.epochs(), global_step_, running.item<double>() / static_cast<double>(done),
+      TrainEpoch info{epoch_ + 1, options_.epochs(), global_step_,
+                      running.item<double>() / static_cast<double>(done - skipped_here),  // NaN when all were skipped
                       val.defined() ? std::optional<double>(validation_loss(val, labels.val, val_draws)) : std::nullopt, seconds,
                       static_cast<double>(std::min(n, done * bs * W)) / seconds, guard.skipped(), {}, {}};
       ++epoch_;
