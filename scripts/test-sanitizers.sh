@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test suite under AddressSanitizer and UndefinedBehaviorSanitizer (GCC's), in its own build directory
+# (build-asan): the unit tests, the examples' smoke runs and the Python round trip, with any report fatal.
+# LibTorch itself is not instrumented (Debian's build); leak detection is off because LibTorch keeps
+# process-lifetime allocations (thread pools, registries) that LeakSanitizer reports at exit.
+#   scripts/test-sanitizers.sh            (after scripts/install-deps.sh; about 10 minutes on 2 cores)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+build=${BUILD_DIR:-build-asan}
+flags="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS="$flags" \
+  -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" -DDIFFUSION_BUILD_BENCH=OFF -DDIFFUSION_INSTALL=OFF ||
+  { echo "test-sanitizers: FAILED while configuring" >&2; exit 11; }
+cmake --build "$build" --parallel "$(nproc)" || { echo "test-sanitizers: FAILED while building" >&2; exit 11; }
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_init_order=1:detect_stack_use_after_return=1
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+ctest --test-dir "$build" --parallel "$(nproc)" --output-on-failure -LE packaging ||
+  { echo "test-sanitizers: FAILED while running the tests under ASan/UBSan" >&2; exit 12; }
+echo "test-sanitizers: every test passed under AddressSanitizer and UndefinedBehaviorSanitizer"
