@@ -7,11 +7,14 @@
 //   diffusion_bench --precision fp32      float32 only (default: fp32 and bf16 rows for each backbone)
 //
 // Each measurement is the median of the timed repetitions after warm-up. On CUDA the clock is read
-// after torch::cuda::synchronize().
+// after torch::cuda::synchronize(). The forward FLOPs of one image are counted by LibTorch's profiler
+// (its FLOP formulas for convolutions, matrix products and elementwise adds and multiplies), once per
+// backbone in fp32; a training step costs about 3x that (forward, and backward twice the forward).
 #include <diffusion/diffusion.hpp>
 
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
+#include <torch/csrc/autograd/profiler_legacy.h>
 
 #include <sys/resource.h>
 
@@ -67,9 +70,29 @@ struct Result {
   std::string backbone;
   Precision precision = Precision::Float32;
   int64_t parameters = 0;
+  double forward_gflop = 0;  // per image
   double train_img_s = 0, reverse_step_s = 0, full_sample_s = 0, peak_rss_mib = 0;
   bool full_sample_measured = false;
 };
+
+/// FLOPs of one forward pass of one image (shape (1, C, H, W)), as LibTorch's profiler counts them.
+template <Backbone B>
+double forward_flops(B& model, const std::vector<int64_t>& image, const torch::Device& device) {
+  namespace profiler = torch::autograd::profiler;
+  diffusion::detail::EvalModeGuard eval(unwrap(model));
+  torch::NoGradGuard no_grad;
+  const auto x = torch::randn(image, torch::TensorOptions().device(device));
+  const auto t = torch::full({1}, 500, torch::TensorOptions().dtype(torch::kLong).device(device));
+  profiler::enableProfilerLegacy(profiler::ProfilerConfig(profiler::ProfilerState::CPU, /*report_input_shapes=*/true,
+                                                          /*profile_memory=*/false, /*with_stack=*/false,
+                                                          /*with_flops=*/true));
+  (void)unwrap(model).forward(x, t);
+  uint64_t flops = 0;
+  for (auto& thread : profiler::disableProfilerLegacy()) {
+    for (auto& event : thread) flops += event.flops();
+  }
+  return static_cast<double>(flops);
+}
 
 template <Backbone B>
 Result bench_backbone(const std::string& name, B model, Precision precision, const Config& c,
@@ -79,6 +102,7 @@ Result bench_backbone(const std::string& name, B model, Precision precision, con
   r.precision = precision;
   for (const auto& p : unwrap(model).parameters()) r.parameters += p.numel();
   unwrap(model).to(device);
+  r.forward_gflop = forward_flops(model, {1, dataset.size(1), dataset.size(2), dataset.size(3)}, device) / 1e9;
   const NoiseSchedule schedule = NoiseSchedule().to(device);
 
   // Training: the Trainer's own step (in-memory batch, q_sample, forward, backward, AdamW), one epoch
@@ -144,7 +168,7 @@ int main(int argc, char** argv) {
   Config c;
   std::string backbones = "conv,conv-small,smol,chunky,unet", precisions = "fp32,bf16";
   CLI::App app{"Benchmark diffusion's backbones: training throughput, sampling time, memory"};
-  app.add_option("--backbones", backbones, "Comma-separated: conv, conv-small, smol, chunky, unet")->capture_default_str();
+  app.add_option("--backbones", backbones, "Comma-separated: conv, conv-small, smol, chunky, unet, unet-main (the main command's: blocks 1,1,2)")->capture_default_str();
   app.add_option("--device", c.device, "cpu, cuda or cuda:N")->capture_default_str();
   app.add_option("--precision", precisions,
                  "Comma-separated: fp32 (the seed's arithmetic), bf16 (autocast; fast with AMX/AVX512-BF16), auto")
@@ -200,7 +224,8 @@ int main(int argc, char** argv) {
         }
       }
     }
-    fmt::print("{:<11} {:>9} {:>11} {:>12} {:>16} {:>18} {:>14}\n", "backbone", "precision", "parameters", "train img/s",
+    fmt::print("{:<11} {:>9} {:>11} {:>14} {:>12} {:>16} {:>18} {:>14}\n", "backbone", "precision", "parameters",
+               "fwd GFLOP/img", "train img/s",
                fmt::format("reverse step {}", c.sample_batch), "1000-step sample", "peak RSS MiB");
     for (const auto& name : c.backbones) for (const auto precision : c.precisions) {
       // A fresh, identically seeded model for every row.
@@ -211,19 +236,20 @@ int main(int argc, char** argv) {
       else if (name == "smol") r = bench_backbone(name, SmolMLP(), precision, c, dataset, device);
       else if (name == "chunky") r = bench_backbone(name, ChunkyMLP(), precision, c, dataset, device);
       else if (name == "unet") r = bench_backbone(name, UNet(), precision, c, dataset, device);
+      else if (name == "unet-main") r = bench_backbone(name, UNet(UNetOptions().blocks({1, 1, 2})), precision, c, dataset, device);
       else {
-        fmt::print(stderr, "unknown backbone '{}' (conv, conv-small, smol, chunky, unet)\n", name);
+        fmt::print(stderr, "unknown backbone '{}' (conv, conv-small, smol, chunky, unet, unet-main)\n", name);
         return 2;
       }
-      fmt::print("{:<11} {:>9} {:>11} {:>12.1f} {:>14.4f} s {:>14.1f} s{} {:>14.0f}\n", r.backbone,
-                 to_string(r.precision), r.parameters,
+      fmt::print("{:<11} {:>9} {:>11} {:>14.4f} {:>12.1f} {:>14.4f} s {:>14.1f} s{} {:>14.0f}\n", r.backbone,
+                 to_string(r.precision), r.parameters, r.forward_gflop,
                  r.train_img_s, r.reverse_step_s, r.full_sample_s, r.full_sample_measured ? " " : "*",
                  r.peak_rss_mib);
       if (c.json) {
         fmt::print("{{\"backbone\": \"{}\", \"precision\": \"{}\", \"device\": \"{}\", \"threads\": {}, \"batch\": {}, \"micro_batch\": {}, \"parameters\": {}, "
-                   "\"train_img_per_s\": {:.3f}, \"reverse_step_s\": {:.6f}, \"sample_batch\": {}, "
+                   "\"forward_gflop_per_img\": {:.6f}, \"train_img_per_s\": {:.3f}, \"reverse_step_s\": {:.6f}, \"sample_batch\": {}, "
                    "\"full_sample_s\": {:.3f}, \"full_sample\": \"{}\", \"peak_rss_mib\": {:.1f}}}\n",
-                   r.backbone, to_string(r.precision), device.str(), at::get_num_threads(), c.batch, c.micro_batch, r.parameters, r.train_img_s,
+                   r.backbone, to_string(r.precision), device.str(), at::get_num_threads(), c.batch, c.micro_batch, r.parameters, r.forward_gflop, r.train_img_s,
                    r.reverse_step_s, c.sample_batch, r.full_sample_s,
                    r.full_sample_measured ? "measured" : "extrapolated", r.peak_rss_mib);
       }
