@@ -158,6 +158,21 @@ TEST_CASE("checkpoints refuse the wrong model, and every unreadable file is one 
   Trainer plain(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet());
   plain.save_checkpoint(no_ema);
   CHECK_REFUSED(with_ema.load_checkpoint(no_ema), "has no EMA weights but this run keeps an EMA");
+  // A file for a larger model (a second block, a class embedding) is as wrong as one for a smaller model:
+  // refused by name before anything changes, not later in the optimizer's state as a "damaged" file.
+  const NoiseSchedule short_schedule(NoiseScheduleOptions().num_timesteps(30));
+  const auto unet = [](std::vector<int64_t> blocks, int64_t classes) {
+    return UNet(UNetOptions().widths({8, 16}).blocks(std::move(blocks)).num_classes(classes));
+  };
+  auto larger = dir / "larger.pt";
+  Trainer(unet({1, 2}, 0), short_schedule, quiet().ema_decay(0.9)).save_checkpoint(larger);
+  Trainer smaller(unet({1, 1}, 0), short_schedule, quiet().ema_decay(0.9));
+  CHECK_REFUSED(smaller.load_checkpoint(larger), "larger.pt holds 'mid1_1'");
+  CHECK_REFUSED(smaller.load_checkpoint(larger), "which the model does not have (written for another backbone configuration?)");
+  auto conditional = dir / "conditional.pt";
+  Trainer(unet({1, 1}, 10), short_schedule, quiet()).save_checkpoint(conditional);
+  auto model = unet({1, 1}, 0);
+  CHECK_REFUSED(load_weights(conditional, model), "conditional.pt holds 'class_embedding");
 
   const auto good = file_bytes(path);
   const auto bad = dir / "bad.pt";

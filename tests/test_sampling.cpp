@@ -1,6 +1,8 @@
 // The sampling loop and its methods (DDPM, DDIM, DPM-Solver++), checked with closed-form oracles.
 #include "helpers.hpp"
 
+#include <limits>
+
 namespace sampling_helpers {
 std::vector<int64_t> first_and_last(const std::vector<int64_t>& v, size_t k) {
   std::vector<int64_t> out(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(k));
@@ -197,7 +199,8 @@ TEST_CASE("ddim_step is eq. 12 of Song et al. and refuses bad inputs", "[ddim]")
              WithinAbs((0.7 + 0.2 * std::sqrt(1 - h.alphas_cumprod[0])) / std::sqrt(h.alphas_cumprod[0]), 1e-5));
   CHECK_REFUSED(ddim_step(s, x, 500, 500, eps), "t_prev must be in [-1, t = 500), got 500");
   CHECK_REFUSED(ddim_step(s, x, 1000, 5, eps), "t must be in [0, 1000), got 1000");
-  CHECK_REFUSED(ddim_step(s, x, 500, 480, eps, -0.5), "eta must be >= 0, got -0.5");
+  CHECK_REFUSED(ddim_step(s, x, 500, 480, eps, -0.5), "eta must be finite and >= 0, got -0.5");
+  CHECK_REFUSED(ddim_step(s, x, 500, 480, eps, std::numeric_limits<double>::infinity()), "eta must be finite and >= 0, got inf");
   CHECK_REFUSED(ddim_step(s, x, 500, 480, eps, 1.0), "with sigma > 0 the noise z must have x_t's shape");
   CHECK_REFUSED(ddim_step(s, x, 500, 480, torch::zeros({2})), "the predicted noise must have x_t's shape");
 }
@@ -233,7 +236,7 @@ TEST_CASE("DDIM at eta = 0 is deterministic given x_T", "[ddim]") {
   CHECK(torch::equal(a, b));
   CHECK_FALSE(torch::equal(a, c));
   CHECK_REFUSED(sample(oracle, schedule, {4, 1, 2, 2}, DDIM().steps(2000)), "steps must be in [1, 1000]");
-  CHECK_REFUSED(sample(oracle, schedule, {4, 1, 2, 2}, DDIM().eta(-1)), "eta must be >= 0");
+  CHECK_REFUSED(sample(oracle, schedule, {4, 1, 2, 2}, DDIM().eta(-1)), "eta must be finite and >= 0");
 }
 
 TEST_CASE("clip_x0 clamps the predicted x_0 and uses eq. 7's posterior mean, which is eq. 11 unclamped", "[sampler][clip]") {
@@ -442,7 +445,8 @@ TEST_CASE("make_sampler builds methods by name and refuses what they do not use"
   CHECK_REFUSED(make_sampler("ddpm", SamplerSettings().steps(50)), "ddpm visits every timestep");
   CHECK_REFUSED(make_sampler("dpmpp-2m", SamplerSettings().eta(1)), "dpmpp-2m takes no eta (eta applies to ddim), got 1");
   // Refused when made, not later when sampling starts.
-  CHECK_REFUSED(make_sampler("ddim", SamplerSettings().eta(-1)), "make_sampler: eta must be >= 0, got -1");
+  CHECK_REFUSED(make_sampler("ddim", SamplerSettings().eta(-1)), "make_sampler: eta must be finite and >= 0, got -1");
+  CHECK_REFUSED(make_sampler("ddim", SamplerSettings().eta(std::numeric_limits<double>::infinity())), "make_sampler: eta must be finite and >= 0, got inf");
   CHECK_REFUSED(make_sampler("dpmpp-2m-sde", SamplerSettings().steps(0)), "make_sampler: steps must be >= 1, got 0");
   CHECK_REFUSED(register_sampler("ddim", nullptr), "'ddim' is already registered");
 

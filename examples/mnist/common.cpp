@@ -113,7 +113,7 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
                   "The backbone's arithmetic: fp32, bf16 (autocast), or auto (bf16 on a CPU with AMX/AVX512-BF16)")
       ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
       ->capture_default_str();
-  cmd->add_option("--threads", args.threads, "CPU threads (0: all cores)")->check(at_least(0))->capture_default_str();
+  cmd->add_option("--threads", args.threads, "CPU threads (0: all cores; at most 256)")->check(CLI::Range(0, 256))->capture_default_str();
   auto* guide = cmd->add_option("--guide", args.guide,
                                 "Autoguidance (Karras et al. 2024): a weaker checkpoint of the same kind of model, e.g. "
                                 "an early epoch of the same run, whose errors each step is steered away from (two model "

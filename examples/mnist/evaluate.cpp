@@ -14,9 +14,16 @@ CLI::App* add_classifier(CLI::App& app, ClassifierCommand& c) {
   cmd->add_option("--out", c.out, "Where to save it")->capture_default_str();
   cmd->add_option("--epochs", c.epochs, "Epochs")->check(at_least(1))->capture_default_str();
   cmd->add_option("--seed", c.seed, "Seed")->capture_default_str();
-  cmd->add_option("--threads", c.threads, "CPU threads (0: all cores)")->check(at_least(0))->capture_default_str();
+  cmd->add_option("--threads", c.threads, "CPU threads (0: all cores; at most 256)")->check(CLI::Range(0, 256))->capture_default_str();
   return cmd;
 }
+
+namespace {
+std::string first_line_of(const c10::Error& error) {
+  const std::string what = error.what_without_backtrace();
+  return what.substr(0, what.find('\n'));
+}
+}  // namespace
 
 int run_classifier(const ClassifierCommand& c) {
   set_threads(c.threads);
@@ -100,7 +107,12 @@ int run_evaluate(const EvaluateCommand& e) {
   TORCH_CHECK(e.sample.checkpoint.empty() != e.images.empty(), "evaluate: give exactly one of --checkpoint or --images");
   set_threads(e.sample.threads);
   eval::LeNet net;
-  torch::load(net, e.classifier);
+  try {
+    torch::load(net, e.classifier);
+  } catch (const c10::Error& error) {
+    TORCH_CHECK(false, "evaluate: --classifier ", e.classifier, " is not a classifier `mnist classifier` wrote (",
+                first_line_of(error), ")");
+  }
   net->eval();
   const auto test = data::load_mnist(e.data, data::Split::Test);
   const auto train = data::load_mnist(e.data, data::Split::Train);
@@ -115,7 +127,12 @@ int run_evaluate(const EvaluateCommand& e) {
     if (classes > 0) args.labels = torch::arange(args.n) % classes;  // every class in turn
   }
   if (!e.images.empty()) {
-    torch::load(samples, e.images);
+    try {
+      torch::load(samples, e.images);
+    } catch (const c10::Error& error) {
+      TORCH_CHECK(false, "evaluate: --images ", e.images, " is not a tensor file that C++'s torch::save wrote (",
+                  first_line_of(error), ")");
+    }
     TORCH_CHECK(samples.dim() == 4 && samples.size(1) == 1 && samples.size(2) == 28 && samples.size(3) == 28,
                 "evaluate: ", e.images, " must hold an (N, 1, 28, 28) tensor in [-1, 1], got ", samples.sizes());
   } else {

@@ -8,6 +8,8 @@
 // (train.cpp, sample.cpp, evaluate.cpp); this one wires them to the command line and reports errors.
 #include "commands.hpp"
 
+#include <cstdio>
+
 int main(int argc, char** argv) {
   CLI::App app{"DDPM on MNIST-format data: train a backbone, sample from a checkpoint, score samples."};
   app.require_subcommand(1, 1);
@@ -40,9 +42,9 @@ int main(int argc, char** argv) {
     if (classifier_cmd->parsed()) return mnist::run_classifier(classifier);
     if (evaluate_cmd->parsed()) return mnist::run_evaluate(evaluate);
   } catch (const c10::Error& e) {
-    fmt::print(stderr, "error: {}\n", e.what_without_backtrace());
+    std::fprintf(stderr, "error: %s\n", e.what_without_backtrace());  // never throws, even to a closed stderr
   } catch (const std::exception& e) {
-    fmt::print(stderr, "error: {}\n", e.what());
+    std::fprintf(stderr, "error: %s\n", e.what());
   }
   return 1;
 }

@@ -51,7 +51,7 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
                 "Rescale the schedule so its last timestep is pure noise (Lin et al. 2024); needs --prediction v or "
                 "sample, and sampling with --spacing trailing or linspace");
   cmd->add_option("--device", t.device, "auto (CUDA if available), cpu, cuda or cuda:N")->capture_default_str();
-  cmd->add_option("--threads", t.threads, "CPU threads (0: all cores)")->check(at_least(0))->capture_default_str();
+  cmd->add_option("--threads", t.threads, "CPU threads (0: all cores; at most 256)")->check(CLI::Range(0, 256))->capture_default_str();
   cmd->add_option("--precision", t.precision,
                   "fp32 (the seed's), bf16 (autocast the backbone to bfloat16), or auto: bf16 on a CPU with "
                   "AMX/AVX512-BF16, else fp32")
@@ -61,7 +61,9 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
   cmd->add_option("--val-size", t.val_size, "Validation images from the test split (0: no validation)")
       ->check(at_least(0))->capture_default_str();
   cmd->add_option("--max-steps", t.max_steps, "Stop each epoch after N steps (0: whole epochs)")->check(at_least(0))->capture_default_str();
-  cmd->add_option("--grid", t.grid, "Images in each epoch's sample grid (0: none)")->check(at_least(0))->capture_default_str();
+  cmd->add_option("--grid", t.grid, "Images in each epoch's sample grid (0: none; at most 1024, sampled in one batch)")
+      ->check(CLI::Range(0, 1024))
+      ->capture_default_str();
   cmd->add_option("--grid-steps", t.grid_steps,
                   "Sample each epoch's grid with DDIM in this many steps at eta 1, trailing spacing (0: DDPM over all T steps, the seed's)")
       ->check(at_least(0))->capture_default_str();
@@ -106,6 +108,9 @@ int run_train(const TrainCommand& t) {
   // Each rank on a machine takes its own GPU (LOCAL_RANK), unless --device names one.
   if (env && device.is_cuda() && !device.has_index()) device = torch::Device(torch::kCUDA, static_cast<int8_t>(env->local_rank));
   const NoiseSchedule schedule(NoiseScheduleOptions().kind(parse_schedule_kind(t.schedule)).zero_terminal_snr(t.zero_terminal_snr));
+  // Checked here, not after the first epoch has trained: the grid's plan must fit the schedule.
+  TORCH_CHECK(t.grid_steps <= schedule.num_timesteps(), "train: --grid-steps must be at most the schedule's ",
+              schedule.num_timesteps(), " timesteps, got ", t.grid_steps);
   const auto options =
       TrainerOptions()
           .epochs(t.epochs)

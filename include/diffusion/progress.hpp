@@ -59,17 +59,17 @@ class ProgressBar {
     const double since_last = std::chrono::duration<double>(now - last_).count();
     const bool final = done >= total_;
     if (mode_ == ProgressMode::Bar && (since_last >= 0.1 || final)) {
-      fmt::print(stderr, "\r{}\x1b[K", line());
+      write("\r" + line() + "\x1b[K");
       last_ = now;
     } else if (mode_ == ProgressMode::Lines && (since_last >= interval_ || final)) {
-      fmt::print(stderr, "{}\n", line());
+      write(line() + "\n");
       last_ = now;
     }
   }
 
   /// Ends the bar's line (a no-op in the other modes).
   void finish() {
-    if (mode_ == ProgressMode::Bar) fmt::print(stderr, "\n");
+    if (mode_ == ProgressMode::Bar) write("\n");
   }
 
   /// The current text, e.g. for a callback.
@@ -88,6 +88,13 @@ class ProgressBar {
   ProgressMode mode() const noexcept { return mode_; }
 
  private:
+  // Progress is a display: a stderr that cannot be written (a closed pipe, a full disk) must not stop the
+  // work it reports on, so errors are ignored here (fmt::print would throw).
+  static void write(const std::string& text) {
+    (void)std::fwrite(text.data(), 1, text.size(), stderr);
+    (void)std::fflush(stderr);
+  }
+
   static std::string clock(double seconds) {
     const auto s = static_cast<int64_t>(seconds);
     return s >= 3600 ? fmt::format("{}:{:02d}:{:02d}", s / 3600, s / 60 % 60, s % 60)

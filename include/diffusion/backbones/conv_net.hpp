@@ -98,6 +98,7 @@ class ConvNetImpl : public torch::nn::Cloneable<ConvNetImpl> {
   void reset() override {
     const auto& o = options;
     TORCH_CHECK(!o.widths().empty(), "ConvNet: widths must not be empty");
+    for (const auto w : o.widths()) TORCH_CHECK(w >= 1 && w <= 65536, "ConvNet: widths must be in [1, 65536], got ", w);
     TORCH_CHECK(o.channels() >= 1, "ConvNet: channels must be >= 1, got ", o.channels());
     encoder.clear();
     decoder.clear();

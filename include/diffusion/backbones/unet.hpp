@@ -145,6 +145,7 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
     TORCH_CHECK(o.blocks().size() == levels, "UNet: blocks must hold one count per level (", levels,
                 ", as widths), got ", o.blocks().size());
     for (const auto b : o.blocks()) TORCH_CHECK(b >= 1, "UNet: blocks per level must be >= 1, got ", b);
+    for (const auto w : o.widths()) TORCH_CHECK(w >= 1 && w <= 65536, "UNet: widths must be in [1, 65536], got ", w);
     const auto td = o.time_dim(), g = o.groups(), folded = o.channels() * o.patch() * o.patch();
     const auto top = levels - 1;  // the lowest resolution
     time_mlp = register_module(

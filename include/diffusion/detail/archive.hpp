@@ -43,6 +43,15 @@ inline void collect_for_load(torch::serialize::InputArchive& archive, torch::nn:
                 " (written for another backbone configuration?)");
     pairs.emplace_back(target, source);
   };
+  // And nothing more: a file for a larger model (another configuration, a conditional one) is as wrong as
+  // one for a smaller model, and would otherwise fail later, in the optimizer's state, as a damaged file.
+  for (const auto& key : archive.keys()) {
+    const bool known = key == "training" || module.named_parameters(false).contains(key) ||
+                       module.named_buffers(false).contains(key) ||
+                       (module.named_children().contains(key) && module.named_children()[key]->is_serializable());
+    TORCH_CHECK(known, "checkpoint: ", path.string(), " holds '", prefix + key,
+                "', which the model does not have (written for another backbone configuration?)");
+  }
   for (const auto& p : module.named_parameters(/*recurse=*/false)) take(p.key(), p.value(), false);
   for (const auto& b : module.named_buffers(/*recurse=*/false)) take(b.key(), b.value(), true);
   for (const auto& child : module.named_children()) {

@@ -52,7 +52,7 @@ inline torch::Tensor ddim_step(const NoiseSchedule& schedule, const torch::Tenso
   detail::check_sample_batch(fn, "x_t", x_t);
   TORCH_CHECK(t >= 0 && t < schedule.num_timesteps(), fn, ": t must be in [0, ", schedule.num_timesteps(), "), got ", t);
   TORCH_CHECK(t_prev >= -1 && t_prev < t, fn, ": t_prev must be in [-1, t = ", t, "), got ", t_prev);
-  TORCH_CHECK(eta >= 0.0, fn, ": eta must be >= 0, got ", eta);
+  TORCH_CHECK(std::isfinite(eta) && eta >= 0.0, fn, ": eta must be finite and >= 0, got ", eta);
   TORCH_CHECK(clip_x0 >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", clip_x0);
   TORCH_CHECK(eps_pred.defined() && eps_pred.sizes() == x_t.sizes(), fn,
               ": the predicted noise must have x_t's shape ", detail::shape_str(x_t), ", got ",
@@ -84,7 +84,7 @@ class DDIM final : public SamplingMethod {
     return fmt::format("DDIM, {} steps ({}), eta {}", steps(), to_string(spacing()), eta());
   }
   std::vector<int64_t> timesteps(int64_t num_timesteps) const override {
-    TORCH_CHECK(eta() >= 0.0, "DDIM: eta must be >= 0, got ", eta());
+    TORCH_CHECK(std::isfinite(eta()) && eta() >= 0.0, "DDIM: eta must be finite and >= 0, got ", eta());
     return timestep_plan(num_timesteps, steps(), spacing());
   }
   Update start() const override {

@@ -364,7 +364,8 @@ inline void register_sampler(const std::string& name, detail::SamplerFactory fac
 inline std::shared_ptr<const SamplingMethod> make_sampler(std::string_view name, const SamplerSettings& settings = {}) {
   const auto& factory = detail::samplers().at(name);
   TORCH_CHECK(!settings.steps() || *settings.steps() >= 1, "make_sampler: steps must be >= 1, got ", *settings.steps());
-  TORCH_CHECK(!settings.eta() || *settings.eta() >= 0.0, "make_sampler: eta must be >= 0, got ", *settings.eta());
+  TORCH_CHECK(!settings.eta() || (std::isfinite(*settings.eta()) && *settings.eta() >= 0.0),
+              "make_sampler: eta must be finite and >= 0, got ", *settings.eta());
   return factory(settings);
 }
 
