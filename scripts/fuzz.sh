@@ -4,6 +4,7 @@
 # fixture of the tests). Prints one line per target: executions, the corpus it grew, and crashes; a crash
 # leaves its input in build-fuzz/crashes/TARGET/ and fails the script.
 #   scripts/fuzz.sh [SECONDS]
+#   FUZZ_REPLAY_ONLY="fuzz_checkpoint" scripts/fuzz.sh 60    (that target only replays its corpus)
 # It needs Debian 13: clang cannot compile LibTorch 1.13's headers in C++20 against libstdc++ 12 (an
 # incomplete c10::IValue inside std::vector, which C++20 makes constexpr), so on Debian 12 the script
 # runs itself inside the Debian 13 root of scripts/test-debian13.sh (as root). It installs clang there.
@@ -38,7 +39,9 @@ for target in fuzz_idx fuzz_idx_gzip fuzz_safetensors fuzz_pickle fuzz_checkpoin
   cp -n "${seeds[$target]}"/* "$corpus"/ 2>/dev/null
   [ $target = fuzz_checkpoint ] && cp -n tests/fixtures/format1_convnet.pt "$corpus"/
   log=$build/$target.log
-  "$build/fuzz/$target" "$corpus" -max_total_time="$seconds" -max_len="${max_len[$target]:-4096}" -timeout=20 \
+  # FUZZ_REPLAY_ONLY names targets that only run their corpus once (no mutation): see fuzz/known/.
+  replay=(); [[ " ${FUZZ_REPLAY_ONLY:-} " == *" $target "* ]] && replay=(-runs=0)
+  "$build/fuzz/$target" "$corpus" "${replay[@]}" -max_total_time="$seconds" -max_len="${max_len[$target]:-4096}" -timeout=20 \
     -rss_limit_mb=4096 -artifact_prefix="$crashes/" -print_final_stats=1 > "$log" 2>&1
   code=$?
   runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$')

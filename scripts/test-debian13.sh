@@ -98,6 +98,7 @@ build=/work/build-debian13
 say "running ${command[*]} inside Debian 13 ($(elapsed) so far)"
 chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   LANG=C.UTF-8 TERM=dumb BUILD_DIR=$build CCACHE_DIR=/root/.ccache DIFFUSION_IN_DEBIAN13_ROOT=1 \
+  FUZZ_REPLAY_ONLY="${FUZZ_REPLAY_ONLY:-}" \
   /bin/bash -c "cd $dest && $(printf '%q ' "${command[@]}")"
 status=$?
 if [ "${command[0]}" != scripts/test.sh ]; then
