@@ -29,7 +29,10 @@ cmake --build "$build" --parallel "$(nproc)" || { echo "fuzz: FAILED while build
 declare -A seeds=([fuzz_idx]=fuzz/seeds/idx [fuzz_idx_gzip]=fuzz/seeds/idx [fuzz_checkpoint]=fuzz/seeds/checkpoint
                   [fuzz_safetensors]=fuzz/seeds/safetensors [fuzz_pickle]=fuzz/seeds/pickle)
 declare -A max_len=([fuzz_checkpoint]=200000)
-export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
+# allocator_may_return_null: an allocation the machine cannot give fails as it does in a normal process
+# (operator new throws std::bad_alloc), so a finding is an allocation the code does not survive, not one
+# LibTorch's unpickler requests from a crafted pickle and the reader reports as a damaged file.
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 status=0
 for target in fuzz_idx fuzz_idx_gzip fuzz_safetensors fuzz_pickle fuzz_checkpoint; do
@@ -39,7 +42,7 @@ for target in fuzz_idx fuzz_idx_gzip fuzz_safetensors fuzz_pickle fuzz_checkpoin
   cp -n "${seeds[$target]}"/* "$corpus"/ 2>/dev/null
   [ $target = fuzz_checkpoint ] && cp -n tests/fixtures/format1_convnet.pt "$corpus"/
   log=$build/$target.log
-  # FUZZ_REPLAY_ONLY names targets that only run their corpus once (no mutation): see fuzz/known/.
+  # FUZZ_REPLAY_ONLY names targets that only run their corpus once (no mutation), e.g. while a finding is open.
   replay=(); [[ " ${FUZZ_REPLAY_ONLY:-} " == *" $target "* ]] && replay=(-runs=0)
   "$build/fuzz/$target" "$corpus" "${replay[@]}" -max_total_time="$seconds" -max_len="${max_len[$target]:-4096}" -timeout=20 \
     -rss_limit_mb=4096 -artifact_prefix="$crashes/" -print_final_stats=1 > "$log" 2>&1

@@ -212,6 +212,94 @@ TEST_CASE("checkpoints refuse the wrong model, and every unreadable file is one 
   CHECK_REFUSED(read_checkpoint_info(bad), "checkpoint: " + bad.string() + " is damaged");
 }
 
+TEST_CASE("a checkpoint without a checksum (format 1) is verified by its zip CRC-32s", "[checkpoint][faults]") {
+  const auto dir = scratch("crc");
+  const auto old = file_bytes(fixtures / "format1_convnet.pt");
+  const auto bad = dir / "old.pt";
+  const auto end = diffusion::detail::find_zip_end(old);
+  REQUIRE(end);
+  CHECK_NOTHROW(diffusion::detail::check_zip_crcs(old, diffusion::detail::zip_entries(old, *end, "old.pt"), "old.pt"));
+  // A changed byte in the first and the third tensor's data, and in the pickle. LibTorch itself reads all of these without a word (or, for the pickle,
+  // with an internal assert or a 68 GB allocation: fuzz/seeds/checkpoint/regression-format1-*).
+  // Each local header's name is followed by padding (up to 64 bytes), then the entry's data (256, 288
+  // and 14,933 bytes).
+  const auto name_end = [&](const std::string& name) { return old.find(name) + name.size(); };
+  const auto directory = old.find("PK\x01\x02");
+  REQUIRE(directory != std::string::npos);
+  for (const size_t at : {name_end("data/0") + 100, name_end("data/2") + 100, name_end("data.pkl") + 100}) {
+    auto changed = old;
+    changed[at] ^= 0x10;
+    put_bytes(bad, changed);
+    INFO(at);
+    if (diffusion::detail::can_check_zip_crcs) {
+      CHECK_REFUSED(read_checkpoint_info(bad), "checkpoint: " + bad.string() + " is damaged: entry ");
+      CHECK_REFUSED(read_checkpoint_info(bad), " does not match its CRC-32 (a changed byte)");
+      auto model = ConvNet(ConvNetOptions().widths({8}).time_dim(8));
+      CHECK_REFUSED(load_weights(bad, model), " does not match its CRC-32");
+    }
+  }
+  // The directory's structure: an entry pointing past the data, a method LibTorch never writes, a cut directory.
+  const auto directory_field = [&](size_t offset, uint32_t value, int bytes) {
+    auto changed = old;
+    for (int i = 0; i < bytes; ++i) changed[directory + offset + size_t(i)] = static_cast<char>(value >> (8 * i));
+    put_bytes(bad, changed);
+  };
+  directory_field(42, uint32_t(directory - 10), 4);
+  CHECK_REFUSED(read_checkpoint_info(bad), "has no local zip header where its directory entry points");
+  directory_field(24, 0x7FFFFFFF, 4);
+  CHECK_REFUSED(read_checkpoint_info(bad), "stored bytes for 2147483647 bytes of data");
+  directory_field(10, 12, 2);
+  CHECK_REFUSED(read_checkpoint_info(bad), "uses zip method 12, which LibTorch does not write");
+  directory_field(10, 8, 2);  // stored bytes read as deflate data
+  if (diffusion::detail::can_check_zip_crcs) CHECK_REFUSED(read_checkpoint_info(bad), "does not inflate to its recorded 256 bytes");
+  {
+    auto changed = old;
+    changed.replace(*end + 10, 2, std::string("\xff\x7f", 2));  // 32,767 entries claimed
+    put_bytes(bad, changed);
+    CHECK_REFUSED(read_checkpoint_info(bad), "is damaged: zip central directory entry ");
+  }
+  // A checksum that matches does not make a crafted pickle safe: a string length of about 4 GB (what
+  // fuzz_checkpoint found LibTorch's unpickler allocating and filling before it noticed the missing bytes)
+  // in a resealed format-2 file is refused before LibTorch reads it.
+  {
+    Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet());
+    const auto sealed = dir / "sealed.pt";
+    trainer.save_checkpoint(sealed);
+    auto bytes = file_bytes(sealed);
+    // The attribute's name, then (after its memo PUT) the BINUNICODE that holds the JSON config.
+    const auto config = bytes.find('X', bytes.find(std::string("X\x06\x00\x00\x00" "config", 11)) + 11);
+    REQUIRE(config + 5 < bytes.size());
+    REQUIRE(bytes[config + 5] == '{');
+    bytes.replace(config + 1, 4, std::string("\x0d\x00\xff\xf6", 4));
+    auto end = diffusion::detail::find_zip_end(bytes);
+    REQUIRE(end);
+    bytes.resize(*end + diffusion::detail::zip_end_record + std::string(diffusion::detail::checksum_tag).size());
+    bytes.replace(*end + diffusion::detail::zip_end_record + diffusion::detail::checksum_tag.size(), std::string::npos,
+                  diffusion::detail::archive_digest(bytes, *end));
+    put_bytes(bad, bytes);
+    CHECK_REFUSED(read_checkpoint_info(bad), "checkpoint: " + bad.string() + " is damaged: its entry ");
+    CHECK_REFUSED(read_checkpoint_info(bad), "data.pkl: not a pickle this library can read (an opcode's argument runs past the end");
+  }
+  // An archive the running LibTorch writes (zip64 where it writes zip64) passes, and its changed byte does not.
+  torch::serialize::OutputArchive archive;
+  archive.write("x", torch::arange(1000, torch::kFloat32));
+  std::string bytes;
+  archive.save_to([&bytes](const void* data, size_t size) -> size_t {
+    bytes.append(static_cast<const char*>(data), size);
+    return size;
+  });
+  const auto bytes_end = diffusion::detail::find_zip_end(bytes);
+  REQUIRE(bytes_end);
+  const auto check = [&] {
+    diffusion::detail::check_zip_crcs(bytes, diffusion::detail::zip_entries(bytes, *bytes_end, "fresh.pt"), "fresh.pt");
+  };
+  CHECK_NOTHROW(check());
+  if (diffusion::detail::can_check_zip_crcs) {
+    bytes[bytes.find("x/data/0") + 200] ^= 0x01;  // inside the 4,000 bytes of data behind its local header
+    CHECK_REFUSED(check(), "checkpoint: fresh.pt is damaged: entry ");
+  }
+}
+
 TEST_CASE("a failed save keeps the previous checkpoint and leaves no temporary file", "[checkpoint][faults]") {
   const auto dir = scratch("fsize");
   Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet().ema_decay(0.9));

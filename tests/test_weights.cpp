@@ -144,6 +144,12 @@ TEST_CASE("the pickle rewrite refuses lengths past the end, even ones that wrap 
   CHECK_REFUSED(diffusion::detail::rewrite_ordered_dicts(short_binunicode, "s.pt"), "an opcode's argument runs past the end");
   const std::string fine("\x80\x02X\x03\x00\x00\x00" "abc.", 11);
   CHECK(diffusion::detail::rewrite_ordered_dicts(fine, "f.pt") == fine);
+  // LONG_BINPUT into slot 2^32 - 1: LibTorch's unpickler would fill every slot below it (68 GB).
+  const std::string far_memo("\x80\x02X\x03\x00\x00\x00" "abcr\xff\xff\xff\xff.", 16);
+  CHECK_REFUSED(diffusion::detail::check_pickle(far_memo, "m.pt"),
+                "m.pt: not a pickle this library can read (a memo slot (4294967295) past any a pickle of this size fills");
+  const std::string near_memo("\x80\x02X\x03\x00\x00\x00" "abcr\x00\x00\x00\x00.", 16);
+  CHECK_NOTHROW(diffusion::detail::check_pickle(near_memo, "n.pt"));
 }
 
 TEST_CASE("python interop: the seed's PyTorch weights load into the C++ ConvNet and give its output", "[python]") {

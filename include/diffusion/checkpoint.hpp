@@ -3,6 +3,8 @@
 #include <diffusion/backbone.hpp>
 #include <diffusion/detail/archive.hpp>
 #include <diffusion/detail/atomic_file.hpp>
+#include <diffusion/detail/pickle.hpp>
+#include <diffusion/detail/zip.hpp>
 #include <diffusion/forward.hpp>
 #include <diffusion/registry.hpp>
 #include <diffusion/schedule.hpp>
@@ -41,7 +43,8 @@
 /// the model) and "ema_updates"; and "optimizer". The zip's comment holds "diffusion-sha1:" and the
 /// SHA-1 of every byte up to the comment (the end record included, its comment length counted as 0), so
 /// a changed byte anywhere is found on reading, and a format-2 file without the comment is refused as
-/// damaged. Format 1 (before the JSON config and the checksum) is read too, unverified.
+/// damaged. Format 1 (before the JSON config and the checksum) is read too, verified by the zip's own
+/// CRC-32 of each entry (which LibTorch does not check), so a changed byte in an entry is found as well.
 namespace diffusion {
 
 inline constexpr int64_t checkpoint_format = 2;
@@ -107,25 +110,6 @@ inline constexpr const char* optimizer = "optimizer";
 }  // namespace key
 
 inline constexpr std::string_view checksum_tag = "diffusion-sha1:";
-inline constexpr size_t zip_end_record = 22;  // the end of central directory record, without its comment
-
-inline uint32_t read_le32(const std::string& b, size_t at) {
-  return uint32_t(uint8_t(b[at])) | uint32_t(uint8_t(b[at + 1])) << 8 | uint32_t(uint8_t(b[at + 2])) << 16 |
-         uint32_t(uint8_t(b[at + 3])) << 24;
-}
-
-/// The offset of the zip's end record whose comment runs to the end of `bytes`, if there is one.
-inline std::optional<size_t> find_zip_end(const std::string& bytes) {
-  if (bytes.size() < zip_end_record) return std::nullopt;
-  const size_t lowest = bytes.size() > zip_end_record + 0xFFFF ? bytes.size() - zip_end_record - 0xFFFF : 0;
-  for (size_t at = bytes.size() - zip_end_record + 1; at-- > lowest;) {
-    if (read_le32(bytes, at) != 0x06054b50) continue;
-    const size_t comment = uint8_t(bytes[at + 20]) | size_t(uint8_t(bytes[at + 21])) << 8;
-    if (at + zip_end_record + comment == bytes.size()) return at;
-  }
-  return std::nullopt;
-}
-
 /// SHA-1 (c10's) of `bytes` up to the end record, with the comment length counted as 0.
 inline std::string archive_digest(const std::string& bytes, size_t end) {
   auto covered = bytes.substr(0, end + zip_end_record);
@@ -152,7 +136,9 @@ inline void save_archive(torch::serialize::OutputArchive& archive, const std::fi
 
 /// Reads and verifies a checkpoint file into an archive whose tensors land on `device`. Every way a file
 /// can be unreadable becomes one error naming it: missing, empty, truncated or not a zip, a checksum
-/// that does not match (a changed byte), an archive LibTorch cannot read, one that is not a diffusion
+/// that does not match (a changed byte), in a file without one a zip entry that does not match its
+/// CRC-32, a zip entry outside the file, a pickle that would make LibTorch's unpickler allocate far more
+/// than its size (detail::check_pickle), an archive LibTorch cannot read, one that is not a diffusion
 /// checkpoint, or one of another format version.
 inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::path& path,
                                                       std::optional<torch::Device> device = std::nullopt,
@@ -170,6 +156,15 @@ inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::pat
   if (sealed) {
     TORCH_CHECK(comment.substr(checksum_tag.size()) == archive_digest(bytes, *end), "checkpoint: ", name,
                 " is damaged: its contents do not match the checksum written with it");
+  }
+  const auto entries = zip_entries(bytes, *end, name);
+  if (!sealed) check_zip_crcs(bytes, entries, name);  // no checksum (format 1): the zip's own, which LibTorch skips
+  // A checksum proves the file is as it was written, not that its writer was sound: the pickles are walked
+  // before LibTorch's unpickler, which believes their lengths (a 4 GB string in 15 kB) and memo slots.
+  for (const auto& entry : entries) {
+    const bool pickle = entry.name.ends_with(".pkl") || entry.name.ends_with(".debug_pkl");
+    if (pickle && entry.method == 0)
+      check_pickle(bytes.substr(size_t(entry.data), size_t(entry.size)), "checkpoint: " + name + " is damaged: its entry " + entry.name);
   }
   torch::serialize::InputArchive archive;
   try {

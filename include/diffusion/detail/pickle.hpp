@@ -26,7 +26,8 @@ inline constexpr const char* pickle_junk_prefix = "__diffusion_pickle_";
 ///   OBJECT ... STATE BUILD                  ->  OBJECT ... MARK JUNK_KEY STATE SETITEMS
 /// It walks the opcodes and tracks, for each stack and memo slot, whether it holds the OrderedDict class
 /// or such a dict, and where in the output its value began. Refuses, naming `what`, bytes that are not a
-/// pickle it can walk.
+/// pickle it can walk, and ones that would make LibTorch's unpickler allocate far more than their size
+/// (an argument longer than the bytes left, a memo slot past the pickle's size): check_pickle.
 inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::string& what) {
   enum Kind : uint8_t { Other, OrderedDictClass, OrderedDictObject, Mark };
   struct Slot {
@@ -70,6 +71,12 @@ inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::s
       fail("a memo key that is not a number");
     }
     return uint64_t{0};
+  };
+  // Picklers number memo slots from 0 up, one per PUT, so a slot can never be past the pickle's size;
+  // LibTorch's unpickler fills every slot below the one it is given (16 bytes each: 68 GB for 2^32).
+  const auto memo_key = [&](uint64_t key) {
+    if (key > pickle.size()) fail(c10::str("a memo slot (", key, ") past any a pickle of this size fills"));
+    return key;
   };
   const auto top = [&]() -> Slot& {
     if (stack.empty() || stack.back().kind == Mark) fail("an empty stack");
@@ -165,9 +172,9 @@ inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::s
       case 'g': { const auto key = number(line()); push(memo.count(key) ? memo[key] : Other, begin); break; }
       case 'h': { const auto key = little(1); at += 1; push(memo.count(key) ? memo[key] : Other, begin); break; }
       case 'j': { const auto key = little(4); at += 4; push(memo.count(key) ? memo[key] : Other, begin); break; }
-      case 'p': { const auto key = number(line()); memo[key] = top().kind; break; }
+      case 'p': { const auto key = memo_key(number(line())); memo[key] = top().kind; break; }
       case 'q': { const auto key = little(1); at += 1; memo[key] = top().kind; break; }
-      case 'r': { const auto key = little(4); at += 4; memo[key] = top().kind; break; }
+      case 'r': { const auto key = memo_key(little(4)); at += 4; memo[key] = top().kind; break; }
       case '\x80': need(1); at += 1; break;  // PROTO
       default: fail(c10::str("opcode 0x", std::hex, int(uint8_t(op)), ", which protocols 0 to 3 do not have"));
     }
@@ -176,5 +183,10 @@ inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::s
   fail("no STOP opcode");
   return out;
 }
+
+/// Refuses, naming `what`, a pickle that rewrite_ordered_dicts cannot walk: one LibTorch's unpickler
+/// would misread or would be made to allocate far more memory than the pickle's size (a string length of
+/// 4 GB in a 15 kB pickle, a memo slot of 2^32), which it does before it finds the bytes missing.
+inline void check_pickle(const std::string& pickle, const std::string& what) { (void)rewrite_ordered_dicts(pickle, what); }
 
 }  // namespace diffusion::detail
