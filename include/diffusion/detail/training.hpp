@@ -1,9 +1,15 @@
 #pragma once
 
+#include <diffusion/backbone.hpp>
 #include <diffusion/random.hpp>
+#include <diffusion/sampling/loop.hpp>
 #include <diffusion/schedule.hpp>
+#include <diffusion/training/collective.hpp>
+#include <diffusion/training/ema.hpp>
 #include <diffusion/training/loss.hpp>
 #include <diffusion/training/options.hpp>
+
+#include <nlohmann/json.hpp>
 
 #include <torch/torch.h>
 
@@ -14,8 +20,9 @@
 #include <utility>
 #include <vector>
 
-/// The Trainer's internals: option checks, the default optimizer, gradient clipping and the guard against
-/// non-finite values.
+/// The Trainer's internals: option and input checks, what a resume must match, the default optimizer,
+/// the epoch's shuffle and its labels, gradients (micro-batched, averaged over ranks), the validation
+/// loss, gradient clipping and the guard against non-finite values.
 namespace diffusion::detail {
 
 inline void check_trainer_options(const TrainerOptions& o, const NoiseSchedule& schedule) {
@@ -59,6 +66,164 @@ inline void check_labels(const char* name, const torch::Tensor& labels, const to
               labels.min().item<int64_t>());
 }
 
+/// Rank `rank`'s share of a shuffled epoch for `world` ranks (PyTorch's DistributedSampler): the order
+/// padded to a multiple of `world` by repeating its start, then every world-th entry from `rank` on. With
+/// one rank, the order itself.
+inline torch::Tensor shard(const torch::Tensor& order, int64_t world, int64_t rank) {
+  if (world == 1) return order;
+  const int64_t n = order.size(0), total = (n + world - 1) / world * world;
+  auto padded = order;
+  while (padded.size(0) < total) padded = torch::cat({padded, order.slice(0, 0, total - padded.size(0))});
+  return padded.slice(0, rank, total, world);
+}
+
+/// Rank `rank`'s rows of a global batch that `world` ranks share: every world-th row from `rank` on.
+inline torch::Tensor take_share(const torch::Tensor& global, int64_t world, int64_t rank) {
+  return world == 1 ? global : global.slice(0, rank, global.size(0), world);
+}
+
+/// Trainer::fit's inputs: images, their labels (for a model that takes them), validation alike.
+template <Backbone B>
+void check_fit_inputs(const torch::Tensor& train, const torch::Tensor& val, const torch::Tensor& train_labels,
+                      const torch::Tensor& val_labels, B& model) {
+  check_images("train", train);
+  if (val.defined()) check_images("val", val);
+  check_labels("train", train_labels, train);
+  check_labels("val", val_labels, val);
+  TORCH_CHECK(!val_labels.defined() || train_labels.defined(), "Trainer::fit: validation labels without training labels");
+  TORCH_CHECK(!train_labels.defined() || !val.defined() || val_labels.defined(),
+              "Trainer::fit: training labels but no validation labels: give the validation images' classes too "
+              "(validation scores the class-conditional prediction)");
+  TORCH_CHECK(!train_labels.defined() || takes_class_labels(model), "Trainer::fit: labels given for a backbone that "
+              "takes none (num_classes 0, or not a ConditionalBackbone)");
+}
+
+/// What a checkpoint written mid-epoch recorded about its run (-1: not recorded, as in format 1): a
+/// position in the epoch's shuffle means something only for the same data, batch size and ranks.
+struct ResumePoint {
+  int64_t world_size = 1, train_size = -1, batch_size = -1;
+
+  static ResumePoint recorded_in(const nlohmann::json& training) {
+    const auto get = [&](const char* key, int64_t otherwise) {
+      return training.contains(key) && training.at(key).is_number_integer() ? training.at(key).get<int64_t>() : otherwise;
+    };
+    return {get("world_size", 1), get("train_size", -1), get("batch_size", -1)};
+  }
+
+  void check(int64_t step_in_epoch, int64_t world, int64_t train, int64_t batch) const {
+    if (step_in_epoch == 0) return;  // from an epoch's end any of them may change
+    TORCH_CHECK(world_size == world, "Trainer::fit: the checkpoint stopped mid-epoch with ", world_size,
+                " ranks; resume it with ", world_size, ", or from an epoch's end with any number");
+    TORCH_CHECK(train_size < 0 || train_size == train, "Trainer::fit: the checkpoint stopped mid-epoch in a training "
+                "set of ", train_size, " images, but this one has ", train, "; resume with the same data, or from an epoch's end");
+    TORCH_CHECK(batch_size < 0 || batch_size == batch, "Trainer::fit: the checkpoint stopped mid-epoch with batch size ",
+                batch_size, ", but this run's is ", batch, "; resume with the same batch size, or from an epoch's end");
+  }
+};
+
+/// The epoch's shuffle of `n` images, drawn from the generator's state at the epoch's start (kept in
+/// `epoch_state`): a run resumed mid-epoch draws the same one, then continues from where its generator was.
+inline torch::Tensor epoch_permutation(int64_t n, torch::Generator& generator, torch::Tensor& epoch_state,
+                                       bool mid_epoch) {
+  if (!mid_epoch) epoch_state = generator.get_state();
+  const auto now = generator.get_state();
+  generator.set_state(epoch_state);
+  auto perm = torch::randperm(n, generator, torch::kLong);
+  if (mid_epoch) generator.set_state(now);
+  return perm;
+}
+
+/// The labels of the batch `idx` on `device`, each dropped to null_class with probability `dropout`
+/// (drawn from `generator` for the whole global batch of `world` ranks, and only when there are labels;
+/// rank `rank` takes its share).
+inline torch::Tensor batch_labels(const torch::Tensor& labels, const torch::Tensor& idx, double dropout,
+                                  torch::Generator& generator, int64_t world, int64_t rank, torch::Device device) {
+  if (!labels.defined()) return {};
+  auto cond = labels.index_select(0, idx).to(torch::kLong);
+  if (dropout > 0) {
+    const auto drop = take_share(torch::rand({cond.size(0) * world}, generator), world, rank) < dropout;
+    cond = torch::where(drop, torch::full_like(cond, null_class), cond);
+  }
+  return cond.to(device);
+}
+
+/// Forward and backward of the batch's mean loss, in micro-batches of `micro_batch` (0: one), each
+/// micro-batch's mean weighted by its share so that the gradients sum to the batch's. Returns the batch's
+/// mean loss (0-d, float64).
+template <Backbone B>
+torch::Tensor accumulate_gradients(B& model, const NoiseSchedule& schedule, const torch::Tensor& x0, const torch::Tensor& t,
+                                   const torch::Tensor& noise, const torch::Tensor& cond, const LossOptions& loss_options,
+                                   int64_t micro_batch) {
+  const int64_t n = x0.size(0);
+  const int64_t m = micro_batch > 0 ? std::min(micro_batch, n) : n;
+  torch::Tensor total;
+  for (int64_t i = 0; i < n; i += m) {
+    const int64_t j = std::min(n, i + m);
+    const auto loss = detail::diffusion_loss(model, schedule, x0.slice(0, i, j), t.slice(0, i, j), noise.slice(0, i, j), loss_options,
+                                     cond.defined() ? cond.slice(0, i, j) : cond).mean() *
+                      (static_cast<double>(j - i) / static_cast<double>(n));
+    loss.backward();
+    total = total.defined() ? total + loss.detach() : loss.detach();
+  }
+  return total.to(torch::kFloat64);
+}
+
+/// The mean validation loss (unweighted: the MSE of the prediction's target) over `all_val` with its
+/// fixed draws (fixed_validation_draws), in batches of `batch`. With a `group`, each rank scores every
+/// W-th image and the sums are added up over the ranks.
+template <Backbone B>
+double validation_loss(B& model, const NoiseSchedule& schedule, const torch::Tensor& all_val, const torch::Tensor& all_labels,
+                       const std::pair<torch::Tensor, torch::Tensor>& all_draws, const LossOptions& loss_options,
+                       int64_t batch, torch::Device device, Collective* group) {
+  const int64_t W = group ? group->world_size() : 1, rank = group ? group->rank() : 0;
+  const auto val = take_share(all_val, W, rank);
+  const auto labels = all_labels.defined() ? take_share(all_labels, W, rank) : all_labels;
+  const auto t = take_share(all_draws.first, W, rank), noise = take_share(all_draws.second, W, rank);
+  EvalModeGuard eval(unwrap(model));
+  c10::InferenceMode no_autograd;
+  const auto objective = LossOptions(loss_options).min_snr_gamma(0);
+  auto sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device));
+  for (int64_t i = 0; i < val.size(0); i += batch) {
+    const auto j = std::min(val.size(0), i + batch);
+    sum += detail::diffusion_loss(model, schedule, val.slice(0, i, j).to(device, schedule.dtype()), t.slice(0, i, j).to(device),
+                          noise.slice(0, i, j).to(device), objective,
+                          labels.defined() ? labels.slice(0, i, j).to(device, torch::kLong) : labels)
+               .to(torch::kFloat64)
+               .sum();
+  }
+  if (group) {
+    std::vector<torch::Tensor> total{sum};
+    group->all_reduce_sum(total);
+  }
+  return sum.item<double>() / static_cast<double>(all_val.size(0));
+}
+
+/// Rank 0's weights, buffers and EMA copied to every rank of `group`.
+inline void broadcast_from_rank0(Collective& group, torch::nn::Module& model, const EMA* ema) {
+  std::vector<torch::Tensor> state;
+  torch::NoGradGuard no_grad;
+  for (auto& p : model.parameters()) state.push_back(p.data());
+  for (auto& b : model.buffers()) state.push_back(b);
+  if (ema) {
+    for (const auto& p : ema->shadow()) state.push_back(p.value());
+  }
+  group.broadcast(state, 0);
+}
+
+/// Averages `model`'s gradients and `loss` over the ranks of `group` (flattened buckets); returns the
+/// mean loss and whether any rank passed `stop`, so that all stop at the same step.
+inline std::pair<torch::Tensor, bool> average_over_ranks(Collective& group, torch::nn::Module& model,
+                                                          const torch::Tensor& loss, bool stop) {
+  std::vector<torch::Tensor> tensors;
+  for (auto& p : model.parameters()) {
+    if (p.grad().defined()) tensors.push_back(p.mutable_grad());
+  }
+  auto shared = torch::stack({loss.to(torch::kFloat64), torch::full({}, stop ? 1.0 : 0.0, loss.options().dtype(torch::kFloat64))});
+  tensors.push_back(shared);
+  all_reduce_mean(group, tensors);
+  return {shared[0], shared[1].item<double>() > 0};
+}
+
 /// AdamW with the seed's settings (torch.optim.AdamW's betas and eps) at `o`'s lr and weight decay.
 inline std::shared_ptr<torch::optim::Optimizer> default_optimizer(torch::nn::Module& model, const OptimizationOptions& o) {
   return std::make_shared<torch::optim::AdamW>(model.parameters(),
@@ -82,22 +247,6 @@ inline torch::Tensor clip_and_norm(torch::nn::Module& model, double max_norm) {
     for (auto& g : grads) g.mul_(scale.to(g.scalar_type()));
   }
   return total;
-}
-
-/// Rank `rank`'s share of a shuffled epoch for `world` ranks (PyTorch's DistributedSampler): the order
-/// padded to a multiple of `world` by repeating its start, then every world-th entry from `rank` on. With
-/// one rank, the order itself.
-inline torch::Tensor shard(const torch::Tensor& order, int64_t world, int64_t rank) {
-  if (world == 1) return order;
-  const int64_t n = order.size(0), total = (n + world - 1) / world * world;
-  auto padded = order;
-  while (padded.size(0) < total) padded = torch::cat({padded, order.slice(0, 0, total - padded.size(0))});
-  return padded.slice(0, rank, total, world);
-}
-
-/// Rank `rank`'s rows of a global batch that `world` ranks share: every world-th row from `rank` on.
-inline torch::Tensor take_share(const torch::Tensor& global, int64_t world, int64_t rank) {
-  return world == 1 ? global : global.slice(0, rank, global.size(0), world);
 }
 
 /// One timestep and one noise tensor per validation image, from a generator of their own: the same

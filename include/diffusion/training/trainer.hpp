@@ -91,28 +91,11 @@ class Trainer final : public TrainingRun {
   /// may be undefined. `labels` (for a ConditionalBackbone) hold their classes; each batch's are dropped to
   /// null_class with probability options().cond_dropout(), the validation ones never.
   void fit(const torch::Tensor& train, const torch::Tensor& val = {}, const Labels& labels = {}) {
-    detail::check_images("train", train);
-    if (val.defined()) detail::check_images("val", val);
-    detail::check_labels("train", labels.train, train);
-    detail::check_labels("val", labels.val, val);
-    TORCH_CHECK(!labels.val.defined() || labels.train.defined(), "Trainer::fit: validation labels without training labels");
-    TORCH_CHECK(!labels.train.defined() || !val.defined() || labels.val.defined(),
-                "Trainer::fit: training labels but no validation labels: give the validation images' classes too "
-                "(validation scores the class-conditional prediction)");
-    TORCH_CHECK(!labels.train.defined() || takes_class_labels(model_), "Trainer::fit: labels given for a backbone that "
-                "takes none (num_classes 0, or not a ConditionalBackbone)");
+    detail::check_fit_inputs(train, val, labels.train, labels.val, model_);
     train_ = train;
     const int64_t W = group_ ? group_->world_size() : 1, rank = group_ ? group_->rank() : 0;
-    TORCH_CHECK(step_in_epoch_ == 0 || saved_world_ == W, "Trainer::fit: the checkpoint stopped mid-epoch with ", saved_world_,
-                " ranks; resume it with ", saved_world_, ", or from an epoch's end with any number");
-    // The position in the epoch's shuffle means something only for the same data and batch size.
-    TORCH_CHECK(step_in_epoch_ == 0 || saved_train_size_ < 0 || saved_train_size_ == train.size(0), "Trainer::fit: the checkpoint "
-                "stopped mid-epoch in a training set of ", saved_train_size_, " images, but this one has ", train.size(0),
-                "; resume with the same data, or from an epoch's end");
-    TORCH_CHECK(step_in_epoch_ == 0 || saved_batch_size_ < 0 || saved_batch_size_ == options_.batch_size(), "Trainer::fit: the "
-                "checkpoint stopped mid-epoch with batch size ", saved_batch_size_, ", but this run's is ", options_.batch_size(),
-                "; resume with the same batch size, or from an epoch's end");
-    if (group_) synchronize_from_rank0();
+    resume_point_.check(step_in_epoch_, W, train.size(0), options_.batch_size());
+    if (group_) detail::broadcast_from_rank0(*group_, unwrap(model_), ema_ ? &*ema_ : nullptr);
     // Each rank's share of the epoch: the shuffle padded to W * per_rank by wrapping around, dealt out in turn.
     const int64_t n = train.size(0), bs = options_.batch_size(), per_rank = (n + W - 1) / W;
     const int64_t steps = steps_per_epoch(per_rank);
@@ -124,7 +107,7 @@ class Trainer final : public TrainingRun {
       const auto start = std::chrono::steady_clock::now();
       ProgressBar bar(fmt::format("Epoch {}/{}", epoch_ + 1, options_.epochs()), steps,
                       rank == 0 ? options_.progress() : ProgressMode::Off, options_.progress_interval());
-      const auto perm = detail::shard(epoch_permutation(n), W, rank);
+      const auto perm = detail::shard(detail::epoch_permutation(n, generator_, epoch_rng_, step_in_epoch_ > 0), W, rank);
       auto running = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
       int64_t skipped_here = 0;  // skipped steps' losses are not finite: the epoch's loss leaves them out
       unwrap(model_).train();
@@ -139,14 +122,14 @@ class Trainer final : public TrainingRun {
         const auto t = detail::take_share(torch::randint(0, schedule_.num_timesteps(), {global_shape[0]}, generator_,
                                                          torch::kLong), W, rank).to(device_);
         const auto noise = detail::take_share(detail::randn(global_shape, x0.options(), generator_), W, rank).contiguous();
-        const auto cond = batch_labels(labels.train, idx, W, rank);
+        const auto cond = detail::batch_labels(labels.train, idx, options_.cond_dropout(), generator_, W, rank, device_);
         const double lr = learning_rate_at(options_.optimization(), global_step_, options_.epochs() * steps);
         for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
         optimizer_->zero_grad();
-        auto loss = accumulate_gradients(x0, t, noise, cond);
+        auto loss = detail::accumulate_gradients(model_, schedule_, x0, t, noise, cond, options_.loss(), options_.micro_batch());
         // With ranks, whether any was asked to stop travels with the gradients, so that all stop at one step.
         bool shared_stop = false;
-        if (group_) std::tie(loss, shared_stop) = average_over_ranks(loss, stop_requested());
+        if (group_) std::tie(loss, shared_stop) = detail::average_over_ranks(*group_, unwrap(model_), loss, stop_requested());
         const bool skip =
             guard.check(loss, detail::clip_and_norm(unwrap(model_), options_.optimization().grad_clip()), global_step_ + 1);
         if (!skip) {
@@ -174,7 +157,8 @@ class Trainer final : public TrainingRun {
       const auto done = steps - resumed_at_;
       TrainEpoch info{epoch_ + 1, options_.epochs(), global_step_,
                       running.item<double>() / static_cast<double>(done - skipped_here),  // NaN when all were skipped
-                      val.defined() ? std::optional<double>(validation_loss(val, labels.val, val_draws)) : std::nullopt, seconds,
+                      val.defined() ? std::optional<double>(detail::validation_loss(model_, schedule_, val, labels.val, val_draws,
+                          options_.loss(), options_.batch_size(), device_, group_.get())) : std::nullopt, seconds,
                       static_cast<double>(std::min(n, done * bs * W)) / seconds, guard.skipped(), {}, {}};
       ++epoch_;
       step_in_epoch_ = resumed_at_ = 0;
@@ -194,14 +178,7 @@ class Trainer final : public TrainingRun {
     generator_.set_state(progress.rng_state);
     epoch_rng_ = progress.epoch_rng_state;
     skipped_ = progress.skipped_steps;
-    // What the run recorded about itself (format 1 recorded text, or nothing: -1, unknown).
-    const auto training = read_checkpoint_info(path).training;
-    const auto recorded = [&](const char* key, int64_t otherwise) {
-      return training.contains(key) && training.at(key).is_number_integer() ? training.at(key).get<int64_t>() : otherwise;
-    };
-    saved_world_ = recorded("world_size", 1);
-    saved_train_size_ = recorded("train_size", -1);
-    saved_batch_size_ = recorded("batch_size", -1);
+    resume_point_ = detail::ResumePoint::recorded_in(read_checkpoint_info(path).training);
   }
 
   void save_checkpoint(const std::filesystem::path& path) override {
@@ -265,102 +242,6 @@ class Trainer final : public TrainingRun {
     return options_.max_steps_per_epoch() > 0 ? std::min(steps, options_.max_steps_per_epoch()) : steps;
   }
 
-  /// The epoch's shuffle, drawn from the generator's state at the epoch's start: a run resumed mid-epoch
-  /// draws the same one, then continues from where its generator was.
-  torch::Tensor epoch_permutation(int64_t n) {
-    if (step_in_epoch_ == 0) epoch_rng_ = generator_.get_state();
-    const auto now = generator_.get_state();
-    generator_.set_state(epoch_rng_);
-    auto perm = torch::randperm(n, generator_, torch::kLong);
-    if (step_in_epoch_ > 0) generator_.set_state(now);
-    return perm;
-  }
-
-  /// The labels of the batch `idx` on the device, each dropped to null_class with probability
-  /// cond_dropout (drawn from the run's generator for the whole global batch, and only when there are
-  /// labels; this rank takes its share).
-  torch::Tensor batch_labels(const torch::Tensor& labels, const torch::Tensor& idx, int64_t W, int64_t rank) {
-    if (!labels.defined()) return {};
-    auto cond = labels.index_select(0, idx).to(torch::kLong);
-    if (options_.cond_dropout() > 0) {
-      const auto drop = detail::take_share(torch::rand({cond.size(0) * W}, generator_), W, rank) < options_.cond_dropout();
-      cond = torch::where(drop, torch::full_like(cond, null_class), cond);
-    }
-    return cond.to(device_);
-  }
-
-  /// Rank 0's weights, buffers and EMA on every rank.
-  void synchronize_from_rank0() {
-    std::vector<torch::Tensor> state;
-    torch::NoGradGuard no_grad;
-    for (auto& p : unwrap(model_).parameters()) state.push_back(p.data());
-    for (auto& b : unwrap(model_).buffers()) state.push_back(b);
-    if (ema_) {
-      for (const auto& p : ema_->shadow()) state.push_back(p.value());
-    }
-    group_->broadcast(state, 0);
-  }
-
-  /// Averages the gradients and the loss over the ranks (flattened buckets), and tells whether any rank
-  /// was asked to stop.
-  std::pair<torch::Tensor, bool> average_over_ranks(const torch::Tensor& loss, bool stop) {
-    std::vector<torch::Tensor> tensors;
-    for (auto& p : unwrap(model_).parameters()) {
-      if (p.grad().defined()) tensors.push_back(p.mutable_grad());
-    }
-    auto shared = torch::stack({loss.to(torch::kFloat64), torch::full({}, stop ? 1.0 : 0.0, loss.options().dtype(torch::kFloat64))});
-    tensors.push_back(shared);
-    detail::all_reduce_mean(*group_, tensors);
-    return {shared[0], shared[1].item<double>() > 0};
-  }
-
-  /// Forward and backward of the batch's mean loss, in micro-batches when asked (each micro-batch's mean
-  /// weighted by its share, so the gradients sum to the batch's). Returns the batch's mean loss (0-d).
-  torch::Tensor accumulate_gradients(const torch::Tensor& x0, const torch::Tensor& t, const torch::Tensor& noise,
-                                     const torch::Tensor& cond) {
-    const int64_t n = x0.size(0);
-    const int64_t m = options_.micro_batch() > 0 ? std::min(options_.micro_batch(), n) : n;
-    torch::Tensor total;
-    for (int64_t i = 0; i < n; i += m) {
-      const int64_t j = std::min(n, i + m);
-      const auto loss = detail::diffusion_loss(model_, schedule_, x0.slice(0, i, j), t.slice(0, i, j),
-                                               noise.slice(0, i, j), options_.loss(),
-                                               cond.defined() ? cond.slice(0, i, j) : cond).mean() *
-                        (static_cast<double>(j - i) / static_cast<double>(n));
-      loss.backward();
-      total = total.defined() ? total + loss.detach() : loss.detach();
-    }
-    return total.to(torch::kFloat64);
-  }
-
-  /// The mean loss (unweighted: the MSE of the prediction's target) over the validation set.
-  /// Each rank scores every W-th validation image; the sums are added up over the ranks.
-  double validation_loss(const torch::Tensor& all_val, const torch::Tensor& all_labels,
-                         const std::pair<torch::Tensor, torch::Tensor>& all_draws) {
-    const int64_t W = group_ ? group_->world_size() : 1, rank = group_ ? group_->rank() : 0;
-    const auto val = detail::take_share(all_val, W, rank);
-    const auto labels = all_labels.defined() ? detail::take_share(all_labels, W, rank) : all_labels;
-    const std::pair<torch::Tensor, torch::Tensor> draws{detail::take_share(all_draws.first, W, rank),
-                                                        detail::take_share(all_draws.second, W, rank)};
-    detail::EvalModeGuard eval(unwrap(model_));
-    c10::InferenceMode no_autograd;
-    const auto objective = LossOptions(options_.loss()).min_snr_gamma(0);
-    auto sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
-    for (int64_t i = 0; i < val.size(0); i += options_.batch_size()) {
-      const auto j = std::min(val.size(0), i + options_.batch_size());
-      sum += detail::diffusion_loss(model_, schedule_, val.slice(0, i, j).to(device_, schedule_.dtype()),
-                                    draws.first.slice(0, i, j).to(device_), draws.second.slice(0, i, j).to(device_),
-                                    objective, labels.defined() ? labels.slice(0, i, j).to(device_, torch::kLong) : labels)
-                 .to(torch::kFloat64)
-                 .sum();
-    }
-    if (group_) {
-      std::vector<torch::Tensor> total{sum};
-      group_->all_reduce_sum(total);
-    }
-    return sum.item<double>() / static_cast<double>(all_val.size(0));
-  }
-
   [[noreturn]] void interrupt(const detail::NonFiniteGuard& guard) {
     guard.verify();
     std::optional<std::filesystem::path> saved;
@@ -384,7 +265,7 @@ class Trainer final : public TrainingRun {
   std::vector<std::shared_ptr<TrainerHook>> hooks_;
   std::optional<detail::NonFiniteGuard> guard_;
   std::shared_ptr<Collective> group_;
-  int64_t saved_world_ = 1, saved_train_size_ = -1, saved_batch_size_ = -1;
+  detail::ResumePoint resume_point_;
   torch::Tensor train_, epoch_rng_;
   int64_t epoch_ = 0, global_step_ = 0, step_in_epoch_ = 0, resumed_at_ = 0, skipped_ = 0;
 };
