@@ -300,6 +300,38 @@ TEST_CASE("a checkpoint without a checksum (format 1) is verified by its zip CRC
   }
 }
 
+TEST_CASE("crafted checkpoints with a matching checksum are refused before LibTorch misreads them", "[checkpoint][faults]") {
+  // tests/fixtures/crafted/make.py: a small format-2 checkpoint with one hostile edit each, rebuilt with
+  // right CRC-32s and resealed. rebuilt.pt, the same without an edit, loads: the refusals are the edits'.
+  const auto crafted = fixtures / "crafted";
+  const auto refused = [&](const char* file, const std::string& message) {
+    INFO(file);
+    CHECK_REFUSED(read_checkpoint_info(crafted / file), "checkpoint: " + (crafted / file).string() + message);
+  };
+  CHECK(read_checkpoint_info(crafted / "rebuilt.pt").backbone.has_value());
+  CHECK_NOTHROW(load_model(crafted / "rebuilt.pt"));
+  // A 4 GB string length in a pickle LibTorch would allocate and fill first: deflated, or named data.PKL
+  // (LibTorch finds entries ignoring case).
+  refused("deflated_pickle.pt", " is damaged: its entry archive/data.pkl: not a pickle this library can read (an opcode's "
+          "argument runs past the end at byte 31)");
+  refused("pickle_name_case.pt", " is damaged: its entry archive/data.PKL: not a pickle");
+  // Storage offsets of 20,000 elements: LibTorch would hand out views past each tensor's data.
+  refused("tensor_offset.pt", " is damaged: tensor 'model.");
+  CHECK_REFUSED(read_checkpoint_info(crafted / "tensor_offset.pt"), "' reaches past its data (offset 20000,");
+  // A deflated record claiming 2 GiB, refused from the directory before anything is inflated.
+  refused("zip_bomb.pt", " is damaged: entry archive/data/0 is deflated to ");
+  CHECK_REFUSED(read_checkpoint_info(crafted / "zip_bomb.pt"), "from 2147483648, more than LibTorch ever deflates");
+  // A persistent id LibTorch checks with an internal assert: reported without the "report a bug" text.
+  refused("internal_assert.pt", " is damaged or not a LibTorch archive (LibTorch's reader found an inconsistency: ");
+  CHECK_THROWS_WITH(read_checkpoint_info(crafted / "internal_assert.pt"),
+                    !diffusion_test::contains("please report a bug"));
+  // LibTorch's error texts as the reader reports them.
+  CHECK(diffusion::detail::libtorch_reason("\n  \nUnexpected end of pickler archive.\nmore") == "Unexpected end of pickler archive.");
+  CHECK(diffusion::detail::libtorch_reason("isTuple() INTERNAL ASSERT FAILED at \"x.cpp\":1, please report a bug to PyTorch.") ==
+        "LibTorch's reader found an inconsistency: isTuple()");
+  CHECK(diffusion::detail::libtorch_reason("") == "LibTorch gave no reason");
+}
+
 TEST_CASE("a failed save keeps the previous checkpoint and leaves no temporary file", "[checkpoint][faults]") {
   const auto dir = scratch("fsize");
   Trainer trainer(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet().ema_decay(0.9));

@@ -147,7 +147,11 @@ TEST_CASE("the pickle rewrite refuses lengths past the end, even ones that wrap 
   // LONG_BINPUT into slot 2^32 - 1: LibTorch's unpickler would fill every slot below it (68 GB).
   const std::string far_memo("\x80\x02X\x03\x00\x00\x00" "abcr\xff\xff\xff\xff.", 16);
   CHECK_REFUSED(diffusion::detail::check_pickle(far_memo, "m.pt"),
-                "m.pt: not a pickle this library can read (a memo slot (4294967295) past any a pickle of this size fills");
+                "m.pt: not a pickle this library can read (a memo slot (4294967295) past those a pickle of this size can fill");
+  // Lists nested 20,000 deep: LibTorch's unpickler would build and free them recursively.
+  std::string deep("\x80\x02");
+  for (int i = 0; i < 20000; ++i) deep += "](";
+  CHECK_REFUSED(diffusion::detail::check_pickle(deep + "]", "d.pt"), "d.pt: not a pickle this library can read (values nested more than 10000 deep");
   const std::string near_memo("\x80\x02X\x03\x00\x00\x00" "abcr\x00\x00\x00\x00.", 16);
   CHECK_NOTHROW(diffusion::detail::check_pickle(near_memo, "n.pt"));
 }

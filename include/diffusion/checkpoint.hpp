@@ -19,6 +19,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
+#include <functional>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -134,11 +136,73 @@ inline void save_archive(torch::serialize::OutputArchive& archive, const std::fi
   write_file_atomically(path, bytes, "checkpoint");
 }
 
+/// The first non-empty line of LibTorch's error `what`, without its internal-assert wording (a damaged
+/// archive trips LibTorch's asserts, which then ask the user to report a bug to PyTorch).
+inline std::string libtorch_reason(const std::string& what) {
+  std::istringstream lines(what);
+  std::string line, reason;
+  while (std::getline(lines, line)) {
+    if (line.find_first_not_of(" \t") != std::string::npos) {
+      reason = line;
+      break;
+    }
+  }
+  if (const auto at = reason.find(" INTERNAL ASSERT FAILED"); at != std::string::npos)
+    reason = "LibTorch's reader found an inconsistency: " + reason.substr(0, at);
+  return reason.empty() ? "LibTorch gave no reason" : reason;
+}
+
+/// Refuses, naming `name`, a tensor anywhere in `archive` (nested archives, lists and dicts included)
+/// whose view reaches past its storage: LibTorch rebuilds each tensor from the pickle's offset, sizes and
+/// strides without checking them against the record, which a crafted file makes point anywhere.
+inline void check_tensor_bounds(torch::serialize::InputArchive& archive, const std::string& name) {
+  const std::function<void(const c10::IValue&, const std::string&)> visit = [&](const c10::IValue& v, const std::string& key) {
+    if (v.isTensor()) {
+      const auto& t = v.toTensor();
+      if (!t.defined() || t.numel() == 0 || !t.has_storage()) return;
+      int64_t last = t.storage_offset();
+      bool ok = last >= 0;
+      for (int64_t d = 0; d < t.dim(); ++d) {
+        ok = ok && t.stride(d) >= 0;
+        last += (t.size(d) - 1) * t.stride(d);
+      }
+      TORCH_CHECK(ok && last >= 0 && static_cast<uint64_t>(last) < t.storage().nbytes() / t.element_size(),
+                  "checkpoint: ", name, " is damaged: tensor '", key, "' reaches past its data (offset ", t.storage_offset(),
+                  ", sizes ", t.sizes(), ", strides ", t.strides(), ", ", t.storage().nbytes(), " bytes stored)");
+    } else if (v.isList()) {
+      for (const auto& e : v.toListRef()) visit(e, key);
+    } else if (v.isGenericDict()) {
+      for (const auto& e : v.toGenericDict()) visit(e.value(), key);
+    } else if (v.isTuple()) {
+      for (const auto& e : v.toTupleRef().elements()) visit(e, key);
+    }
+  };
+  const std::function<void(torch::serialize::InputArchive&, const std::string&)> walk =
+      [&](torch::serialize::InputArchive& a, const std::string& prefix) {
+        for (const auto& key : a.keys()) {
+          torch::serialize::InputArchive nested;
+          if (a.try_read(key, nested)) {
+            walk(nested, prefix + key + ".");
+            continue;
+          }
+          c10::IValue value;
+          if (a.try_read(key, value)) visit(value, prefix + key);
+        }
+      };
+  try {
+    walk(archive, "");
+  } catch (const std::exception& e) {
+    if (std::string(e.what()).rfind("checkpoint: ", 0) == 0) throw;  // ours, from visit
+    TORCH_CHECK(false, "checkpoint: ", name, " is damaged or not a LibTorch archive (", libtorch_reason(e.what()), ")");
+  }
+}
+
 /// Reads and verifies a checkpoint file into an archive whose tensors land on `device`. Every way a file
 /// can be unreadable becomes one error naming it: missing, empty, truncated or not a zip, a checksum
 /// that does not match (a changed byte), in a file without one a zip entry that does not match its
 /// CRC-32, a zip entry outside the file, a pickle that would make LibTorch's unpickler allocate far more
-/// than its size (detail::check_pickle), an archive LibTorch cannot read, one that is not a diffusion
+/// than its size (detail::check_pickle), an archive LibTorch cannot read, a tensor that reaches past its
+/// data, one that is not a diffusion
 /// checkpoint, or one of another format version.
 inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::path& path,
                                                       std::optional<torch::Device> device = std::nullopt,
@@ -147,8 +211,18 @@ inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::pat
   TORCH_CHECK(std::filesystem::is_regular_file(path), "checkpoint: ", name, ": no such file");
   std::ifstream in(path, std::ios::binary);
   TORCH_CHECK(in.good(), "checkpoint: ", name, ": cannot open it");
-  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  TORCH_CHECK(!bytes.empty(), "checkpoint: ", name, " is empty (a save that never finished?)");
+  const auto size = static_cast<size_t>(std::filesystem::file_size(path));
+  TORCH_CHECK(size > 0, "checkpoint: ", name, " is empty (a save that never finished?)");
+  // The end record lies in the last 64 kB: a large file that is no zip is refused before it is read.
+  std::string bytes(std::min(size, zip_end_record + 0xFFFF), '\0');
+  in.seekg(static_cast<std::streamoff>(size - bytes.size()));
+  in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  TORCH_CHECK(in && find_zip_end(bytes), "checkpoint: ", name, " is truncated or not a checkpoint (no zip end record)");
+  bytes.assign(size, '\0');
+  in.seekg(0);
+  in.read(bytes.data(), static_cast<std::streamsize>(size));
+  TORCH_CHECK(in && in.peek() == std::char_traits<char>::eof(), "checkpoint: ", name, ": cannot read it (",
+              std::strerror(errno), "; did it change while being read?)");
   const auto end = find_zip_end(bytes);
   TORCH_CHECK(end, "checkpoint: ", name, " is truncated or not a checkpoint (no zip end record)");
   const std::string comment = bytes.substr(*end + zip_end_record);
@@ -161,10 +235,12 @@ inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::pat
   if (!sealed) check_zip_crcs(bytes, entries, name);  // no checksum (format 1): the zip's own, which LibTorch skips
   // A checksum proves the file is as it was written, not that its writer was sound: the pickles are walked
   // before LibTorch's unpickler, which believes their lengths (a 4 GB string in 15 kB) and memo slots.
+  // LibTorch finds entries by name ignoring case, so any "*.pkl" (data.PKL too), stored or deflated.
   for (const auto& entry : entries) {
-    const bool pickle = entry.name.ends_with(".pkl") || entry.name.ends_with(".debug_pkl");
-    if (pickle && entry.method == 0)
-      check_pickle(bytes.substr(size_t(entry.data), size_t(entry.size)), "checkpoint: " + name + " is damaged: its entry " + entry.name);
+    std::string lower = entry.name;
+    std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return char(std::tolower(c)); });
+    if (lower.ends_with(".pkl") || lower.ends_with(".debug_pkl"))
+      check_pickle(zip_entry_bytes(bytes, entry, name), "checkpoint: " + name + " is damaged: its entry " + entry.name);
   }
   torch::serialize::InputArchive archive;
   try {
@@ -172,10 +248,9 @@ inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::pat
     if (device) to = *device;
     archive.load_from(bytes.data(), bytes.size(), to);
   } catch (const std::exception& e) {
-    std::string what = e.what();
-    what = what.substr(0, what.find('\n'));
-    TORCH_CHECK(false, "checkpoint: ", name, " is damaged or not a LibTorch archive (", what, ")");
+    TORCH_CHECK(false, "checkpoint: ", name, " is damaged or not a LibTorch archive (", libtorch_reason(e.what()), ")");
   }
+  check_tensor_bounds(archive, name);
   c10::IValue format;
   bool has_format = false;
   try {

@@ -14,6 +14,10 @@
 /// to ask.
 namespace diffusion::detail {
 
+/// The deepest stack (values and marks) a pickle may build; real ones (state_dicts, checkpoints) stay
+/// under a hundred.
+inline constexpr size_t max_pickle_depth = 10000;
+
 /// The keys rewrite_ordered_dicts adds to dicts (load_torch_state_dict drops them).
 inline constexpr const char* pickle_junk_prefix = "__diffusion_pickle_";
 
@@ -75,7 +79,7 @@ inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::s
   // Picklers number memo slots from 0 up, one per PUT, so a slot can never be past the pickle's size;
   // LibTorch's unpickler fills every slot below the one it is given (16 bytes each: 68 GB for 2^32).
   const auto memo_key = [&](uint64_t key) {
-    if (key > pickle.size()) fail(c10::str("a memo slot (", key, ") past any a pickle of this size fills"));
+    if (key > pickle.size()) fail(c10::str("a memo slot (", key, ") past those a pickle of this size can fill"));
     return key;
   };
   const auto top = [&]() -> Slot& {
@@ -100,7 +104,11 @@ inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::s
   while (at < pickle.size()) {
     const size_t start = at, begin = out.size();
     const char op = pickle[at++];
-    const auto push = [&](Kind kind, size_t from) { stack.push_back({kind, from}); };
+    const auto push = [&](Kind kind, size_t from) {
+      // LibTorch builds and frees nested values recursively: a million levels overflow its stack.
+      if (stack.size() >= max_pickle_depth) fail(c10::str("values nested more than ", max_pickle_depth, " deep"));
+      stack.push_back({kind, from});
+    };
     bool copy = true;
     switch (op) {
       case '.': out.append(pickle, start, at - start); return out;  // STOP

@@ -51,12 +51,13 @@ inline constexpr bool can_check_zip_crcs =
 #endif
 
 #if !defined(DIFFUSION_NO_ZLIB)
-/// The CRC-32 of `packed` bytes of raw deflate data inflated, if they inflate to exactly `size` bytes.
-inline std::optional<uint32_t> inflated_crc32(const char* data, uint64_t packed, uint64_t size) {
+/// Inflates `packed` bytes of raw deflate data, passing each piece to `sink`; true if they inflate to
+/// exactly `size` bytes (never more are produced).
+template <typename Sink>
+bool inflate_raw(const char* data, uint64_t packed, uint64_t size, Sink&& sink) {
   z_stream stream{};
-  if (inflateInit2(&stream, -MAX_WBITS) != Z_OK) return std::nullopt;
+  if (inflateInit2(&stream, -MAX_WBITS) != Z_OK) return false;
   std::array<Bytef, 1 << 16> out{};
-  uLong crc = crc32_z(0L, Z_NULL, 0);
   uint64_t produced = 0;
   int status = Z_OK;
   while (status == Z_OK) {
@@ -69,17 +70,20 @@ inline std::optional<uint32_t> inflated_crc32(const char* data, uint64_t packed,
     }
     stream.next_out = out.data();
     stream.avail_out = static_cast<uInt>(out.size());
-    status = inflate(&stream, Z_NO_FLUSH);
+    status = inflate(&stream, Z_NO_FLUSH);  // Z_BUF_ERROR (the input ran out early) or an error ends the loop
     const size_t got = out.size() - stream.avail_out;
     produced += got;
     if (produced > size) break;
-    crc = crc32_z(crc, out.data(), got);  // Z_BUF_ERROR (the input ran out early) or an error ends the loop
+    sink(out.data(), got);
   }
   inflateEnd(&stream);
-  if (status != Z_STREAM_END || produced != size) return std::nullopt;
-  return static_cast<uint32_t>(crc);
+  return status == Z_STREAM_END && produced == size;
 }
 #endif
+
+/// The most a deflated entry may hold. LibTorch deflates only its TorchScript code (kilobytes); a larger
+/// one is a zip bomb, which LibTorch would inflate whole.
+inline constexpr uint64_t max_deflated_entry = uint64_t(256) << 20;
 
 /// One entry of a zip's central directory, its data located.
 struct ZipEntry {
@@ -140,6 +144,9 @@ inline std::vector<ZipEntry> zip_entries(const std::string& bytes, size_t end, c
     }
     if (entry.method != 0 && entry.method != 8)
       damaged("entry ", entry.name, " uses zip method ", entry.method, ", which LibTorch does not write");
+    if (entry.method == 8 && entry.size > max_deflated_entry)
+      damaged("entry ", entry.name, " is deflated to ", entry.packed, " bytes from ", entry.size,
+              ", more than LibTorch ever deflates (its code: kilobytes); a zip bomb?");
     if (entry.method == 0 && entry.packed != entry.size)
       damaged("entry ", entry.name, " records ", entry.packed, " stored bytes for ", entry.size, " bytes of data");
     if (local > directory || directory - local < 30 || read_le32(bytes, size_t(local)) != 0x04034b50)
@@ -152,18 +159,38 @@ inline std::vector<ZipEntry> zip_entries(const std::string& bytes, size_t end, c
   return entries;
 }
 
+/// The data `entry` holds: its stored bytes, or its deflated ones inflated. Refused, naming `name`, when
+/// they do not inflate to the recorded size. Without zlib, a deflated entry is refused.
+inline std::string zip_entry_bytes(const std::string& bytes, const ZipEntry& entry, const std::string& name) {
+  if (entry.method == 0) return bytes.substr(size_t(entry.data), size_t(entry.size));
+  std::string out;
+#if !defined(DIFFUSION_NO_ZLIB)
+  out.reserve(size_t(entry.size));
+  const bool whole = inflate_raw(bytes.data() + entry.data, entry.packed, entry.size,
+                                 [&out](const Bytef* piece, size_t n) { out.append(reinterpret_cast<const char*>(piece), n); });
+  TORCH_CHECK(whole, "checkpoint: ", name, " is damaged: entry ", entry.name, " does not inflate to its recorded ",
+              entry.size, " bytes");
+#else
+  TORCH_CHECK(false, "checkpoint: ", name, ": entry ", entry.name, " is deflated and this build has no zlib (DIFFUSION_NO_ZLIB)");
+#endif
+  return out;
+}
+
 /// Refuses the first of `entries` (from zip_entries) whose data do not have the CRC-32 the directory
 /// records, naming `name` and the entry. Without zlib (DIFFUSION_NO_ZLIB) it checks nothing.
 inline void check_zip_crcs(const std::string& bytes, const std::vector<ZipEntry>& entries, const std::string& name) {
 #if !defined(DIFFUSION_NO_ZLIB)
   for (const auto& entry : entries) {
     const char* start = bytes.data() + entry.data;
-    const auto actual = entry.method == 0 ? std::optional<uint32_t>(static_cast<uint32_t>(crc32_z(
-                                                crc32_z(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(start), size_t(entry.size))))
-                                          : inflated_crc32(start, entry.packed, entry.size);
-    TORCH_CHECK(actual, "checkpoint: ", name, " is damaged: entry ", entry.name, " does not inflate to its recorded ",
-                entry.size, " bytes (a changed byte)");
-    TORCH_CHECK(*actual == entry.crc, "checkpoint: ", name, " is damaged: entry ", entry.name,
+    uLong crc = crc32_z(0L, Z_NULL, 0);
+    const auto add = [&crc](const Bytef* piece, size_t n) { crc = crc32_z(crc, piece, n); };
+    if (entry.method == 0) {
+      add(reinterpret_cast<const Bytef*>(start), size_t(entry.size));
+    } else {
+      TORCH_CHECK(inflate_raw(start, entry.packed, entry.size, add), "checkpoint: ", name, " is damaged: entry ",
+                  entry.name, " does not inflate to its recorded ", entry.size, " bytes (a changed byte)");
+    }
+    TORCH_CHECK(static_cast<uint32_t>(crc) == entry.crc, "checkpoint: ", name, " is damaged: entry ", entry.name,
                 " does not match its CRC-32 (a changed byte)");
   }
 #else
