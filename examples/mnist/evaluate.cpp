@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <optional>
 
 namespace mnist {
 
@@ -70,7 +71,7 @@ void report_requested_classes(eval::LeNet& net, const torch::Tensor& samples, co
   const auto predicted = eval::batched(net, x, 1000, [&](const torch::Tensor& b) { return net(b).argmax(1); });
   const auto agree = predicted.eq(labels);
   std::vector<std::string> per_class, per_class_fd;
-  double worst = 1.0;
+  std::optional<double> worst;  // none when no class has 2 samples
   for (int64_t k = 0; k < classes; ++k) {
     const auto mine = labels.eq(k);
     const auto n = mine.sum().item<int64_t>();
@@ -80,7 +81,7 @@ void report_requested_classes(eval::LeNet& net, const torch::Tensor& samples, co
       continue;
     }
     const double acc = agree.masked_select(mine).to(torch::kDouble).mean().item<double>();
-    worst = std::min(worst, acc);
+    worst = std::min(worst.value_or(1.0), acc);
     per_class.push_back(fmt::format("{:.3f}", acc));
     const auto references = test.images.index({test.labels.eq(k)});
     const auto real = train.images.index({train.labels.eq(k)}).slice(0, 0, n);
@@ -94,8 +95,8 @@ void report_requested_classes(eval::LeNet& net, const torch::Tensor& samples, co
     per_class_fd.push_back(fmt::format("{:.1f} ({:.1f})", eval::frechet_distance(own, reference),
                                        eval::frechet_distance(floor, reference)));
   }
-  fmt::print("requested class:  {:.4f}   (share the classifier assigns to the class asked for; worst class {:.3f})\n",
-             agree.to(torch::kDouble).mean().item<double>(), worst);
+  fmt::print("requested class:  {:.4f}   (share the classifier assigns to the class asked for; worst class {})\n",
+             agree.to(torch::kDouble).mean().item<double>(), worst ? fmt::format("{:.3f}", *worst) : "-");
   fmt::print("per class:        {}   (class 0 first; -: fewer than 2 samples of it)\n", fmt::join(per_class, " "));
   fmt::print("per-class FD:     {}   (each class's samples vs its test images; floor in brackets)\n",
              fmt::join(per_class_fd, " "));

@@ -183,7 +183,13 @@ int run_sample(const SampleCommand& given) {
   auto& a = s.args;
   TORCH_CHECK(!(s.klass && !s.classes.empty()), "sample: give --class or --classes, not both");
   int64_t nrow = s.nrow;
-  if (s.klass) a.labels = torch::full({a.n}, *s.klass, torch::kLong);
+  if (s.klass) {
+    const auto classes = a.checkpoint.empty() ? a.num_classes : num_classes_of(read_checkpoint_info(a.checkpoint));
+    const auto& file = a.checkpoint.empty() ? a.weights : a.checkpoint;
+    TORCH_CHECK(classes == 0 || *s.klass < classes, "sample: --class ", *s.klass, " is not a class of ", file,
+                ", which has ", classes, " (0 to ", classes - 1, ")");
+    a.labels = torch::full({a.n}, *s.klass, torch::kLong);
+  }
   if (!s.classes.empty()) {
     TORCH_CHECK(!a.checkpoint.empty(), "sample: --classes needs a checkpoint, whose class count it reads");
     const auto classes = num_classes_of(read_checkpoint_info(a.checkpoint));
