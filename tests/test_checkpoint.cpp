@@ -153,6 +153,7 @@ TEST_CASE("checkpoints refuse the wrong model, and every unreadable file is one 
                 quiet().ema_decay(0.9));
   CHECK_REFUSED(other.load_checkpoint(path), "with shape");
   CHECK_REFUSED(read_checkpoint_info(dir / "missing.pt"), "missing.pt: no such file");
+  CHECK_REFUSED(read_checkpoint_info(dir), " is not a regular file (a directory, a pipe?)");
   Trainer with_ema(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet().ema_decay(0.9));
   auto no_ema = dir / "no_ema.pt";
   Trainer plain(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet());

@@ -208,7 +208,8 @@ inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::pat
                                                       std::optional<torch::Device> device = std::nullopt,
                                                       int64_t* format_out = nullptr) {
   const auto name = path.string();
-  TORCH_CHECK(std::filesystem::is_regular_file(path), "checkpoint: ", name, ": no such file");
+  TORCH_CHECK(std::filesystem::exists(path), "checkpoint: ", name, ": no such file");
+  TORCH_CHECK(std::filesystem::is_regular_file(path), "checkpoint: ", name, " is not a regular file (a directory, a pipe?)");
   std::ifstream in(path, std::ios::binary);
   TORCH_CHECK(in.good(), "checkpoint: ", name, ": cannot open it");
   const auto size = static_cast<size_t>(std::filesystem::file_size(path));
