@@ -136,22 +136,6 @@ inline void save_archive(torch::serialize::OutputArchive& archive, const std::fi
   write_file_atomically(path, bytes, "checkpoint");
 }
 
-/// The first non-empty line of LibTorch's error `what`, without its internal-assert wording (a damaged
-/// archive trips LibTorch's asserts, which then ask the user to report a bug to PyTorch).
-inline std::string libtorch_reason(const std::string& what) {
-  std::istringstream lines(what);
-  std::string line, reason;
-  while (std::getline(lines, line)) {
-    if (line.find_first_not_of(" \t") != std::string::npos) {
-      reason = line;
-      break;
-    }
-  }
-  if (const auto at = reason.find(" INTERNAL ASSERT FAILED"); at != std::string::npos)
-    reason = "LibTorch's reader found an inconsistency: " + reason.substr(0, at);
-  return reason.empty() ? "LibTorch gave no reason" : reason;
-}
-
 /// Refuses, naming `name`, a tensor anywhere in `archive` (nested archives, lists and dicts included)
 /// whose view reaches past its storage: LibTorch rebuilds each tensor from the pickle's offset, sizes and
 /// strides without checking them against the record, which a crafted file makes point anywhere.
@@ -216,23 +200,24 @@ inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::pat
   TORCH_CHECK(size > 0, "checkpoint: ", name, " is empty (a save that never finished?)");
   // The end record lies in the last 64 kB: a large file that is no zip is refused before it is read.
   std::string bytes(std::min(size, zip_end_record + 0xFFFF), '\0');
-  in.seekg(static_cast<std::streamoff>(size - bytes.size()));
+  const size_t tail_at = size - bytes.size();
+  in.seekg(static_cast<std::streamoff>(tail_at));
   in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  TORCH_CHECK(in && find_zip_end(bytes), "checkpoint: ", name, " is truncated or not a checkpoint (no zip end record)");
+  const auto tail_end = in ? find_zip_end(bytes) : std::nullopt;
+  TORCH_CHECK(tail_end, "checkpoint: ", name, " is truncated or not a checkpoint (no zip end record)");
+  const size_t end = tail_at + *tail_end;  // in the whole file
   bytes.assign(size, '\0');
   in.seekg(0);
   in.read(bytes.data(), static_cast<std::streamsize>(size));
   TORCH_CHECK(in && in.peek() == std::char_traits<char>::eof(), "checkpoint: ", name, ": cannot read it (",
               std::strerror(errno), "; did it change while being read?)");
-  const auto end = find_zip_end(bytes);
-  TORCH_CHECK(end, "checkpoint: ", name, " is truncated or not a checkpoint (no zip end record)");
-  const std::string comment = bytes.substr(*end + zip_end_record);
+  const std::string comment = bytes.substr(end + zip_end_record);
   const bool sealed = comment.rfind(checksum_tag, 0) == 0;
   if (sealed) {
-    TORCH_CHECK(comment.substr(checksum_tag.size()) == archive_digest(bytes, *end), "checkpoint: ", name,
+    TORCH_CHECK(comment.substr(checksum_tag.size()) == archive_digest(bytes, end), "checkpoint: ", name,
                 " is damaged: its contents do not match the checksum written with it");
   }
-  const auto entries = zip_entries(bytes, *end, name);
+  const auto entries = zip_entries(bytes, end, name);
   if (!sealed) check_zip_crcs(bytes, entries, name);  // no checksum (format 1): the zip's own, which LibTorch skips
   // A checksum proves the file is as it was written, not that its writer was sound: the pickles are walked
   // before LibTorch's unpickler, which believes their lengths (a 4 GB string in 15 kB) and memo slots.
@@ -325,7 +310,7 @@ auto reading(const std::filesystem::path& path, F&& read) {
   } catch (const c10::Error& e) {
     const std::string what = e.what_without_backtrace();
     if (what.rfind("checkpoint: ", 0) == 0) throw;
-    TORCH_CHECK(false, "checkpoint: ", path.string(), " is damaged (", what.substr(0, what.find('\n')), ")");
+    TORCH_CHECK(false, "checkpoint: ", path.string(), " is damaged (", libtorch_reason(what), ")");
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "checkpoint: ", path.string(), " is damaged (", e.what(), ")");
   }

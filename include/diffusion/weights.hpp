@@ -190,8 +190,7 @@ inline NamedTensors load_torch_state_dict(const std::filesystem::path& path) {
   } catch (const std::exception& e) {
     const auto* error = dynamic_cast<const c10::Error*>(&e);
     const std::string what = error ? error->what_without_backtrace() : e.what();
-    TORCH_CHECK(false, fn, ": ", name, " is not a file torch.save wrote, or is damaged (",
-                what.substr(0, what.find('\n')), ")");
+    TORCH_CHECK(false, fn, ": ", name, " is not a file torch.save wrote, or is damaged (", detail::libtorch_reason(what), ")");
   }
   TORCH_CHECK(value.isGenericDict(), fn, ": ", name, " holds a ", value.tagKind(), ", not a dict of tensors");
   auto dict = value.toGenericDict();

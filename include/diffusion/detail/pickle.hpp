@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,22 @@
 /// OrderedDict a state_dict is fails ("Expected GenericDict but got None"), and a C++ program has no Python
 /// to ask.
 namespace diffusion::detail {
+
+/// The first non-empty line of LibTorch's error `what`, without its internal-assert wording (a damaged
+/// archive trips LibTorch's asserts, which then ask the user to report a bug to PyTorch).
+inline std::string libtorch_reason(const std::string& what) {
+  std::istringstream lines(what);
+  std::string line, reason;
+  while (std::getline(lines, line)) {
+    if (line.find_first_not_of(" \t") != std::string::npos) {
+      reason = line;
+      break;
+    }
+  }
+  if (const auto at = reason.find(" INTERNAL ASSERT FAILED"); at != std::string::npos)
+    reason = "LibTorch's reader found an inconsistency: " + reason.substr(0, at);
+  return reason.empty() ? "LibTorch gave no reason" : reason;
+}
 
 /// The deepest stack (values and marks) a pickle may build; real ones (state_dicts, checkpoints) stay
 /// under a hundred.
