@@ -69,28 +69,30 @@ struct CheckpointInfo {
   std::map<std::string, std::string> metadata;
 };
 
+/// Where a training run stood: what save_checkpoint writes for it and load_training_state restores.
+struct TrainingProgress {
+  /// Epochs completed, steps taken in all, steps taken in the epoch in progress, and steps skipped for
+  /// non-finite values.
+  int64_t epoch = 0, global_step = 0, step_in_epoch = 0, skipped_steps = 0;
+  /// The trainer's random generator state (torch::Generator::get_state()), and its state when the epoch
+  /// in progress began (to draw the same shuffle again on resuming mid-epoch; undefined between epochs).
+  /// Both on the CPU.
+  torch::Tensor rng_state, epoch_rng_state;
+  /// The trainer's options (JSON; read back as CheckpointInfo::training too): a position in an epoch
+  /// means something only for the same data size, batch size and ranks.
+  nlohmann::json training = nlohmann::json::object();
+};
+
 /// What save_checkpoint writes. The pointers may be null where there is nothing of the kind (no EMA, no
 /// optimizer: a checkpoint that only samples).
 struct CheckpointContents {
   torch::nn::Module* model = nullptr;
   torch::optim::Optimizer* optimizer = nullptr;
   const EMA* ema = nullptr;
-  /// The trainer's random generator state (torch::Generator::get_state()), and its state when the epoch
-  /// in progress began (to draw the same shuffle again on resuming mid-epoch; undefined between epochs).
-  torch::Tensor rng_state, epoch_rng_state;
-  /// Epochs completed, steps taken in all, steps taken in the epoch in progress, and steps skipped for
-  /// non-finite values.
-  int64_t epoch = 0, global_step = 0, step_in_epoch = 0, skipped_steps = 0;
+  TrainingProgress progress;
   NoiseScheduleOptions schedule;
   Prediction prediction = Prediction::Epsilon;
-  nlohmann::json training = nlohmann::json::object();
   std::map<std::string, std::string> metadata;
-};
-
-/// Where a training run stood, as load_training_state restores it.
-struct TrainingProgress {
-  int64_t epoch = 0, global_step = 0, step_in_epoch = 0, skipped_steps = 0;
-  torch::Tensor rng_state, epoch_rng_state;
 };
 
 namespace detail {
@@ -422,7 +424,7 @@ inline void save_checkpoint(const std::filesystem::path& path, const CheckpointC
   nlohmann::json config = {{"schedule", c.schedule},
                            {"prediction", std::string(to_string(c.prediction))},
                            {"has_ema", c.ema != nullptr},
-                           {"training", c.training},
+                           {"training", c.progress.training},
                            {"metadata", c.metadata}};
   if (const auto backbone = backbone_config(*c.model)) {
     config["backbone"] = {{"name", backbone->name}, {"options", backbone->options}};
@@ -430,12 +432,13 @@ inline void save_checkpoint(const std::filesystem::path& path, const CheckpointC
   torch::serialize::OutputArchive archive;
   archive.write(key::format, c10::IValue(checkpoint_format));
   archive.write(key::config, c10::IValue(config.dump()));
-  archive.write(key::epoch, c10::IValue(c.epoch));
-  archive.write(key::global_step, c10::IValue(c.global_step));
-  archive.write(key::step_in_epoch, c10::IValue(c.step_in_epoch));
-  archive.write(key::skipped_steps, c10::IValue(c.skipped_steps));
-  archive.write(key::rng, c.rng_state.defined() ? c.rng_state : torch::Tensor(torch::empty({0}, torch::kUInt8)));
-  if (c.epoch_rng_state.defined()) archive.write(key::epoch_rng, c.epoch_rng_state);
+  const auto& p = c.progress;
+  archive.write(key::epoch, c10::IValue(p.epoch));
+  archive.write(key::global_step, c10::IValue(p.global_step));
+  archive.write(key::step_in_epoch, c10::IValue(p.step_in_epoch));
+  archive.write(key::skipped_steps, c10::IValue(p.skipped_steps));
+  archive.write(key::rng, p.rng_state.defined() ? p.rng_state : torch::Tensor(torch::empty({0}, torch::kUInt8)));
+  if (p.epoch_rng_state.defined()) archive.write(key::epoch_rng, p.epoch_rng_state);
   torch::serialize::OutputArchive model;
   c.model->save(model);
   archive.write(key::model, model);
@@ -480,7 +483,8 @@ void load_weights(const std::filesystem::path& path, B& model, bool use_ema = tr
 }
 
 /// Restores a training run: the model's trained weights, the optimizer's state and the EMA (each when
-/// given), with every tensor on `device`; returns the epoch, step and generator state to continue from.
+/// given), with every tensor on `device`; returns the epoch, step and generator state to continue from,
+/// and the options the run recorded.
 /// Refused: an EMA asked for but absent, a file that does not fit the model.
 inline TrainingProgress load_training_state(const std::filesystem::path& path, torch::nn::Module& model,
                                             torch::optim::Optimizer* optimizer, EMA* ema, const torch::Device& device) {
@@ -505,7 +509,7 @@ inline TrainingProgress load_training_state(const std::filesystem::path& path, t
       return 0;
     });
   }
-  TrainingProgress progress{info.epoch, info.global_step, 0, 0, {}, {}};
+  TrainingProgress progress{info.epoch, info.global_step, 0, 0, {}, {}, info.training};
   c10::IValue value;
   if (archive.try_read(detail::key::step_in_epoch, value)) progress.step_in_epoch = value.toInt();
   if (archive.try_read(detail::key::skipped_steps, value)) progress.skipped_steps = value.toInt();

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <diffusion/backbone.hpp>
+#include <diffusion/detail/random.hpp>
 #include <diffusion/random.hpp>
 #include <diffusion/sampling/loop.hpp>
 #include <diffusion/schedule.hpp>
@@ -14,6 +15,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -145,6 +147,44 @@ inline torch::Tensor batch_labels(const torch::Tensor& labels, const torch::Tens
     cond = torch::where(drop, torch::full_like(cond, null_class), cond);
   }
   return cond.to(device);
+}
+
+/// How an epoch of `n` images is dealt out to the ranks of `group` (none: one process) in batches of
+/// `batch`: each rank's share is the shuffle padded to world * per_rank by wrapping around, dealt out in
+/// turn (shard), and an epoch is `steps` batches of it (at most `max_steps` when that is > 0).
+struct EpochLayout {
+  int64_t world, rank, n, batch, per_rank, steps;
+
+  EpochLayout(const Collective* group, int64_t n_images, int64_t batch_size, int64_t max_steps)
+      : world(group ? group->world_size() : 1), rank(group ? group->rank() : 0), n(n_images), batch(batch_size),
+        per_rank((n + world - 1) / world), steps((per_rank + batch - 1) / batch) {
+    if (max_steps > 0) steps = std::min(steps, max_steps);
+  }
+  /// The indices of step `step`'s batch in this rank's share `perm`.
+  torch::Tensor batch_indices(const torch::Tensor& perm, int64_t step) const {
+    return perm.slice(0, step * batch, std::min(per_rank, (step + 1) * batch));
+  }
+  /// The images all ranks processed in `steps_done` steps.
+  int64_t images_in(int64_t steps_done) const { return std::min(n, steps_done * batch * world); }
+};
+
+/// One step's batch on `device`: the images `idx`, and this rank's share of the timesteps, noise and
+/// labels (batch_labels) drawn from `generator` for the whole global batch, so that every rank draws alike
+/// and the ranks' shares together are the single-process batch.
+struct Batch {
+  torch::Tensor x0, t, noise, cond;
+};
+inline Batch draw_batch(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& idx,
+                        const NoiseSchedule& schedule, double dropout, torch::Generator& generator,
+                        const EpochLayout& layout, torch::Device device) {
+  const auto [world, rank] = std::pair(layout.world, layout.rank);
+  auto x0 = images.index_select(0, idx).to(device, schedule.dtype());
+  auto global_shape = x0.sizes().vec();
+  global_shape[0] *= world;
+  auto t = take_share(torch::randint(0, schedule.num_timesteps(), {global_shape[0]}, generator, torch::kLong), world, rank);
+  auto noise = take_share(detail::randn(global_shape, x0.options(), generator), world, rank).contiguous();
+  auto cond = batch_labels(labels, idx, dropout, generator, world, rank, device);
+  return {std::move(x0), t.to(device), std::move(noise), std::move(cond)};
 }
 
 /// Forward and backward of the batch's mean loss, in micro-batches of `micro_batch` (0: one), each

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <filesystem>
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 /// What a training run shows the parts that watch it (run outputs, progress, a user's callback).
@@ -69,6 +71,15 @@ class TrainerHook {
   /// When the run stops early on request (stop_requested): the last chance to save it. Returns what it
   /// wrote, if anything.
   virtual std::optional<std::filesystem::path> on_interrupt(TrainingRun&) { return std::nullopt; }
+};
+
+/// Thrown by Trainer::fit when a stop was requested (install_stop_signals, request_stop) and the hooks
+/// have had their chance to save the run (TrainerHook::on_interrupt).
+struct TrainingInterrupted : std::runtime_error {
+  TrainingInterrupted(const std::string& what, std::optional<std::filesystem::path> saved)
+      : std::runtime_error(what), checkpoint(std::move(saved)) {}
+  /// What a hook wrote on the way out (RunOutputs: a checkpoint to resume from).
+  std::optional<std::filesystem::path> checkpoint;
 };
 
 }  // namespace diffusion

@@ -2,7 +2,6 @@
 
 #include <diffusion/backbone.hpp>
 #include <diffusion/checkpoint.hpp>
-#include <diffusion/detail/random.hpp>
 #include <diffusion/forward.hpp>
 #include <diffusion/progress.hpp>
 #include <diffusion/random.hpp>
@@ -13,35 +12,25 @@
 #include <diffusion/training/ema.hpp>
 #include <diffusion/training/hooks.hpp>
 #include <diffusion/training/loss.hpp>
-#include <diffusion/detail/training.hpp>
 #include <diffusion/training/options.hpp>
+#include <diffusion/detail/training.hpp>
 
 #include <fmt/core.h>
 #include <torch/torch.h>
 
 #include <chrono>
-#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
 #include <optional>
-#include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 /// Training a backbone with the denoising objective (Ho et al. 2020, Algorithm 1), the seed's whole job.
 namespace diffusion {
-
-/// Thrown by Trainer::fit when a stop was requested (install_stop_signals, request_stop) and the hooks
-/// have had their chance to save the run.
-struct TrainingInterrupted : std::runtime_error {
-  TrainingInterrupted(const std::string& what, std::optional<std::filesystem::path> saved)
-      : std::runtime_error(what), checkpoint(std::move(saved)) {}
-  /// What a hook wrote on the way out (RunOutputs: a checkpoint to resume from).
-  std::optional<std::filesystem::path> checkpoint;
-};
 
 /// Class labels for Trainer::fit: one per training (and validation) image, for a ConditionalBackbone.
 struct Labels {
@@ -93,113 +82,87 @@ class Trainer final : public TrainingRun {
   void fit(const torch::Tensor& train, const torch::Tensor& val = {}, const Labels& labels = {}) {
     detail::check_fit_inputs(train, val, labels.train, labels.val, model_);
     train_ = train;
-    const int64_t W = group_ ? group_->world_size() : 1, rank = group_ ? group_->rank() : 0;
-    resume_point_.check(step_in_epoch_, W, train.size(0), options_.batch_size());
-    if (group_) detail::broadcast_from_rank0(*group_, unwrap(model_), ema_ ? &*ema_ : nullptr);
-    // Each rank's share of the epoch: the shuffle padded to W * per_rank by wrapping around, dealt out in turn.
-    const int64_t n = train.size(0), bs = options_.batch_size(), per_rank = (n + W - 1) / W;
-    const int64_t steps = steps_per_epoch(per_rank);
+    const detail::EpochLayout layout(group_.get(), train.size(0), options_.batch_size(), options_.max_steps_per_epoch());
+    auto& p = progress_;
+    detail::ResumePoint::recorded_in(p.training).check(p.step_in_epoch, layout.world, layout.n, layout.batch);
+    if (group_) detail::broadcast_from_rank0(*group_, unwrap(model_), ema_ptr());
     const auto val_draws = detail::fixed_validation_draws(val, schedule_, options_.seed());
-    guard_.emplace(device_, options_.skip_nonfinite(), steps);
-    auto& guard = *guard_;
-    guard.set_skipped(skipped_);
-    while (epoch_ < options_.epochs()) {
+    auto& guard = guard_.emplace(device_, options_.skip_nonfinite(), layout.steps);
+    guard.set_skipped(p.skipped_steps);
+    while (p.epoch < options_.epochs()) {
       const auto start = std::chrono::steady_clock::now();
-      ProgressBar bar(fmt::format("Epoch {}/{}", epoch_ + 1, options_.epochs()), steps,
-                      rank == 0 ? options_.progress() : ProgressMode::Off, options_.progress_interval());
-      const auto perm = detail::shard(detail::epoch_permutation(n, generator_, epoch_rng_, step_in_epoch_ > 0), W, rank);
+      ProgressBar bar(fmt::format("Epoch {}/{}", p.epoch + 1, options_.epochs()), layout.steps,
+                      layout.rank == 0 ? options_.progress() : ProgressMode::Off, options_.progress_interval());
+      const auto perm = detail::shard(detail::epoch_permutation(layout.n, generator_, p.epoch_rng_state, p.step_in_epoch > 0),
+                                      layout.world, layout.rank);
       auto running = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
       int64_t skipped_here = 0;  // skipped steps' losses are not finite: the epoch's loss leaves them out
       unwrap(model_).train();
       bool stop_at_epoch_end = false;
-      for (int64_t step = step_in_epoch_; step < steps; ++step) {
-        const auto idx = perm.slice(0, step * bs, std::min(per_rank, (step + 1) * bs));
-        const auto x0 = train.index_select(0, idx).to(device_, schedule_.dtype());
-        // The global batch's draws (all ranks alike), of which this rank's share: its samples are every
-        // W-th of the global batch, starting at its rank.
-        auto global_shape = x0.sizes().vec();
-        global_shape[0] *= W;
-        const auto t = detail::take_share(torch::randint(0, schedule_.num_timesteps(), {global_shape[0]}, generator_,
-                                                         torch::kLong), W, rank).to(device_);
-        const auto noise = detail::take_share(detail::randn(global_shape, x0.options(), generator_), W, rank).contiguous();
-        const auto cond = detail::batch_labels(labels.train, idx, options_.cond_dropout(), generator_, W, rank, device_);
-        const double lr = learning_rate_at(options_.optimization(), global_step_, options_.epochs() * steps);
+      for (int64_t step = p.step_in_epoch; step < layout.steps; ++step) {
+        const auto idx = layout.batch_indices(perm, step);
+        const auto b = detail::draw_batch(train, labels.train, idx, schedule_, options_.cond_dropout(), generator_, layout, device_);
+        const double lr = learning_rate_at(options_.optimization(), p.global_step, options_.epochs() * layout.steps);
         for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
         optimizer_->zero_grad();
-        auto loss = detail::accumulate_gradients(model_, schedule_, x0, t, noise, cond, options_.loss(), options_.micro_batch());
+        auto loss = detail::accumulate_gradients(model_, schedule_, b.x0, b.t, b.noise, b.cond, options_.loss(), options_.micro_batch());
         // With ranks, whether any was asked to stop travels with the gradients, so that all stop at one step.
         bool shared_stop = false;
         if (group_) std::tie(loss, shared_stop) = detail::average_over_ranks(*group_, unwrap(model_), loss, stop_requested());
         const bool skip =
-            guard.check(loss, detail::clip_and_norm(unwrap(model_), options_.optimization().grad_clip()), global_step_ + 1);
+            guard.check(loss, detail::clip_and_norm(unwrap(model_), options_.optimization().grad_clip()), p.global_step + 1);
         if (!skip) {
           optimizer_->step();
           if (ema_) ema_->update(unwrap(model_));
         }
-        ++global_step_;
-        step_in_epoch_ = step + 1;
-        skipped_ = guard.skipped();
+        ++p.global_step;
+        p.step_in_epoch = step + 1;
+        p.skipped_steps = guard.skipped();
         if (skip) ++skipped_here;
         else running += loss;
-        if (bar.due(step + 1)) {
-          bar.update(step + 1, running.item<double>() / static_cast<double>(step + 1 - resumed_at_ - skipped_here));
-        }
-        const TrainStep info{epoch_ + 1, options_.epochs(), step + 1, steps, global_step_, loss, lr, skip};
+        if (bar.due(step + 1)) bar.update(step + 1, running.item<double>() / static_cast<double>(step + 1 - resumed_at_ - skipped_here));
+        const TrainStep info{p.epoch + 1, options_.epochs(), step + 1, layout.steps, p.global_step, loss, lr, skip};
         for (auto& hook : hooks_) hook->on_step(*this, info);
         if (on_step) on_step(info);
         // A stop on the epoch's last step lets the epoch end first (validation, hooks, its checkpoint).
         stop_at_epoch_end = group_ ? shared_stop : stop_requested();
-        if (stop_at_epoch_end && step + 1 < steps) interrupt(guard);
+        if (stop_at_epoch_end && step + 1 < layout.steps) interrupt();
       }
       bar.finish();
       guard.verify();
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      const auto done = steps - resumed_at_;
-      TrainEpoch info{epoch_ + 1, options_.epochs(), global_step_,
+      const auto done = layout.steps - resumed_at_;
+      TrainEpoch info{p.epoch + 1, options_.epochs(), p.global_step,
                       running.item<double>() / static_cast<double>(done - skipped_here),  // NaN when all were skipped
                       val.defined() ? std::optional<double>(detail::validation_loss(model_, schedule_, val, labels.val, val_draws,
                           options_.loss(), options_.batch_size(), device_, group_.get())) : std::nullopt, seconds,
-                      static_cast<double>(std::min(n, done * bs * W)) / seconds, guard.skipped(), {}, {}};
-      ++epoch_;
-      step_in_epoch_ = resumed_at_ = 0;
+                      static_cast<double>(layout.images_in(done)) / seconds, guard.skipped(), {}, {}};
+      ++p.epoch;
+      p.step_in_epoch = resumed_at_ = 0;
       for (auto& hook : hooks_) hook->on_epoch(*this, info);
       if (on_epoch) on_epoch(info);
-      if (stop_at_epoch_end && epoch_ < options_.epochs()) interrupt(guard);
+      if (stop_at_epoch_end && p.epoch < options_.epochs()) interrupt();
     }
   }
 
   /// Restores the model, optimizer, EMA, epoch, position in the epoch and generator from a checkpoint
   /// written by save_checkpoint (or by a format-1 Trainer).
   void load_checkpoint(const std::filesystem::path& path) {
-    const auto progress = load_training_state(path, unwrap(model_), optimizer_.get(), ema_ ? &*ema_ : nullptr, device_);
-    epoch_ = progress.epoch;
-    global_step_ = progress.global_step;
-    step_in_epoch_ = resumed_at_ = progress.step_in_epoch;
-    generator_.set_state(progress.rng_state);
-    epoch_rng_ = progress.epoch_rng_state;
-    skipped_ = progress.skipped_steps;
-    resume_point_ = detail::ResumePoint::recorded_in(read_checkpoint_info(path).training);
+    progress_ = load_training_state(path, unwrap(model_), optimizer_.get(), ema_ptr(), device_);
+    generator_.set_state(progress_.rng_state);
+    resumed_at_ = progress_.step_in_epoch;
   }
 
   void save_checkpoint(const std::filesystem::path& path) override {
     if (guard_) guard_->verify();  // a deferred non-finite step stops the run before anything is written
-    CheckpointContents c;
-    c.model = &unwrap(model_);
-    c.optimizer = optimizer_.get();
-    c.ema = ema_ ? &*ema_ : nullptr;
-    c.rng_state = generator_.get_state();
-    c.epoch_rng_state = step_in_epoch_ > 0 ? epoch_rng_ : torch::Tensor();
-    c.epoch = epoch_;
-    c.global_step = global_step_;
-    c.step_in_epoch = step_in_epoch_;
-    c.skipped_steps = skipped_;
-    c.schedule = schedule_.options();
-    c.prediction = options_.loss().prediction();
-    c.training = options_;
-    c.training["device"] = device_.str();
-    c.training["world_size"] = group_ ? group_->world_size() : 1;
-    if (train_.defined()) c.training["train_size"] = train_.size(0);
-    c.metadata = metadata;
+    CheckpointContents c{&unwrap(model_), optimizer_.get(), ema_ptr(), progress_, schedule_.options(), options_.loss().prediction(),
+                         metadata};
+    c.progress.rng_state = generator_.get_state();
+    if (c.progress.step_in_epoch == 0) c.progress.epoch_rng_state = torch::Tensor();
+    c.progress.training = options_;
+    c.progress.training["device"] = device_.str();
+    c.progress.training["world_size"] = group_ ? group_->world_size() : 1;
+    if (train_.defined()) c.progress.training["train_size"] = train_.size(0);
     diffusion::save_checkpoint(path, c);
   }
 
@@ -214,9 +177,9 @@ class Trainer final : public TrainingRun {
                                  .cond(labels.defined() ? labels.to(device_) : labels));
   }
 
-  int64_t epoch() const override { return epoch_; }
-  int64_t global_step() const override { return global_step_; }
-  int64_t step_in_epoch() const override { return step_in_epoch_; }
+  int64_t epoch() const override { return progress_.epoch; }
+  int64_t global_step() const override { return progress_.global_step; }
+  int64_t step_in_epoch() const override { return progress_.step_in_epoch; }
   const NoiseSchedule& schedule() const override { return schedule_; }
   std::vector<int64_t> image_shape() const override {
     TORCH_CHECK(train_.defined(), "Trainer: the image shape is known once fit has been called");
@@ -237,20 +200,19 @@ class Trainer final : public TrainingRun {
   std::map<std::string, std::string> metadata;
 
  private:
-  int64_t steps_per_epoch(int64_t n) const {
-    const int64_t steps = (n + options_.batch_size() - 1) / options_.batch_size();
-    return options_.max_steps_per_epoch() > 0 ? std::min(steps, options_.max_steps_per_epoch()) : steps;
-  }
+  EMA* ema_ptr() noexcept { return ema_ ? &*ema_ : nullptr; }
 
-  [[noreturn]] void interrupt(const detail::NonFiniteGuard& guard) {
-    guard.verify();
+  /// Lets the hooks save the run, then throws TrainingInterrupted.
+  [[noreturn]] void interrupt() {
+    guard_->verify();
     std::optional<std::filesystem::path> saved;
     for (auto& hook : hooks_) {
       if (auto path = hook->on_interrupt(*this)) saved = path;
     }
-    const auto where = step_in_epoch_ > 0 ? fmt::format("at epoch {}, step {}", epoch_ + 1, step_in_epoch_)
-                                          : fmt::format("after epoch {}", epoch_);
-    throw TrainingInterrupted(fmt::format("stopped on request {} (global step {}){}", where, global_step_,
+    const auto& p = progress_;
+    const auto where = p.step_in_epoch > 0 ? fmt::format("at epoch {}, step {}", p.epoch + 1, p.step_in_epoch)
+                                           : fmt::format("after epoch {}", p.epoch);
+    throw TrainingInterrupted(fmt::format("stopped on request {} (global step {}){}", where, p.global_step,
                                           saved ? "; saved " + saved->string() : std::string()),
                               saved);
   }
@@ -265,9 +227,9 @@ class Trainer final : public TrainingRun {
   std::vector<std::shared_ptr<TrainerHook>> hooks_;
   std::optional<detail::NonFiniteGuard> guard_;
   std::shared_ptr<Collective> group_;
-  detail::ResumePoint resume_point_;
-  torch::Tensor train_, epoch_rng_;
-  int64_t epoch_ = 0, global_step_ = 0, step_in_epoch_ = 0, resumed_at_ = 0, skipped_ = 0;
+  TrainingProgress progress_;
+  torch::Tensor train_;
+  int64_t resumed_at_ = 0;  // the step in the epoch that fit started from (a resume mid-epoch)
 };
 
 }  // namespace diffusion
