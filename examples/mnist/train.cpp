@@ -56,7 +56,7 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
                   "fp32 (the seed's), bf16 (autocast the backbone to bfloat16), or auto: bf16 on a CPU with "
                   "AMX/AVX512-BF16, else fp32")
       ->check(CLI::IsMember({"auto", "fp32", "bf16"}))->capture_default_str();
-  cmd->add_option("--seed", t.seed, "Seed for shuffling, timesteps and noise")->capture_default_str();
+  cmd->add_option("--seed", t.seed, "Seed for the weights' initialization, shuffling, timesteps and noise")->capture_default_str();
   cmd->add_option("--limit", t.limit, "Train on the first N images only (0: all)")->check(at_least(0))->capture_default_str();
   cmd->add_option("--val-size", t.val_size, "Validation images from the test split (0: no validation)")
       ->check(at_least(0))->capture_default_str();
@@ -132,6 +132,9 @@ int run_train(const TrainCommand& t) {
           .skip_nonfinite(t.skip_nonfinite)
           .device(device);
   constexpr int64_t classes = 10;  // MNIST's digits, Fashion-MNIST's garments
+  // LibTorch seeds its default generator differently in every process: without this the same flags would
+  // start from other weights each time. (A resumed run's weights come from its checkpoint.)
+  torch::manual_seed(t.seed);
   Trainer trainer(make_backbone(backbone_config(t.backbone, t.shape, t.conditional ? classes : 0)), schedule, options);
   // Only rank 0 writes (and locks the directory); the others train alongside.
   const auto outputs = !main_rank ? nullptr : std::make_shared<RunOutputs>(
