@@ -219,7 +219,7 @@ TEST_CASE("a checkpoint without a checksum (format 1) is verified by its zip CRC
   const auto bad = dir / "old.pt";
   const auto end = diffusion::detail::find_zip_end(old);
   REQUIRE(end);
-  CHECK_NOTHROW(diffusion::detail::check_zip_crcs(old, diffusion::detail::zip_entries(old, *end, "old.pt"), "old.pt"));
+  CHECK_NOTHROW(diffusion::detail::check_zip_crcs(old, diffusion::detail::zip_entries(old, *end, "checkpoint: old.pt"), "checkpoint: old.pt"));
   // A changed byte in the first and the third tensor's data, and in the pickle. LibTorch itself reads all of these without a word (or, for the pickle,
   // with an internal assert or a 68 GB allocation: fuzz/seeds/checkpoint/regression-format1-*).
   // Each local header's name is followed by padding (up to 64 bytes), then the entry's data (256, 288
@@ -292,7 +292,8 @@ TEST_CASE("a checkpoint without a checksum (format 1) is verified by its zip CRC
   const auto bytes_end = diffusion::detail::find_zip_end(bytes);
   REQUIRE(bytes_end);
   const auto check = [&] {
-    diffusion::detail::check_zip_crcs(bytes, diffusion::detail::zip_entries(bytes, *bytes_end, "fresh.pt"), "fresh.pt");
+    diffusion::detail::check_zip_crcs(bytes, diffusion::detail::zip_entries(bytes, *bytes_end, "checkpoint: fresh.pt"),
+                                       "checkpoint: fresh.pt");
   };
   CHECK_NOTHROW(check());
   if (diffusion::detail::can_check_zip_crcs) {
@@ -331,6 +332,48 @@ TEST_CASE("crafted checkpoints with a matching checksum are refused before LibTo
   CHECK(diffusion::detail::libtorch_reason("isTuple() INTERNAL ASSERT FAILED at \"x.cpp\":1, please report a bug to PyTorch.") ==
         "LibTorch's reader found an inconsistency: isTuple()");
   CHECK(diffusion::detail::libtorch_reason("") == "LibTorch gave no reason");
+}
+
+TEST_CASE("files torch::save wrote load with a checkpoint's checks (load_module_file, load_tensor_file)",
+          "[checkpoint][faults]") {
+  const auto dir = scratch("torch_save");
+  torch::manual_seed(5);
+  eval::LeNet saved;
+  const auto net_path = (dir / "net.pt").string();
+  torch::save(saved, net_path);
+  eval::LeNet loaded;
+  load_module_file(net_path, loaded, "classifier");
+  CHECK(max_difference(snapshot(*saved), snapshot(*loaded)) == 0.0);
+
+  const auto images = torch::rand({3, 1, 28, 28}) * 2 - 1;
+  const auto images_path = (dir / "images.pt").string();
+  torch::save(images, images_path);
+  CHECK(torch::equal(load_tensor_file(images_path, "images"), images));
+
+  // Another network's file, the wrong kind of file, a damaged one, none: each refused, naming the file as
+  // what was asked for, and the module left as it was.
+  const auto before = snapshot(*loaded);
+  auto other = tiny_net();
+  const auto other_path = (dir / "convnet.pt").string();
+  torch::save(other, other_path);
+  CHECK_REFUSED(load_module_file(other_path, loaded, "classifier"),
+                "classifier: " + other_path + " holds 'time_mlp', which the model does not have");
+  CHECK_REFUSED(load_module_file(images_path, loaded, "classifier"),
+                "classifier: " + images_path + " holds '0', which the model does not have");
+  CHECK_REFUSED(load_tensor_file(net_path, "images"), "images: " + net_path + " holds no tensor");
+  auto changed = file_bytes(images_path);
+  changed[changed.find("data/0") + 200] ^= 0x10;  // in the tensor's data
+  const auto bad = dir / "bad.pt";
+  put_bytes(bad, changed);
+  if (diffusion::detail::can_check_zip_crcs) {
+    CHECK_REFUSED(load_tensor_file(bad, "images"), "images: " + bad.string() + " is damaged: entry ");
+  }
+  put_bytes(bad, file_bytes(net_path).substr(0, 1000));
+  CHECK_REFUSED(load_module_file(bad, loaded, "classifier"), "classifier: " + bad.string() +
+                                                                " is truncated or not a LibTorch archive (no zip end record)");
+  CHECK_REFUSED(load_tensor_file(dir / "missing.pt", "images"), "images: " + (dir / "missing.pt").string() + ": no such file");
+  CHECK_REFUSED(load_tensor_file(dir, "images"), "is not a regular file");
+  CHECK(max_difference(snapshot(*loaded), before) == 0.0);
 }
 
 TEST_CASE("a failed save keeps the previous checkpoint and leaves no temporary file", "[checkpoint][faults]") {

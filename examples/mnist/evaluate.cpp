@@ -19,13 +19,6 @@ CLI::App* add_classifier(CLI::App& app, ClassifierCommand& c) {
   return cmd;
 }
 
-namespace {
-std::string first_line_of(const c10::Error& error) {
-  const std::string what = error.what_without_backtrace();
-  return what.substr(0, what.find('\n'));
-}
-}  // namespace
-
 int run_classifier(const ClassifierCommand& c) {
   set_threads(c.threads);
   const auto train = data::load_mnist(c.data, data::Split::Train);
@@ -108,12 +101,7 @@ int run_evaluate(const EvaluateCommand& e) {
   TORCH_CHECK(e.sample.checkpoint.empty() != e.images.empty(), "evaluate: give exactly one of --checkpoint or --images");
   set_threads(e.sample.threads);
   eval::LeNet net;
-  try {
-    torch::load(net, e.classifier);
-  } catch (const c10::Error& error) {
-    TORCH_CHECK(false, "evaluate: --classifier ", e.classifier, " is not a classifier `mnist classifier` wrote (",
-                first_line_of(error), ")");
-  }
+  load_module_file(e.classifier, net, "classifier");  // refuses a damaged file, or one of another network
   net->eval();
   const auto test = data::load_mnist(e.data, data::Split::Test);
   const auto train = data::load_mnist(e.data, data::Split::Train);
@@ -128,14 +116,16 @@ int run_evaluate(const EvaluateCommand& e) {
     if (classes > 0) args.labels = torch::arange(args.n) % classes;  // every class in turn
   }
   if (!e.images.empty()) {
-    try {
-      torch::load(samples, e.images);
-    } catch (const c10::Error& error) {
-      TORCH_CHECK(false, "evaluate: --images ", e.images, " is not a tensor file that C++'s torch::save wrote (",
-                  first_line_of(error), ")");
-    }
-    TORCH_CHECK(samples.dim() == 4 && samples.size(1) == 1 && samples.size(2) == 28 && samples.size(3) == 28,
-                "evaluate: ", e.images, " must hold an (N, 1, 28, 28) tensor in [-1, 1], got ", samples.sizes());
+    samples = load_tensor_file(e.images, "images");
+    TORCH_CHECK(samples.is_floating_point() && samples.dim() == 4 && samples.size(1) == 1 && samples.size(2) == 28 &&
+                    samples.size(3) == 28,
+                "evaluate: ", e.images, " must hold an (N, 1, 28, 28) floating-point tensor in [-1, 1], got ",
+                samples.scalar_type(), " of shape ", samples.sizes());
+    TORCH_CHECK(samples.size(0) >= 2, "evaluate: ", e.images, " holds ", samples.size(0),
+                " image(s); the Frechet distance needs at least 2");
+    TORCH_CHECK(samples.isfinite().all().item<bool>() && samples.abs().max().item<double>() <= 1.0 + 1e-3,
+                "evaluate: ", e.images, " must hold images in [-1, 1], "
+                "got values from ", samples.min().item<double>(), " to ", samples.max().item<double>());
   } else {
     TORCH_CHECK(!args.cfg || classes > 0, "evaluate: --cfg needs a class-conditional checkpoint; ", args.checkpoint,
                 " was trained without --conditional");

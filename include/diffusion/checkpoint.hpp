@@ -138,10 +138,10 @@ inline void save_archive(torch::serialize::OutputArchive& archive, const std::fi
   write_file_atomically(path, bytes, "checkpoint");
 }
 
-/// Refuses, naming `name`, a tensor anywhere in `archive` (nested archives, lists and dicts included)
+/// Refuses, naming `file` ("checkpoint: run.pt"), a tensor anywhere in `archive` (nested archives, lists and dicts included)
 /// whose view reaches past its storage: LibTorch rebuilds each tensor from the pickle's offset, sizes and
 /// strides without checking them against the record, which a crafted file makes point anywhere.
-inline void check_tensor_bounds(torch::serialize::InputArchive& archive, const std::string& name) {
+inline void check_tensor_bounds(torch::serialize::InputArchive& archive, const std::string& file) {
   const std::function<void(const c10::IValue&, const std::string&)> visit = [&](const c10::IValue& v, const std::string& key) {
     if (v.isTensor()) {
       const auto& t = v.toTensor();
@@ -153,7 +153,7 @@ inline void check_tensor_bounds(torch::serialize::InputArchive& archive, const s
         last += (t.size(d) - 1) * t.stride(d);
       }
       TORCH_CHECK(ok && last >= 0 && static_cast<uint64_t>(last) < t.storage().nbytes() / t.element_size(),
-                  "checkpoint: ", name, " is damaged: tensor '", key, "' reaches past its data (offset ", t.storage_offset(),
+                  file, " is damaged: tensor '", key, "' reaches past its data (offset ", t.storage_offset(),
                   ", sizes ", t.sizes(), ", strides ", t.strides(), ", ", t.storage().nbytes(), " bytes stored)");
     } else if (v.isList()) {
       for (const auto& e : v.toListRef()) visit(e, key);
@@ -178,49 +178,56 @@ inline void check_tensor_bounds(torch::serialize::InputArchive& archive, const s
   try {
     walk(archive, "");
   } catch (const std::exception& e) {
-    if (std::string(e.what()).rfind("checkpoint: ", 0) == 0) throw;  // ours, from visit
-    TORCH_CHECK(false, "checkpoint: ", name, " is damaged or not a LibTorch archive (", libtorch_reason(e.what()), ")");
+    if (std::string(e.what()).rfind(file, 0) == 0) throw;  // ours, from visit
+    TORCH_CHECK(false, file, " is damaged or not a LibTorch archive (", libtorch_reason(e.what()), ")");
   }
 }
 
-/// Reads and verifies a checkpoint file into an archive whose tensors land on `device`. Every way a file
-/// can be unreadable becomes one error naming it: missing, empty, truncated or not a zip, a checksum
-/// that does not match (a changed byte), in a file without one a zip entry that does not match its
-/// CRC-32, a zip entry outside the file, a pickle that would make LibTorch's unpickler allocate far more
-/// than its size (detail::check_pickle), an archive LibTorch cannot read, a tensor that reaches past its
-/// data, one that is not a diffusion
-/// checkpoint, or one of another format version.
-inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::path& path,
-                                                      std::optional<torch::Device> device = std::nullopt,
-                                                      int64_t* format_out = nullptr) {
-  const auto name = path.string();
-  TORCH_CHECK(std::filesystem::exists(path), "checkpoint: ", name, ": no such file");
-  TORCH_CHECK(std::filesystem::is_regular_file(path), "checkpoint: ", name, " is not a regular file (a directory, a pipe?)");
+/// A LibTorch archive read and verified (open_archive), and whether it carried a diffusion checksum.
+struct VerifiedArchive {
+  torch::serialize::InputArchive archive;
+  bool sealed = false;
+};
+
+/// Reads and verifies a LibTorch archive (a zip that torch::save or save_checkpoint wrote) into an
+/// archive whose tensors land on `device`. Every way a file can be unreadable becomes one error naming
+/// it as `kind` ("checkpoint: run.pt ..."): missing, not a regular file, empty, truncated or not a zip, a
+/// checksum that does not match (a changed byte), in a file without one a zip entry that does not match
+/// its CRC-32, a zip entry outside the file, a pickle that would make LibTorch's unpickler allocate far
+/// more than its size (detail::check_pickle), an archive LibTorch cannot read, a tensor that reaches
+/// past its data.
+inline VerifiedArchive open_archive(const std::filesystem::path& path, std::optional<torch::Device> device,
+                                    const std::string& kind) {
+  const auto name = path.string(), file = kind + ": " + name;
+  TORCH_CHECK(std::filesystem::exists(path), file, ": no such file");
+  TORCH_CHECK(std::filesystem::is_regular_file(path), file, " is not a regular file (a directory, a pipe?)");
   std::ifstream in(path, std::ios::binary);
-  TORCH_CHECK(in.good(), "checkpoint: ", name, ": cannot open it");
+  TORCH_CHECK(in.good(), file, ": cannot open it");
   const auto size = static_cast<size_t>(std::filesystem::file_size(path));
-  TORCH_CHECK(size > 0, "checkpoint: ", name, " is empty (a save that never finished?)");
+  TORCH_CHECK(size > 0, file, " is empty (a save that never finished?)");
   // The end record lies in the last 64 kB: a large file that is no zip is refused before it is read.
   std::string bytes(std::min(size, zip_end_record + 0xFFFF), '\0');
   const size_t tail_at = size - bytes.size();
   in.seekg(static_cast<std::streamoff>(tail_at));
   in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   const auto tail_end = in ? find_zip_end(bytes) : std::nullopt;
-  TORCH_CHECK(tail_end, "checkpoint: ", name, " is truncated or not a checkpoint (no zip end record)");
+  TORCH_CHECK(tail_end, file, " is truncated or not a ", kind == "checkpoint" ? "checkpoint" : "LibTorch archive",
+              " (no zip end record)");
   const size_t end = tail_at + *tail_end;  // in the whole file
   bytes.assign(size, '\0');
   in.seekg(0);
   in.read(bytes.data(), static_cast<std::streamsize>(size));
-  TORCH_CHECK(in && in.peek() == std::char_traits<char>::eof(), "checkpoint: ", name, ": cannot read it (",
-              std::strerror(errno), "; did it change while being read?)");
+  TORCH_CHECK(in && in.peek() == std::char_traits<char>::eof(), file, ": cannot read it (", std::strerror(errno),
+              "; did it change while being read?)");
   const std::string comment = bytes.substr(end + zip_end_record);
-  const bool sealed = comment.rfind(checksum_tag, 0) == 0;
-  if (sealed) {
-    TORCH_CHECK(comment.substr(checksum_tag.size()) == archive_digest(bytes, end), "checkpoint: ", name,
+  VerifiedArchive out;
+  out.sealed = comment.rfind(checksum_tag, 0) == 0;
+  if (out.sealed) {
+    TORCH_CHECK(comment.substr(checksum_tag.size()) == archive_digest(bytes, end), file,
                 " is damaged: its contents do not match the checksum written with it");
   }
-  const auto entries = zip_entries(bytes, end, name);
-  if (!sealed) check_zip_crcs(bytes, entries, name);  // no checksum (format 1): the zip's own, which LibTorch skips
+  const auto entries = zip_entries(bytes, end, file);
+  if (!out.sealed) check_zip_crcs(bytes, entries, file);  // no checksum: the zip's own, which LibTorch skips
   // A checksum proves the file is as it was written, not that its writer was sound: the pickles are walked
   // before LibTorch's unpickler, which believes their lengths (a 4 GB string in 15 kB) and memo slots.
   // LibTorch finds entries by name ignoring case, so any "*.pkl" (data.PKL too), stored or deflated.
@@ -228,17 +235,28 @@ inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::pat
     std::string lower = entry.name;
     std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return char(std::tolower(c)); });
     if (lower.ends_with(".pkl") || lower.ends_with(".debug_pkl"))
-      check_pickle(zip_entry_bytes(bytes, entry, name), "checkpoint: " + name + " is damaged: its entry " + entry.name);
+      check_pickle(zip_entry_bytes(bytes, entry, file), file + " is damaged: its entry " + entry.name);
   }
-  torch::serialize::InputArchive archive;
   try {
     c10::optional<torch::Device> to;  // c10::optional is std::optional only from LibTorch 2.x
     if (device) to = *device;
-    archive.load_from(bytes.data(), bytes.size(), to);
+    out.archive.load_from(bytes.data(), bytes.size(), to);
   } catch (const std::exception& e) {
-    TORCH_CHECK(false, "checkpoint: ", name, " is damaged or not a LibTorch archive (", libtorch_reason(e.what()), ")");
+    TORCH_CHECK(false, file, " is damaged or not a LibTorch archive (", libtorch_reason(e.what()), ")");
   }
-  check_tensor_bounds(archive, name);
+  check_tensor_bounds(out.archive, file);
+  return out;
+}
+
+/// open_archive for a diffusion checkpoint: also refused, one that is not a diffusion checkpoint, one of
+/// another format version, and one of format 2 without its checksum.
+inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::path& path,
+                                                      std::optional<torch::Device> device = std::nullopt,
+                                                      int64_t* format_out = nullptr) {
+  const auto name = path.string();
+  auto opened = open_archive(path, device, "checkpoint");
+  auto& archive = opened.archive;
+  const bool sealed = opened.sealed;
   c10::IValue format;
   bool has_format = false;
   try {
@@ -253,7 +271,7 @@ inline torch::serialize::InputArchive open_checkpoint(const std::filesystem::pat
   TORCH_CHECK(sealed || format.toInt() == 1, "checkpoint: ", name, " is damaged: it has format ", format.toInt(),
               " but no checksum in its zip comment");
   if (format_out) *format_out = format.toInt();
-  return archive;
+  return std::move(opened.archive);
 }
 
 /// A copy of an optimizer's archive whose parameter keys LibTorch 2.x can read. The optimizers key each
@@ -480,6 +498,32 @@ template <Backbone B>
   requires(!std::derived_from<B, torch::nn::Module>)
 void load_weights(const std::filesystem::path& path, B& model, bool use_ema = true) {
   load_weights(path, unwrap(model), use_ema);
+}
+
+/// torch::load(module, path) for a file torch::save(module, path) wrote (a classifier, say), with a
+/// checkpoint's checks (detail::open_archive: a damaged or crafted file is one error naming it, as
+/// `kind`: "classifier: net.pt is damaged: ..."), and every name and shape checked before any weight
+/// changes (torch::load would take a tensor of another shape in place of the parameter's). The module
+/// (a torch::nn::Module, a TORCH_MODULE holder or a shared_ptr) is left as it was when refused.
+template <class M>
+void load_module_file(const std::filesystem::path& path, M& module, const std::string& kind = "weights") {
+  auto opened = detail::open_archive(path, std::nullopt, kind);
+  if constexpr (std::derived_from<M, torch::nn::Module>) {
+    detail::load_module_from(opened.archive, module, kind + ": " + path.string());
+  } else {
+    detail::load_module_from(opened.archive, *module, kind + ": " + path.string());
+  }
+}
+
+/// torch::load(tensor, path) for a file torch::save(tensor, path) wrote, with a checkpoint's checks
+/// (detail::open_archive), naming the file as `kind` when refused; also refused: a file without a
+/// tensor where torch::save puts it (a saved module, say).
+inline torch::Tensor load_tensor_file(const std::filesystem::path& path, const std::string& kind = "tensor") {
+  auto opened = detail::open_archive(path, std::nullopt, kind);
+  torch::Tensor t;
+  TORCH_CHECK(opened.archive.try_read("0", t), kind, ": ", path.string(),
+              " holds no tensor (torch::save(tensor, path) writes one under the key \"0\")");
+  return t;
 }
 
 /// Restores a training run: the model's trained weights, the optimizer's state and the EMA (each when

@@ -32,13 +32,14 @@ inline void save_module_as(const torch::nn::Module& module, torch::serialize::Ou
 /// What load_module walks: each tensor of `module` (parameters and buffers, recursively, in the nesting
 /// Module::save and save_module_as write) paired with the archive's tensor of that name, every name and
 /// shape checked before anything is copied.
+/// `file` names the file in messages ("checkpoint: run.pt").
 inline void collect_for_load(torch::serialize::InputArchive& archive, torch::nn::Module& module, const std::string& prefix,
-                             const std::filesystem::path& path, std::vector<std::pair<torch::Tensor, torch::Tensor>>& pairs) {
+                             const std::string& file, std::vector<std::pair<torch::Tensor, torch::Tensor>>& pairs) {
   const auto take = [&](const std::string& name, const torch::Tensor& target, bool is_buffer) {
     torch::Tensor source;
-    TORCH_CHECK(archive.try_read(name, source, is_buffer), "checkpoint: ", path.string(), " has no '", prefix + name,
+    TORCH_CHECK(archive.try_read(name, source, is_buffer), file, " has no '", prefix + name,
                 "' (written for another backbone?)");
-    TORCH_CHECK(source.sizes() == target.sizes(), "checkpoint: ", path.string(), " holds '", prefix + name,
+    TORCH_CHECK(source.sizes() == target.sizes(), file, " holds '", prefix + name,
                 "' with shape ", source.sizes(), " but the model's is ", target.sizes(),
                 " (written for another backbone configuration?)");
     pairs.emplace_back(target, source);
@@ -49,7 +50,7 @@ inline void collect_for_load(torch::serialize::InputArchive& archive, torch::nn:
     const bool known = key == "training" || module.named_parameters(false).contains(key) ||
                        module.named_buffers(false).contains(key) ||
                        (module.named_children().contains(key) && module.named_children()[key]->is_serializable());
-    TORCH_CHECK(known, "checkpoint: ", path.string(), " holds '", prefix + key,
+    TORCH_CHECK(known, file, " holds '", prefix + key,
                 "', which the model does not have (written for another backbone configuration?)");
   }
   for (const auto& p : module.named_parameters(/*recurse=*/false)) take(p.key(), p.value(), false);
@@ -57,25 +58,31 @@ inline void collect_for_load(torch::serialize::InputArchive& archive, torch::nn:
   for (const auto& child : module.named_children()) {
     if (!child.value()->is_serializable()) continue;
     torch::serialize::InputArchive nested;
-    TORCH_CHECK(archive.try_read(child.key(), nested), "checkpoint: ", path.string(), " has no '", prefix + child.key(),
+    TORCH_CHECK(archive.try_read(child.key(), nested), file, " has no '", prefix + child.key(),
                 "' module (written for another backbone?)");
-    collect_for_load(nested, *child.value(), prefix + child.key() + ".", path, pairs);
+    collect_for_load(nested, *child.value(), prefix + child.key() + ".", file, pairs);
   }
 }
 
-/// Loads the nested archive `key` (written by Module::save or save_module_as) into `module`. Unlike
-/// Module::load, which takes a tensor of another shape by replacing the parameter's, a file written for
-/// another architecture (a missing tensor, one of another shape) is refused before any weight changes:
-/// the module is left as it was. Values are copied into the module's tensors (their dtype and device).
-/// `path` names the file in messages.
-inline void load_module(torch::serialize::InputArchive& archive, const std::string& key, torch::nn::Module& module,
-                        const std::filesystem::path& path) {
-  torch::serialize::InputArchive nested;
-  TORCH_CHECK(archive.try_read(key, nested), "checkpoint: ", path.string(), " has no '", key, "' weights");
+/// Loads `archive` (written by Module::save or save_module_as) into `module`. Unlike Module::load, which
+/// takes a tensor of another shape by replacing the parameter's, a file written for another architecture
+/// (a missing tensor, an extra one, one of another shape) is refused before any weight changes: the
+/// module is left as it was. Values are copied into the module's tensors (their dtype and device). `file`
+/// names the file in messages ("checkpoint: run.pt").
+inline void load_module_from(torch::serialize::InputArchive& archive, torch::nn::Module& module, const std::string& file) {
   std::vector<std::pair<torch::Tensor, torch::Tensor>> pairs;
-  collect_for_load(nested, module, "", path, pairs);
+  collect_for_load(archive, module, "", file, pairs);
   torch::NoGradGuard no_grad;
   for (auto& [target, source] : pairs) target.copy_(source);
+}
+
+/// load_module_from for the nested archive `key` of a checkpoint at `path`.
+inline void load_module(torch::serialize::InputArchive& archive, const std::string& key, torch::nn::Module& module,
+                        const std::filesystem::path& path) {
+  const auto file = "checkpoint: " + path.string();
+  torch::serialize::InputArchive nested;
+  TORCH_CHECK(archive.try_read(key, nested), file, " has no '", key, "' weights");
+  load_module_from(nested, module, file);
 }
 
 }  // namespace diffusion::detail

@@ -97,10 +97,11 @@ struct ZipEntry {
 
 /// The entries of the zip in `bytes` (end record at `end`). Each must be stored or deflated (the two ways
 /// LibTorch writes them) and lie inside the file behind a local header; zip64 sizes and offsets are
-/// followed. The first fault is refused as damage, naming `name` and the entry.
-inline std::vector<ZipEntry> zip_entries(const std::string& bytes, size_t end, const std::string& name) {
-  const auto damaged = [&name](const auto&... what) {
-    TORCH_CHECK(false, "checkpoint: ", name, " is damaged: ", what...);
+/// followed. The first fault is refused as damage, naming the entry; `file` names the file in messages
+/// ("checkpoint: run.pt").
+inline std::vector<ZipEntry> zip_entries(const std::string& bytes, size_t end, const std::string& file) {
+  const auto damaged = [&file](const auto&... what) {
+    TORCH_CHECK(false, file, " is damaged: ", what...);
   };
   uint64_t count = read_le(bytes, end + 10, 2);
   uint64_t directory = read_le32(bytes, end + 16);
@@ -159,26 +160,26 @@ inline std::vector<ZipEntry> zip_entries(const std::string& bytes, size_t end, c
   return entries;
 }
 
-/// The data `entry` holds: its stored bytes, or its deflated ones inflated. Refused, naming `name`, when
+/// The data `entry` holds: its stored bytes, or its deflated ones inflated. Refused, naming `file`, when
 /// they do not inflate to the recorded size. Without zlib, a deflated entry is refused.
-inline std::string zip_entry_bytes(const std::string& bytes, const ZipEntry& entry, const std::string& name) {
+inline std::string zip_entry_bytes(const std::string& bytes, const ZipEntry& entry, const std::string& file) {
   if (entry.method == 0) return bytes.substr(size_t(entry.data), size_t(entry.size));
   std::string out;
 #if !defined(DIFFUSION_NO_ZLIB)
   out.reserve(size_t(entry.size));
   const bool whole = inflate_raw(bytes.data() + entry.data, entry.packed, entry.size,
                                  [&out](const Bytef* piece, size_t n) { out.append(reinterpret_cast<const char*>(piece), n); });
-  TORCH_CHECK(whole, "checkpoint: ", name, " is damaged: entry ", entry.name, " does not inflate to its recorded ",
+  TORCH_CHECK(whole, file, " is damaged: entry ", entry.name, " does not inflate to its recorded ",
               entry.size, " bytes");
 #else
-  TORCH_CHECK(false, "checkpoint: ", name, ": entry ", entry.name, " is deflated and this build has no zlib (DIFFUSION_NO_ZLIB)");
+  TORCH_CHECK(false, file, ": entry ", entry.name, " is deflated and this build has no zlib (DIFFUSION_NO_ZLIB)");
 #endif
   return out;
 }
 
 /// Refuses the first of `entries` (from zip_entries) whose data do not have the CRC-32 the directory
-/// records, naming `name` and the entry. Without zlib (DIFFUSION_NO_ZLIB) it checks nothing.
-inline void check_zip_crcs(const std::string& bytes, const std::vector<ZipEntry>& entries, const std::string& name) {
+/// records, naming `file` and the entry. Without zlib (DIFFUSION_NO_ZLIB) it checks nothing.
+inline void check_zip_crcs(const std::string& bytes, const std::vector<ZipEntry>& entries, const std::string& file) {
 #if !defined(DIFFUSION_NO_ZLIB)
   for (const auto& entry : entries) {
     const char* start = bytes.data() + entry.data;
@@ -187,14 +188,14 @@ inline void check_zip_crcs(const std::string& bytes, const std::vector<ZipEntry>
     if (entry.method == 0) {
       add(reinterpret_cast<const Bytef*>(start), size_t(entry.size));
     } else {
-      TORCH_CHECK(inflate_raw(start, entry.packed, entry.size, add), "checkpoint: ", name, " is damaged: entry ",
+      TORCH_CHECK(inflate_raw(start, entry.packed, entry.size, add), file, " is damaged: entry ",
                   entry.name, " does not inflate to its recorded ", entry.size, " bytes (a changed byte)");
     }
-    TORCH_CHECK(static_cast<uint32_t>(crc) == entry.crc, "checkpoint: ", name, " is damaged: entry ", entry.name,
+    TORCH_CHECK(static_cast<uint32_t>(crc) == entry.crc, file, " is damaged: entry ", entry.name,
                 " does not match its CRC-32 (a changed byte)");
   }
 #else
-  (void)bytes, (void)entries, (void)name;
+  (void)bytes, (void)entries, (void)file;
 #endif
 }
 
