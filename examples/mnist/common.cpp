@@ -1,5 +1,6 @@
 #include "common.hpp"
 
+#include <cmath>
 #include <sstream>
 #include <stdexcept>
 
@@ -10,7 +11,8 @@ CLI::Validator at_least(double lo) {
       [lo](std::string& s) -> std::string {
         try {
           size_t used = 0;
-          if (std::stod(s, &used) >= lo && used == s.size()) return "";
+          const double v = std::stod(s, &used);
+          if (std::isfinite(v) && v >= lo && used == s.size()) return "";
         } catch (const std::exception&) {
         }
         return fmt::format("must be a number >= {}, got '{}'", lo, s);
@@ -23,12 +25,26 @@ CLI::Validator positive() {
       [](std::string& s) -> std::string {
         try {
           size_t used = 0;
-          if (std::stod(s, &used) > 0 && used == s.size()) return "";
+          const double v = std::stod(s, &used);
+          if (std::isfinite(v) && v > 0 && used == s.size()) return "";
         } catch (const std::exception&) {
         }
         return fmt::format("must be a number > 0, got '{}'", s);
       },
       ">0");
+}
+
+CLI::Validator finite() {
+  return CLI::Validator(
+      [](std::string& s) -> std::string {
+        try {
+          size_t used = 0;
+          if (std::isfinite(std::stod(s, &used)) && used == s.size()) return "";
+        } catch (const std::exception&) {
+        }
+        return fmt::format("must be a finite number, got '{}'", s);
+      },
+      "NUMBER");
 }
 
 std::vector<int64_t> parse_ints(const std::string& s) {
@@ -121,13 +137,14 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
                     ->check(CLI::ExistingFile);
   cmd->add_option("--guidance", args.guidance,
                   "Autoguidance weight w with --guide: guide + w (main - guide); 1 is the main model alone")
+      ->check(finite())
       ->needs(guide)
       ->capture_default_str();
   auto* cfg = cmd->add_option_function<double>(
       "--cfg", [&args](const double& w) { args.cfg = w; },
       "Classifier-free guidance weight w for a class-conditional checkpoint: null + w (class - null); 1 (the "
       "default) is the conditional model alone, 0 the unconditional one");
-  cfg->excludes(guide);
+  cfg->check(finite())->excludes(guide);
   cmd->add_option("--cfg-rescale", args.cfg_rescale,
                   "Guidance rescale phi with --cfg (Lin et al. 2024): match the conditional prediction's spread (0: off)")
       ->check(CLI::Range(0.0, 1.0))

@@ -15,11 +15,13 @@
 
 namespace mnist {
 
-/// A number flag of at least `lo`, with a plain message (CLI11 2.1's PositiveNumber prints DBL_MAX as
+/// A finite number flag of at least `lo`, with a plain message (CLI11 2.1's PositiveNumber prints DBL_MAX as
 /// the upper bound).
 CLI::Validator at_least(double lo);
 /// A number flag above 0.
 CLI::Validator positive();
+/// A number flag that is finite (no nan, no inf).
+CLI::Validator finite();
 /// "1,2,3" -> {1, 2, 3}; anything else is refused.
 std::vector<int64_t> parse_ints(const std::string& s);
 

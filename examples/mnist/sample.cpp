@@ -122,6 +122,12 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
     auto options = SampleOptions(base).seed(a.seed + static_cast<uint64_t>(k));
     if (a.labels.defined()) options.cond(a.labels.slice(0, done, done + shape[0]).to(device));
     chunks.push_back(sample(model, schedule, shape, *method, options).cpu());
+    // Not an image: refused rather than written as a black square or scored as one.
+    TORCH_CHECK(torch::isfinite(chunks.back()).all().item<bool>(), "sample: the sampler produced non-finite values (NaN or ",
+                "inf) in images ", done + 1, " to ", done + shape[0],
+                a.cfg ? fmt::format("; a smaller --cfg than {}?", *a.cfg)
+                      : !a.guide.empty() ? fmt::format("; a smaller --guidance than {}?", a.guidance)
+                                         : std::string("; was the model trained to a finite loss?"));
   }
   return torch::cat(chunks);
 }
