@@ -1,6 +1,10 @@
 #include "common.hpp"
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <filesystem>
+#include <unistd.h>
 #include <sstream>
 #include <stdexcept>
 
@@ -45,6 +49,26 @@ CLI::Validator finite() {
         return fmt::format("must be a finite number, got '{}'", s);
       },
       "NUMBER");
+}
+
+void check_output(const std::string& flag, const std::string& out, const std::string& extension,
+                  const std::vector<std::string>& inputs) {
+  namespace fs = std::filesystem;
+  const fs::path path(out);
+  auto ext = path.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return char(std::tolower(c)); });
+  TORCH_CHECK(extension.empty() || ext == extension, flag, " ", out, ": expected a ", extension, " file name");
+  TORCH_CHECK(!fs::is_directory(path), flag, " ", out, " is a directory; give a file name");
+  for (const auto& input : inputs) {
+    std::error_code ec;
+    TORCH_CHECK(input.empty() || !fs::equivalent(path, input, ec), flag, " ", out, " is the input file ", input,
+                "; writing it would destroy it");
+  }
+  const auto dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  TORCH_CHECK(!ec && ::access(dir.c_str(), W_OK) == 0, flag, " ", out, ": cannot write to the directory ", dir.string(),
+              ec ? " (" + ec.message() + ")" : std::string(" (no permission)"));
 }
 
 std::vector<int64_t> parse_ints(const std::string& s) {
@@ -114,8 +138,8 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
                                     "Model evaluations for ddim (default 50) and dpmpp-2m, dpmpp-2m-sde (default 20)")
       ->check(at_least(1));
   cmd->add_option_function<double>("--eta", [&args](const double& v) { args.settings.eta(v); },
-                                   "DDIM eta: 0 deterministic (default), 1 DDPM-like noise")
-      ->check(at_least(0));
+                                   "DDIM eta in [0, 1] (Song et al. 2021): 0 deterministic (default), 1 DDPM-like noise")
+      ->check(CLI::Range(0.0, 1.0));
   cmd->add_option_function<std::string>(
          "--spacing", [&args](const std::string& v) { args.settings.spacing(diffusion::parse_spacing(v)); },
          "Which timesteps ddim and the dpmpp samplers visit: leading (default; ends at 0), trailing (starts at T-1) or "

@@ -22,6 +22,11 @@ CLI::Validator at_least(double lo);
 CLI::Validator positive();
 /// A number flag that is finite (no nan, no inf).
 CLI::Validator finite();
+/// Refuses the output file `out` of flag `flag` up front, before any long work: one without `extension`
+/// (when given), a directory, one in a directory that cannot be made or written, and one that is one of
+/// the command's `inputs` (which writing would destroy).
+void check_output(const std::string& flag, const std::string& out, const std::string& extension,
+                  const std::vector<std::string>& inputs);
 /// "1,2,3" -> {1, 2, 3}; anything else is refused.
 std::vector<int64_t> parse_ints(const std::string& s);
 

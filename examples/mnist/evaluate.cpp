@@ -20,6 +20,7 @@ CLI::App* add_classifier(CLI::App& app, ClassifierCommand& c) {
 }
 
 int run_classifier(const ClassifierCommand& c) {
+  check_output("--out", c.out, "", {});  // before training, not after
   set_threads(c.threads);
   const auto train = data::load_mnist(c.data, data::Split::Train);
   const auto test = data::load_mnist(c.data, data::Split::Test);
@@ -29,8 +30,7 @@ int run_classifier(const ClassifierCommand& c) {
     std::fflush(stdout);
   });
   const double acc = eval::accuracy(net, test.images, test.labels);
-  if (std::filesystem::path(c.out).has_parent_path()) std::filesystem::create_directories(std::filesystem::path(c.out).parent_path());
-  torch::save(net, c.out);
+  save_module_file(c.out, net, "classifier");  // atomically: an interrupted save keeps the previous file
   fmt::print("test accuracy {:.2f}%; wrote {}\n", 100 * acc, c.out);
   if (acc < 0.99) fmt::print("note: below 99%; more --epochs usually help\n");
   return 0;

@@ -207,6 +207,7 @@ int run_sample(const SampleCommand& given) {
   TORCH_CHECK(a.checkpoint.empty() != a.weights.empty(), "sample: give --checkpoint or --weights");
   TORCH_CHECK(a.init.empty() || a.strength || !a.mask.empty(),
               "sample: --init needs --strength S (how much of it to change, 0 to 1) or --mask (which pixels to keep)");
+  if (!s.out.empty()) check_output("--out", s.out, ".png", {a.checkpoint, a.weights, a.guide, a.init, a.mask});
   const auto x = to_unit_range(generate(a, true));
   if (!s.out.empty()) {
     if (nrow == 0) nrow = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(a.n))));
@@ -234,6 +235,7 @@ CLI::App* add_export(CLI::App& app, ExportCommand& e) {
 }
 
 int run_export(const ExportCommand& e) {
+  check_output("--out", e.out, ".safetensors", {e.checkpoint});
   auto [model, info] = diffusion::load_model(e.checkpoint, !e.no_ema);
   diffusion::export_weights(model->module(), e.out,
                             {{"format", "pt"},

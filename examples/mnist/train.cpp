@@ -16,6 +16,8 @@ using namespace diffusion;
 CLI::App* add_train(CLI::App& app, TrainCommand& t) {
   auto* cmd = app.add_subcommand("train", "Train a backbone; writes OUT/samples/epoch_NNN.png, "
                                           "OUT/checkpoints/checkpoint_epoch_NNN.pt and OUT/metrics.jsonl every epoch");
+  // A flag given twice takes its last value: scripts/run-example.sh passes its recipe, then the user's flags.
+  cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   cmd->add_option("--backbone", t.backbone, "Backbone: conv (the seed's), conv-small (widths 32,64), smol, chunky, unet")
       ->check(CLI::IsMember(backbone_names()))
       ->capture_default_str();
@@ -83,6 +85,7 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
                 "Class-conditional: the network learns each image's label (10 classes) and, with --cond-dropout, "
                 "the unconditional prediction too, for classifier-free guidance (sample --class / --classes, --cfg)");
   cmd->add_option("--cond-dropout", t.cond_dropout, "With --conditional: share of labels dropped to the null class")
+      ->needs("--conditional")
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   cmd->add_flag("--resume", t.resume, "Continue from the newest checkpoint in OUT/checkpoints");
@@ -158,10 +161,19 @@ int run_train(const TrainCommand& t) {
 #endif
   }
   if (main_rank) trainer.add_hook(outputs);
+  const auto saved = list_checkpoints(std::filesystem::path(t.out) / "checkpoints");  // the same files on every rank
+  // A fresh run beside another run's checkpoints would mix the two (its epoch 1 beside their epoch 3, one
+  // metrics.jsonl), and a later --resume would pick up either.
+  TORCH_CHECK(t.resume || saved.empty(), "train: ", t.out, " already holds a run (newest: ", saved.empty() ? "" : saved.back().filename().string(),
+              "); add --resume to continue it, or choose another --out");
   if (t.resume) {
-    const auto saved = list_checkpoints(std::filesystem::path(t.out) / "checkpoints");  // the same files on every rank
     if (!saved.empty()) {
-      trainer.load_checkpoint(saved.back());
+      try {
+        trainer.load_checkpoint(saved.back());
+      } catch (const c10::Error& e) {
+        TORCH_CHECK(false, e.what_without_backtrace(), saved.size() > 1 ? "\nmove it away to resume from the one before, " +
+                                                              saved[saved.size() - 2].filename().string() : std::string());
+      }
       if (main_rank) fmt::print("resumed from epoch {} (step {}) of {}\n", trainer.epoch(), trainer.global_step(), saved.back().string());
     }
   }

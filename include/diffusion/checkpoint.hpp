@@ -121,21 +121,23 @@ inline std::string archive_digest(const std::string& bytes, size_t end) {
   return c10::sha1(covered).str();
 }
 
-/// Serializes `archive`, adds the checksum comment, and writes it atomically.
-inline void save_archive(torch::serialize::OutputArchive& archive, const std::filesystem::path& path) {
+/// Serializes `archive`, adds the checksum comment, and writes it atomically; `kind` names the file in
+/// messages.
+inline void save_archive(torch::serialize::OutputArchive& archive, const std::filesystem::path& path,
+                         const std::string& kind = "checkpoint") {
   std::string bytes;
   archive.save_to([&bytes](const void* data, size_t size) -> size_t {
     bytes.append(static_cast<const char*>(data), size);
     return size;
   });
   const auto end = find_zip_end(bytes);
-  TORCH_CHECK(end && bytes.size() == *end + zip_end_record, "checkpoint: LibTorch wrote an archive without a plain zip "
+  TORCH_CHECK(end && bytes.size() == *end + zip_end_record, kind, ": LibTorch wrote an archive without a plain zip "
               "end record; cannot add the checksum to ", path.string());
   const std::string comment = std::string(checksum_tag) + archive_digest(bytes, *end);
   bytes[*end + 20] = static_cast<char>(comment.size() & 0xFF);
   bytes[*end + 21] = static_cast<char>(comment.size() >> 8);
   bytes += comment;
-  write_file_atomically(path, bytes, "checkpoint");
+  write_file_atomically(path, bytes, kind.c_str());
 }
 
 /// Refuses, naming `file` ("checkpoint: run.pt"), a tensor anywhere in `archive` (nested archives, lists and dicts included)
@@ -500,7 +502,21 @@ void load_weights(const std::filesystem::path& path, B& model, bool use_ema = tr
   load_weights(path, unwrap(model), use_ema);
 }
 
-/// torch::load(module, path) for a file torch::save(module, path) wrote (a classifier, say), with a
+/// torch::save(module, path), written as checkpoints are: atomically (a crash or a full disk keeps the
+/// previous file) and with the checksum load_module_file verifies; torch::load reads the file too.
+/// `kind` names the file in messages ("classifier: writing net.pt failed: ...").
+template <class M>
+void save_module_file(const std::filesystem::path& path, const M& module, const std::string& kind = "weights") {
+  torch::serialize::OutputArchive archive;
+  if constexpr (std::derived_from<M, torch::nn::Module>) {
+    module.save(archive);
+  } else {
+    module->save(archive);
+  }
+  detail::save_archive(archive, path, kind);
+}
+
+/// torch::load(module, path) for a file torch::save(module, path) (or save_module_file) wrote (a classifier, say), with a
 /// checkpoint's checks (detail::open_archive: a damaged or crafted file is one error naming it, as
 /// `kind`: "classifier: net.pt is damaged: ..."), and every name and shape checked before any weight
 /// changes (torch::load would take a tensor of another shape in place of the parameter's). The module

@@ -105,6 +105,8 @@ enum class Split { Train, Test };
 ///   auto train = diffusion::data::load_mnist("data/mnist", Split::Train);   // 60,000 images
 inline MnistSplit load_mnist(const std::filesystem::path& dir, Split split, int64_t num_classes = 10) {
   TORCH_CHECK(num_classes >= 1, "load_mnist: num_classes must be >= 1, got ", num_classes);
+  TORCH_CHECK(!std::filesystem::exists(dir) || std::filesystem::is_directory(dir), "load_mnist: ", dir.string(),
+              " is not a directory (give the directory that holds the four idx files)");
   const std::string prefix = split == Split::Train ? "train" : "t10k";
   const auto find = [&](const std::string& stem) {
     for (const auto& candidate : {dir / stem, dir / (stem + ".gz")}) {
