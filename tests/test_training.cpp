@@ -304,6 +304,8 @@ TEST_CASE("a run stopped mid-epoch resumes from its mid-epoch checkpoint and equ
   const auto info = read_checkpoint_info(dir / "checkpoints" / "checkpoint_epoch_001_step_000002.pt");
   CHECK(info.epoch == 1);
   CHECK(info.global_step == 6);
+  CHECK(info.step_in_epoch == 2);
+  CHECK(read_checkpoint_info(dir / "checkpoints" / "checkpoint_epoch_001.pt").step_in_epoch == 0);
 
   torch::manual_seed(7);
   Trainer second(tiny_net(), schedule, opts);

@@ -61,7 +61,8 @@ Source open_source(const SampleArgs& a, const torch::Device& device) {
   }
   auto [model, info] = load_model(a.checkpoint, !a.no_ema, device);
   return {model, info.schedule, info.prediction,
-          fmt::format("{} (epoch {}, {} weights, {} prediction)", a.checkpoint, info.epoch,
+          fmt::format("{} (epoch {}{}, {} weights, {} prediction)", a.checkpoint, info.epoch,
+                      info.step_in_epoch > 0 ? fmt::format(" and {} steps of the next", info.step_in_epoch) : std::string(),
                       info.has_ema && !a.no_ema ? "EMA" : "trained", to_string(info.prediction))};
 }
 

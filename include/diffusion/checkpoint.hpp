@@ -55,8 +55,9 @@ inline constexpr int64_t checkpoint_format = 2;
 struct CheckpointInfo {
   std::filesystem::path path;
   int64_t format = 0;
-  /// Epochs completed and optimizer steps taken when it was written.
-  int64_t epoch = 0, global_step = 0;
+  /// Epochs completed, optimizer steps taken, and steps taken in the next epoch (written mid-epoch) when
+  /// it was written.
+  int64_t epoch = 0, global_step = 0, step_in_epoch = 0;
   bool has_ema = false;
   NoiseScheduleOptions schedule;
   /// What the model predicts; sampling must use the same.
@@ -384,6 +385,8 @@ inline CheckpointInfo read_info(torch::serialize::InputArchive& a, int64_t forma
   info.format = format;
   info.epoch = read_value(a, key::epoch, path).toInt();
   info.global_step = read_value(a, key::global_step, path).toInt();
+  c10::IValue step;
+  if (a.try_read(key::step_in_epoch, step) && step.isInt()) info.step_in_epoch = step.toInt();
   if (format == 1) {
     info.has_ema = read_value(a, key::has_ema, path).toBool();
     info.schedule = NoiseScheduleOptions()
@@ -569,9 +572,8 @@ inline TrainingProgress load_training_state(const std::filesystem::path& path, t
       return 0;
     });
   }
-  TrainingProgress progress{info.epoch, info.global_step, 0, 0, {}, {}, info.training};
+  TrainingProgress progress{info.epoch, info.global_step, info.step_in_epoch, 0, {}, {}, info.training};
   c10::IValue value;
-  if (archive.try_read(detail::key::step_in_epoch, value)) progress.step_in_epoch = value.toInt();
   if (archive.try_read(detail::key::skipped_steps, value)) progress.skipped_steps = value.toInt();
   TORCH_CHECK(archive.try_read(detail::key::rng, progress.rng_state), "checkpoint: ", path.string(),
               " has no generator state");
