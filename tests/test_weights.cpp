@@ -154,6 +154,25 @@ TEST_CASE("the pickle rewrite refuses lengths past the end, even ones that wrap 
   CHECK_REFUSED(diffusion::detail::check_pickle(deep + "]", "d.pt"), "d.pt: not a pickle this library can read (values nested more than 10000 deep");
   const std::string near_memo("\x80\x02X\x03\x00\x00\x00" "abcr\x00\x00\x00\x00.", 16);
   CHECK_NOTHROW(diffusion::detail::check_pickle(near_memo, "n.pt"));
+  // Lists nested 5,000 deep by single APPENDs: the rewrite inserts a MARK before each appended value, ever
+  // further back (quadratic in the nesting); the check walks it once, writing nothing. Both must agree on
+  // every input above.
+  const std::string appends = "\x80\x02" + std::string(5000, ']') + std::string(4999, 'a') + ".";
+  CHECK_NOTHROW(diffusion::detail::check_pickle(appends, "a.pt"));
+  const auto rewritten = diffusion::detail::rewrite_ordered_dicts(appends, "a.pt");
+  CHECK(rewritten.size() == appends.size() + 4999);  // each APPEND 'a' became MARK ... APPENDS 'e'
+  const auto accepts = [](const auto& walk, const std::string& pickle) {
+    try {
+      walk(pickle);
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  };
+  for (const auto& pickle : {wraps, short_binunicode, fine, far_memo, deep + "]", near_memo, appends}) {
+    CHECK(accepts([](const std::string& p) { diffusion::detail::check_pickle(p, "x"); }, pickle) ==
+          accepts([](const std::string& p) { (void)diffusion::detail::rewrite_ordered_dicts(p, "x"); }, pickle));
+  }
 }
 
 TEST_CASE("python interop: the seed's PyTorch weights load into the C++ ConvNet and give its output", "[python]") {

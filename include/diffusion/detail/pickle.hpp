@@ -38,7 +38,7 @@ inline constexpr size_t max_pickle_depth = 10000;
 /// The keys rewrite_ordered_dicts adds to dicts (load_torch_state_dict drops them).
 inline constexpr const char* pickle_junk_prefix = "__diffusion_pickle_";
 
-/// Returns `pickle` (protocols 0 to 3, what torch.save writes) with every `collections.OrderedDict()` call
+/// Rewrites `pickle` (protocols 0 to 3, what torch.save writes): every `collections.OrderedDict()` call
 /// made into a plain dict, and every state such a dict is given (BUILD: a state_dict's `_metadata`, module
 /// versions that loading weights does not need) stored in it under a junk key instead. LibTorch's unpickler
 /// knows neither POP, SETITEM, APPEND nor how to apply a state to a dict, so the rewrite keeps the stack as it was
@@ -49,7 +49,10 @@ inline constexpr const char* pickle_junk_prefix = "__diffusion_pickle_";
 /// or such a dict, and where in the output its value began. Refuses, naming `what`, bytes that are not a
 /// pickle it can walk, and ones that would make LibTorch's unpickler allocate far more than their size
 /// (an argument longer than the bytes left, a memo slot past the pickle's size): check_pickle.
-inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::string& what) {
+/// walk_pickle<true> is rewrite_ordered_dicts; walk_pickle<false> walks the same and refuses the same, but
+/// writes nothing (check_pickle): linear in the pickle's size, where the rewrite's insertions are not.
+template <bool Rewrite>
+std::string walk_pickle(const std::string& pickle, const std::string& what) {
   enum Kind : uint8_t { Other, OrderedDictClass, OrderedDictObject, Mark };
   struct Slot {
     Kind kind;
@@ -64,7 +67,7 @@ inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::s
   std::vector<Slot> stack;
   std::map<uint64_t, Kind> memo;
   std::string out;
-  out.reserve(pickle.size() + 256);
+  if constexpr (Rewrite) out.reserve(pickle.size() + 256);
   size_t at = 0;
   const auto fail = [&](const std::string& why) {
     TORCH_CHECK(false, what, ": not a pickle this library can read (", why, " at byte ", at, ")");
@@ -128,7 +131,9 @@ inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::s
     };
     bool copy = true;
     switch (op) {
-      case '.': out.append(pickle, start, at - start); return out;  // STOP
+      case '.':  // STOP
+        if constexpr (Rewrite) out.append(pickle, start, at - start);
+        return out;
       case '(': push(Mark, begin); break;
       case '2': push(top().kind, begin); break;  // DUP
       case 'N': case '\x88': case '\x89': case '}': case ']': case ')': case '\x8f': push(Other, begin); break;
@@ -150,12 +155,15 @@ inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::s
       case 'R': {                                                                                 // REDUCE
         const auto args = pop(1);
         const auto callable = pop(1);
-        const bool empty_args = out.size() == args.begin + 1 && out[args.begin] == ')';
+        // The arguments: an empty tuple (written as ')' just before; the check-only walk writes nothing).
+        const bool empty_args = start >= 1 && pickle[start - 1] == ')' && (!Rewrite || out.size() == args.begin + 1);
         if (callable.kind == OrderedDictClass && empty_args) {
           // Before the callable: an empty dict and a key; instead of the arguments and REDUCE: SETITEM.
-          out.erase(args.begin);
-          out.insert(callable.begin, "}(" + junk_key("class"));
-          out += 'u';
+          if constexpr (Rewrite) {
+            out.erase(args.begin);
+            out.insert(callable.begin, "}(" + junk_key("class"));
+            out += 'u';
+          }
           copy = false;
           push(OrderedDictObject, callable.begin);
         } else {
@@ -166,24 +174,30 @@ inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::s
       case 'b': {  // BUILD
         const auto state = pop(1);
         if (top().kind == OrderedDictObject) {
-          out.insert(state.begin, "(" + junk_key("state"));
-          out += 'u';
+          if constexpr (Rewrite) {
+            out.insert(state.begin, "(" + junk_key("state"));
+            out += 'u';
+          }
           copy = false;
         }
         break;
       }
       case 'a': {  // APPEND, which LibTorch's unpickler lacks too: MARK VALUE APPENDS
         const auto value = pop(1);
-        out.insert(value.begin, "(");
-        out += 'e';
+        if constexpr (Rewrite) {
+          out.insert(value.begin, "(");
+          out += 'e';
+        }
         copy = false;
         break;
       }
       case 'e': case 'u': case '\x90': pop_mark(); break;                  // APPENDS, SETITEMS, ADDITEMS
       case 's': {  // SETITEM, which LibTorch's unpickler lacks: MARK KEY VALUE SETITEMS
         const auto key = pop(2);
-        out.insert(key.begin, "(");
-        out += 'u';
+        if constexpr (Rewrite) {
+          out.insert(key.begin, "(");
+          out += 'u';
+        }
         copy = false;
         break;
       }
@@ -203,15 +217,21 @@ inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::s
       case '\x80': need(1); at += 1; break;  // PROTO
       default: fail(c10::str("opcode 0x", std::hex, int(uint8_t(op)), ", which protocols 0 to 3 do not have"));
     }
-    if (copy) out.append(pickle, start, at - start);
+    if (Rewrite && copy) out.append(pickle, start, at - start);
   }
   fail("no STOP opcode");
   return out;
 }
 
+/// Returns `pickle` (protocols 0 to 3, what torch.save writes) with every `collections.OrderedDict()` call
+/// made into a plain dict (walk_pickle<true>; see its comment above).
+inline std::string rewrite_ordered_dicts(const std::string& pickle, const std::string& what) {
+  return walk_pickle<true>(pickle, what);
+}
+
 /// Refuses, naming `what`, a pickle that rewrite_ordered_dicts cannot walk: one LibTorch's unpickler
 /// would misread or would be made to allocate far more memory than the pickle's size (a string length of
 /// 4 GB in a 15 kB pickle, a memo slot of 2^32), which it does before it finds the bytes missing.
-inline void check_pickle(const std::string& pickle, const std::string& what) { (void)rewrite_ordered_dicts(pickle, what); }
+inline void check_pickle(const std::string& pickle, const std::string& what) { (void)walk_pickle<false>(pickle, what); }
 
 }  // namespace diffusion::detail
