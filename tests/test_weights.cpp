@@ -123,6 +123,10 @@ TEST_CASE("export_weights and import_weights move a backbone's weights by name, 
   CHECK_REFUSED(import_weights(*mlp, dir / "junk.pt"), "junk.pt is not a file torch.save wrote, or is damaged");
   write_bytes(dir / "legacy.pt", {0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc});  // a pre-1.6 torch.save: a bare pickle
   CHECK_REFUSED(import_weights(*mlp, dir / "legacy.pt"), "legacy.pt is a legacy torch.save file (a bare pickle, not a zip)");
+  write_bytes(dir / "text.txt", {'h', 'e', 'l', 'l', 'o', ' ', 'w', 'o', 'r', 'l', 'd', '\n'});  // neither format
+  CHECK_REFUSED(import_weights(*mlp, dir / "text.txt"), "text.txt is truncated or not safetensors");
+  CHECK_REFUSED(import_weights(*mlp, dir / "text.txt"), "; nor is it a torch.save file (a zip), the other format import_weights reads");
+  CHECK_REFUSED(weights_metadata(dir / "text.txt"), "the other format weights_metadata reads");
   // A write that cannot happen is an error naming the file, and leaves no temporary file behind.
   CHECK_REFUSED(export_weights(*source, dir / "conv.safetensors" / "inside.safetensors"), "save_safetensors: cannot create the directory");
   fs::create_directories(dir / "a_directory.safetensors");

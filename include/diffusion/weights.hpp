@@ -238,6 +238,20 @@ inline bool is_torch_save_file(const std::filesystem::path& path, const char* fn
   return magic == std::string("PK\x03\x04", 4);
 }
 
+/// load_safetensors for a file is_torch_save_file found not to be a zip: a file that is not safetensors
+/// either is said to be neither of the two formats `fn` reads.
+inline NamedTensors load_other_weights(const std::filesystem::path& path, const char* fn,
+                                       std::map<std::string, std::string>* metadata = nullptr) {
+  try {
+    return load_safetensors(path, metadata);
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    if (what.find(" is truncated or not safetensors") == std::string::npos) throw;
+    TORCH_CHECK(false, what.substr(0, what.find('\n')), "; nor is it a torch.save file (a zip), the other format ", fn,
+                " reads");
+  }
+}
+
 }  // namespace detail
 
 /// The metadata of a weights file import_weights reads: a safetensors file's "__metadata__" (what
@@ -245,7 +259,7 @@ inline bool is_torch_save_file(const std::filesystem::path& path, const char* fn
 /// refuses the file.
 inline std::map<std::string, std::string> weights_metadata(const std::filesystem::path& path) {
   std::map<std::string, std::string> metadata;
-  if (!detail::is_torch_save_file(path, "weights_metadata")) load_safetensors(path, &metadata);
+  if (!detail::is_torch_save_file(path, "weights_metadata")) detail::load_other_weights(path, "weights_metadata", &metadata);
   return metadata;
 }
 
@@ -259,7 +273,7 @@ inline std::map<std::string, std::string> weights_metadata(const std::filesystem
 ///   import_weights(*model, "seed_model.pt");    // torch.save(model.state_dict(), ...) in Python
 inline void import_weights(torch::nn::Module& module, const std::filesystem::path& path) {
   constexpr const char* fn = "import_weights";
-  const auto loaded = detail::is_torch_save_file(path, fn) ? load_torch_state_dict(path) : load_safetensors(path);
+  const auto loaded = detail::is_torch_save_file(path, fn) ? load_torch_state_dict(path) : detail::load_other_weights(path, fn);
   std::map<std::string, torch::Tensor> by_name(loaded.begin(), loaded.end());
   std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;  // checked first, copied only if all fit
   std::vector<std::string> missing, mismatched;
