@@ -24,12 +24,17 @@ data=${DATA:-data/mnist}
 out=${OUT:-runs/mnist}
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
-  case ${args[i]} in
-    --data) data=${args[i + 1]:?--data needs a directory} ;;
-    --data=*) data=${args[i]#--data=} ;;
-    --out) out=${args[i + 1]:?--out needs a directory} ;;
-    --out=*) out=${args[i]#--out=} ;;
+  flag=${args[i]} value=
+  case $flag in
+    --data | --out) value=${args[i + 1]-} ;;
+    --data=* | --out=*) value=${flag#*=} flag=${flag%%=*} ;;
+    *) continue ;;
   esac
+  if [ -z "$value" ] || [ "${value#--}" != "$value" ]; then
+    echo "run-example.sh: $flag needs a directory" >&2
+    exit 2
+  fi
+  if [ "$flag" = --data ]; then data=$value; else out=$value; fi
 done
 classifier=runs/classifier.pt
 [ "$data" = data/mnist ] || classifier=runs/classifier_$(basename "$data").pt

@@ -258,6 +258,19 @@ TEST_CASE("resuming gives the same weights as an uninterrupted run", "[trainer][
   REQUIRE(out->latest_checkpoint());
   second.load_checkpoint(*out->latest_checkpoint());
   CHECK(second.epoch() == 1);
+  {
+    // Another objective or schedule would change the run half-way: refused before anything changes.
+    const auto latest = *out->latest_checkpoint();
+    auto v_opts = opts;
+    v_opts.loss(LossOptions(opts.loss()).prediction(Prediction::V));
+    Trainer v_run(tiny_net(), schedule, v_opts);
+    const auto before = snapshot(*v_run.model());
+    CHECK_REFUSED(v_run.load_checkpoint(latest), "was trained with epsilon prediction, this run's is v");
+    Trainer cosine_run(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(100).kind(ScheduleKind::Cosine)), opts);
+    CHECK_REFUSED(cosine_run.load_checkpoint(latest), "was trained with another noise schedule");
+    CHECK(max_difference(before, snapshot(*v_run.model())) == 0.0);
+    CHECK(v_run.epoch() == 0);
+  }
   second.fit(data);
   CHECK(second.epoch() == 2);
   CHECK(second.global_step() == straight.global_step());

@@ -3,52 +3,49 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
+#include <functional>
+#include <limits>
+#include <optional>
 #include <unistd.h>
 #include <sstream>
 #include <stdexcept>
 
 namespace mnist {
 
+namespace {
+// The whole text as a finite number that a float can hold (the library computes in float32): no nan, no
+// inf, no 1e39, no trailing text. strtod, not stod: stod refuses subnormal numbers such as 1e-320.
+std::optional<double> finite_number(const std::string& s) {
+  if (s.empty() || std::isspace(static_cast<unsigned char>(s.front()))) return std::nullopt;
+  char* end = nullptr;
+  const double v = std::strtod(s.c_str(), &end);
+  if (end != s.c_str() + s.size() || !std::isfinite(v) || std::abs(v) > std::numeric_limits<float>::max()) return std::nullopt;
+  return v;
+}
+
+CLI::Validator number_check(std::function<bool(double)> ok, std::string what, std::string description) {
+  return CLI::Validator(
+      [ok, what](std::string& s) -> std::string {
+        const auto v = finite_number(s);
+        return v && ok(*v) ? "" : fmt::format("must be {}, got '{}'", what, s);
+      },
+      std::move(description));
+}
+}  // namespace
+
 CLI::Validator at_least(double lo) {
-  return CLI::Validator(
-      [lo](std::string& s) -> std::string {
-        try {
-          size_t used = 0;
-          const double v = std::stod(s, &used);
-          if (std::isfinite(v) && v >= lo && used == s.size()) return "";
-        } catch (const std::exception&) {
-        }
-        return fmt::format("must be a number >= {}, got '{}'", lo, s);
-      },
-      fmt::format(">={}", lo));
+  return number_check([lo](double v) { return v >= lo; }, fmt::format("a number >= {}", lo), fmt::format(">={}", lo));
 }
 
-CLI::Validator positive() {
-  return CLI::Validator(
-      [](std::string& s) -> std::string {
-        try {
-          size_t used = 0;
-          const double v = std::stod(s, &used);
-          if (std::isfinite(v) && v > 0 && used == s.size()) return "";
-        } catch (const std::exception&) {
-        }
-        return fmt::format("must be a number > 0, got '{}'", s);
-      },
-      ">0");
-}
+CLI::Validator positive() { return number_check([](double v) { return v > 0; }, "a number > 0", ">0"); }
 
-CLI::Validator finite() {
-  return CLI::Validator(
-      [](std::string& s) -> std::string {
-        try {
-          size_t used = 0;
-          if (std::isfinite(std::stod(s, &used)) && used == s.size()) return "";
-        } catch (const std::exception&) {
-        }
-        return fmt::format("must be a finite number, got '{}'", s);
-      },
-      "NUMBER");
+CLI::Validator finite() { return number_check([](double) { return true; }, "a finite number", "NUMBER"); }
+
+CLI::Validator between(double lo, double hi) {
+  return number_check([lo, hi](double v) { return v >= lo && v <= hi; }, fmt::format("a number in [{}, {}]", lo, hi),
+                      fmt::format("[{}, {}]", lo, hi));
 }
 
 void check_output(const std::string& flag, const std::string& out, const std::string& extension,
@@ -69,6 +66,20 @@ void check_output(const std::string& flag, const std::string& out, const std::st
   fs::create_directories(dir, ec);
   TORCH_CHECK(!ec && ::access(dir.c_str(), W_OK) == 0, flag, " ", out, ": cannot write to the directory ", dir.string(),
               ec ? " (" + ec.message() + ")" : std::string(" (no permission)"));
+}
+
+void check_output_dir(const std::string& flag, const std::string& dir, const std::vector<std::string>& inputs) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  TORCH_CHECK(!ec && fs::is_directory(dir), flag, " ", dir, ": cannot make this directory",
+              ec ? " (" + ec.message() + ")" : std::string(" (a file is in the way)"));
+  for (const auto& input : inputs) {
+    if (input.empty()) continue;
+    const auto parent = fs::path(input).has_parent_path() ? fs::path(input).parent_path() : fs::path(".");
+    TORCH_CHECK(!fs::equivalent(parent, dir, ec), flag, " ", dir, " holds the input file ", input,
+                "; writing it would destroy it");
+  }
 }
 
 std::vector<int64_t> parse_ints(const std::string& s) {
@@ -139,7 +150,7 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
       ->check(at_least(1));
   cmd->add_option_function<double>("--eta", [&args](const double& v) { args.settings.eta(v); },
                                    "DDIM eta in [0, 1] (Song et al. 2021): 0 deterministic (default), 1 DDPM-like noise")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(between(0, 1));
   cmd->add_option_function<std::string>(
          "--spacing", [&args](const std::string& v) { args.settings.spacing(diffusion::parse_spacing(v)); },
          "Which timesteps ddim and the dpmpp samplers visit: leading (default; ends at 0), trailing (starts at T-1) or "
@@ -171,7 +182,7 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
   cfg->check(finite())->excludes(guide);
   cmd->add_option("--cfg-rescale", args.cfg_rescale,
                   "Guidance rescale phi with --cfg (Lin et al. 2024): match the conditional prediction's spread (0: off)")
-      ->check(CLI::Range(0.0, 1.0))
+      ->check(between(0, 1))
       ->needs(cfg)
       ->capture_default_str();
 }

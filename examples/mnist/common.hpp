@@ -20,13 +20,18 @@ namespace mnist {
 CLI::Validator at_least(double lo);
 /// A number flag above 0.
 CLI::Validator positive();
-/// A number flag that is finite (no nan, no inf).
+/// A number flag that is finite (no nan, no inf, nothing a float cannot hold).
 CLI::Validator finite();
+/// A finite number flag in [lo, hi] (CLI::Range lets nan through).
+CLI::Validator between(double lo, double hi);
 /// Refuses the output file `out` of flag `flag` up front, before any long work: one without `extension`
 /// (when given), a directory, one in a directory that cannot be made or written, and one that is one of
 /// the command's `inputs` (which writing would destroy).
 void check_output(const std::string& flag, const std::string& out, const std::string& extension,
                   const std::vector<std::string>& inputs);
+/// The same for an output directory `dir` of flag `flag`: made now (refused when it cannot be, or is a
+/// file), and refused when it holds one of `inputs`.
+void check_output_dir(const std::string& flag, const std::string& dir, const std::vector<std::string>& inputs);
 /// "1,2,3" -> {1, 2, 3}; anything else is refused.
 std::vector<int64_t> parse_ints(const std::string& s);
 

@@ -169,7 +169,7 @@ CLI::App* add_sample(CLI::App& app, SampleCommand& s) {
                    ->check(CLI::ExistingFile);
   cmd->add_option_function<double>("--strength", [&s](const double& v) { s.args.strength = v; },
                                    "With --init: how much of the sampling to run from it, 0 (return it) to 1 (ignore it)")
-      ->check(CLI::Range(0.0, 1.0))
+      ->check(between(0, 1))
       ->needs(init);
   cmd->add_option_function<int64_t>("--class", [&s](const int64_t& k) { s.klass = k; },
                                     "A class-conditional checkpoint's class for every image, e.g. 7")
@@ -209,6 +209,13 @@ int run_sample(const SampleCommand& given) {
   TORCH_CHECK(a.init.empty() || a.strength || !a.mask.empty(),
               "sample: --init needs --strength S (how much of it to change, 0 to 1) or --mask (which pixels to keep)");
   if (!s.out.empty()) check_output("--out", s.out, ".png", {a.checkpoint, a.weights, a.guide, a.init, a.mask});
+  const auto normal = [](const std::filesystem::path& p) {  // "./s.png/" and "s.png" alike
+    auto n = std::filesystem::weakly_canonical(std::filesystem::absolute(p)).lexically_normal();
+    return n.has_filename() ? n : n.parent_path();
+  };
+  TORCH_CHECK(s.out.empty() || s.singles.empty() || normal(s.out) != normal(s.singles),
+              "sample: --out and --singles name the same path, ", s.out, "; give the grid a file name of its own");
+  if (!s.singles.empty()) check_output_dir("--singles", s.singles, {a.checkpoint, a.weights, a.guide, a.init, a.mask});
   const auto x = to_unit_range(generate(a, true));
   if (!s.out.empty()) {
     if (nrow == 0) nrow = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(a.n))));

@@ -41,7 +41,7 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
   cmd->add_option("--lr-schedule", t.lr_schedule, "constant (the seed's) or cosine (decays to 0 at the last step)")
       ->check(CLI::IsMember({"constant", "cosine"}))->capture_default_str();
   cmd->add_option("--warmup", t.warmup, "Steps of linear learning-rate warm-up (0: off)")->check(at_least(0))->capture_default_str();
-  cmd->add_option("--ema", t.ema, "EMA decay of the weights, e.g. 0.999 (0: off)")->check(CLI::Range(0.0, 0.999999))->capture_default_str();
+  cmd->add_option("--ema", t.ema, "EMA decay of the weights, e.g. 0.999 (0: off)")->check(between(0, 0.999999))->capture_default_str();
   cmd->add_option("--grad-clip", t.grad_clip, "Clip the gradient norm to this (0: off)")->check(at_least(0))->capture_default_str();
   cmd->add_option("--min-snr-gamma", t.min_snr_gamma,
                   "Weight each image's loss by Min-SNR-gamma (Hang et al. 2023; 5 in the paper; 0: off)")
@@ -86,7 +86,7 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
                 "the unconditional prediction too, for classifier-free guidance (sample --class / --classes, --cfg)");
   cmd->add_option("--cond-dropout", t.cond_dropout, "With --conditional: share of labels dropped to the null class")
       ->needs("--conditional")
-      ->check(CLI::Range(0.0, 1.0))
+      ->check(between(0, 1))
       ->capture_default_str();
   cmd->add_flag("--resume", t.resume, "Continue from the newest checkpoint in OUT/checkpoints");
   cmd->add_option("--dist-timeout", t.dist_timeout,
@@ -163,7 +163,8 @@ int run_train(const TrainCommand& t) {
   if (main_rank) trainer.add_hook(outputs);
   const auto saved = list_checkpoints(std::filesystem::path(t.out) / "checkpoints");  // the same files on every rank
   // A fresh run beside another run's checkpoints would mix the two (its epoch 1 beside their epoch 3, one
-  // metrics.jsonl), and a later --resume would pick up either.
+  // metrics.jsonl), and a later --resume would pick up either. (After the lock: a run still writing there
+  // is reported as such.)
   TORCH_CHECK(t.resume || saved.empty(), "train: ", t.out, " already holds a run (newest: ", saved.empty() ? "" : saved.back().filename().string(),
               "); add --resume to continue it, or choose another --out");
   if (t.resume) {
@@ -171,10 +172,20 @@ int run_train(const TrainCommand& t) {
       try {
         trainer.load_checkpoint(saved.back());
       } catch (const c10::Error& e) {
-        TORCH_CHECK(false, e.what_without_backtrace(), saved.size() > 1 ? "\nmove it away to resume from the one before, " +
-                                                              saved[saved.size() - 2].filename().string() : std::string());
+        // A damaged file: the one before may do. A file that does not fit: the flags differ from the run's.
+        const std::string what = e.what_without_backtrace();
+        const bool damaged = what.find(" is damaged") != std::string::npos || what.find(" is truncated") != std::string::npos ||
+                             what.find(" is empty") != std::string::npos || what.find("not a regular file") != std::string::npos;
+        TORCH_CHECK(false, what, damaged ? (saved.size() > 1 ? "\nmove it away to resume from the one before, " +
+                                                                   saved[saved.size() - 2].filename().string()
+                                                             : std::string())
+                                         : std::string("\nresume with the flags the run was started with"));
       }
       if (main_rank) fmt::print("resumed from epoch {} (step {}) of {}\n", trainer.epoch(), trainer.global_step(), saved.back().string());
+      if (trainer.epoch() >= t.epochs) {  // every rank read the same checkpoint: all return here
+        if (main_rank) fmt::print("nothing to do: the run has {} epochs and --epochs is {}\n", trainer.epoch(), t.epochs);
+        return 0;
+      }
     }
   }
   // Loaded before any long work, so that a missing dataset is reported at once.
