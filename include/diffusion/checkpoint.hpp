@@ -547,13 +547,16 @@ inline torch::Tensor load_tensor_file(const std::filesystem::path& path, const s
 
 /// Restores a training run: the model's trained weights, the optimizer's state and the EMA (each when
 /// given), with every tensor on `device`; returns the epoch, step and generator state to continue from,
-/// and the options the run recorded.
+/// and the options the run recorded. `check`, when given, sees the checkpoint's info before anything
+/// changes and may refuse it by throwing (the Trainer refuses another schedule or prediction type).
 /// Refused: an EMA asked for but absent, a file that does not fit the model.
 inline TrainingProgress load_training_state(const std::filesystem::path& path, torch::nn::Module& model,
-                                            torch::optim::Optimizer* optimizer, EMA* ema, const torch::Device& device) {
+                                            torch::optim::Optimizer* optimizer, EMA* ema, const torch::Device& device,
+                                            const std::function<void(const CheckpointInfo&)>& check = nullptr) {
   int64_t format = 0;
   auto archive = detail::open_checkpoint(path, device, &format);
   const auto info = detail::reading(path, [&] { return detail::read_info(archive, format, path); });
+  if (check) check(info);
   TORCH_CHECK(!ema || info.has_ema, "checkpoint: ", path.string(), " has no EMA weights but this run keeps an EMA");
   // The model first: its names and shapes are checked before anything is copied, so a file written for
   // another model changes neither the model nor the EMA.

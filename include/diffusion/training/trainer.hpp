@@ -149,13 +149,13 @@ class Trainer final : public TrainingRun {
   /// written by save_checkpoint (or by a format-1 Trainer). Refused, before anything changes: a checkpoint
   /// of another noise schedule or prediction type (the run would change its objective half-way).
   void load_checkpoint(const std::filesystem::path& path) {
-    const auto info = read_checkpoint_info(path);
-    TORCH_CHECK(info.prediction == options_.loss().prediction(), "Trainer::load_checkpoint: ", path.string(), " was trained with ",
-                to_string(info.prediction), " prediction, this run's is ", to_string(options_.loss().prediction()));
-    TORCH_CHECK(nlohmann::json(info.schedule) == nlohmann::json(schedule_.options()), "Trainer::load_checkpoint: ", path.string(),
-                " was trained with another noise schedule (", nlohmann::json(info.schedule).dump(), ", this run's ",
-                nlohmann::json(schedule_.options()).dump(), ")");
-    progress_ = load_training_state(path, unwrap(model_), optimizer_.get(), ema_ptr(), device_);
+    progress_ = load_training_state(path, unwrap(model_), optimizer_.get(), ema_ptr(), device_, [&](const CheckpointInfo& info) {
+      TORCH_CHECK(info.prediction == options_.loss().prediction(), "Trainer::load_checkpoint: ", path.string(), " was trained with ",
+                  to_string(info.prediction), " prediction, this run's is ", to_string(options_.loss().prediction()));
+      TORCH_CHECK(nlohmann::json(info.schedule) == nlohmann::json(schedule_.options()), "Trainer::load_checkpoint: ",
+                  path.string(), " was trained with another noise schedule (", nlohmann::json(info.schedule).dump(),
+                  ", this run's ", nlohmann::json(schedule_.options()).dump(), ")");
+    });
     generator_.set_state(progress_.rng_state);
     resumed_at_ = progress_.step_in_epoch;
   }
