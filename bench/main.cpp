@@ -213,6 +213,8 @@ int main(int argc, char** argv) {
                "(median)\n", version_major, version_minor, version_patch, TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR,
                device.str(), at::get_num_threads(), c.batch, c.micro_batch > 0 ? std::to_string(c.micro_batch) : "off",
                c.steps);
+    // Whether oneDNN runs the convolutions (on a platform whose oneDNN failed the self-check it does not).
+    if (device.is_cpu()) fmt::print("{}; {}\n", diffusion::detail::platform_description(), check_cpu_convolutions().summary());
     if (!c.quick) {
       for (const auto p : c.precisions) {
         const auto dtype = p == Precision::BFloat16 ? torch::kBFloat16 : torch::kFloat32;

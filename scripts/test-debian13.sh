@@ -8,6 +8,7 @@
 #   DEBIAN13_ROOT=/path scripts/test-debian13.sh
 #   DEBIAN13_MIRROR=http://... scripts/test-debian13.sh
 #   scripts/test-debian13.sh scripts/fuzz.sh 60     # another of this tree's scripts, run inside the root
+#   DIFFUSION_CPU_CONV_CHECK=force scripts/test-debian13.sh   # every test with oneDNN off (docs/platforms.md)
 #
 # The root keeps its installed packages, its ccache and its build directory between runs, so a second
 # run only rebuilds what changed. /proc, /sys and /dev are bound for the run and unmounted on exit,
@@ -98,7 +99,7 @@ build=/work/build-debian13
 say "running ${command[*]} inside Debian 13 ($(elapsed) so far)"
 chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   LANG=C.UTF-8 TERM=dumb BUILD_DIR=$build CCACHE_DIR=/root/.ccache DIFFUSION_IN_DEBIAN13_ROOT=1 \
-  FUZZ_REPLAY_ONLY="${FUZZ_REPLAY_ONLY:-}" \
+  FUZZ_REPLAY_ONLY="${FUZZ_REPLAY_ONLY:-}" DIFFUSION_CPU_CONV_CHECK="${DIFFUSION_CPU_CONV_CHECK:-}" \
   /bin/bash -c "cd $dest && $(printf '%q ' "${command[@]}")"
 status=$?
 if [ "${command[0]}" != scripts/test.sh ]; then
@@ -106,6 +107,11 @@ if [ "${command[0]}" != scripts/test.sh ]; then
   say "${command[*]} passed in $(elapsed)"
   exit 0
 fi
+# What was tested on: the CPU (oneDNN's kernels differ by CPU: docs/platforms.md) and the library versions.
+cpu=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+family=$(grep -m1 '^cpu family' /proc/cpuinfo | cut -d: -f2 | tr -d ' ')
+versions=$(chroot "$root" dpkg-query -W -f='${Package} ${Version}, ' libtorch2.6 libdnnl3.6 libopenblas0-pthread 2>/dev/null)
+say "tested on ${cpu:-an unknown CPU} (cpu family ${family:-?}) with ${versions%, }"
 case $status in
   0) say "passed in $(elapsed) (Debian 13: $(chroot "$root" dpkg-query -W -f='libtorch-dev ${Version}' libtorch-dev 2>/dev/null))" ;;
   10) fail 10 "installing the packages inside the Debian 13 root failed (apt; see above) after $(elapsed)" ;;

@@ -14,6 +14,7 @@
 #include <diffusion/forward.hpp>
 #include <diffusion/backbone.hpp>
 #include <diffusion/precision.hpp>
+#include <diffusion/platform.hpp>
 #include <diffusion/runtime.hpp>
 #include <diffusion/sampling/spacing.hpp>
 #include <diffusion/sampling/loop.hpp>

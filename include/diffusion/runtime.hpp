@@ -1,5 +1,6 @@
 #pragma once
 
+#include <diffusion/platform.hpp>
 #include <diffusion/precision.hpp>
 
 #include <torch/torch.h>
@@ -46,27 +47,13 @@ inline void set_threads(int64_t threads = 0) {
       static_cast<int>(threads > 0 ? threads : std::max<int64_t>(1, std::thread::hardware_concurrency())));
 }
 
-/// Whether this CPU has bfloat16 matrix instructions (AMX-BF16 or AVX512-BF16), read once from
-/// /proc/cpuinfo's flags; false where that file does not exist. With them oneDNN runs bf16 convolutions
-/// and matrix products several times faster than float32; without them bf16 is emulated and slower.
-inline bool cpu_has_fast_bf16() {
-  static const bool has = [] {
-    std::ifstream in("/proc/cpuinfo");
-    for (std::string line; std::getline(in, line);) {
-      if (line.rfind("flags", 0) != 0) continue;
-      line += ' ';
-      return line.find(" amx_bf16 ") != std::string::npos || line.find(" avx512_bf16 ") != std::string::npos;
-    }
-    return false;
-  }();
-  return has;
-}
-
 /// The faster precision for `device` where it is known to keep sample quality: BFloat16 on a CPU with
-/// bf16 instructions (cpu_has_fast_bf16), Float32 everywhere else. The library's own defaults stay
-/// Float32.
+/// bf16 instructions (cpu_has_fast_bf16) whose oneDNN passed the convolution self-check
+/// (check_cpu_convolutions, which this runs; without oneDNN, bf16 convolutions are slower than float32),
+/// Float32 everywhere else. The library's own defaults stay Float32.
 inline Precision auto_precision(const torch::Device& device) {
-  return device.is_cpu() && cpu_has_fast_bf16() ? Precision::BFloat16 : Precision::Float32;
+  return device.is_cpu() && cpu_has_fast_bf16() && !check_cpu_convolutions().onednn_disabled ? Precision::BFloat16
+                                                                                               : Precision::Float32;
 }
 
 /// "auto" (auto_precision for `device`), "fp32" or "bf16" (parse_precision).

@@ -2,6 +2,7 @@
 
 #include <diffusion/backbones/embedding.hpp>
 #include <diffusion/detail/json.hpp>
+#include <diffusion/platform.hpp>
 #include <diffusion/precision.hpp>
 #include <diffusion/registry.hpp>
 
@@ -126,6 +127,7 @@ class ConvNetImpl : public torch::nn::Cloneable<ConvNetImpl> {
   /// undefined: none for all) when num_classes > 0. Returns the prediction (noise, v or x_0, as trained), x's shape.
   virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& cond = {}) {
     detail::check_image_batch("ConvNet", x, t, options.channels(), 0);
+    detail::check_cpu_convolutions_for(x);
     auto t_emb = time_mlp->forward(t.to(x.scalar_type()));
     if (class_embedding) {
       t_emb = t_emb + class_embedding->forward(cond, x.size(0), "ConvNet").to(t_emb.scalar_type());

@@ -2,6 +2,7 @@
 
 #include <diffusion/backbones/embedding.hpp>
 #include <diffusion/detail/json.hpp>
+#include <diffusion/platform.hpp>
 #include <diffusion/precision.hpp>
 #include <diffusion/registry.hpp>
 
@@ -189,6 +190,7 @@ class UNetImpl : public torch::nn::Cloneable<UNetImpl> {
   /// (null_class: none; undefined: none for all) when num_classes > 0. Returns the prediction (noise, v or x_0, as trained), x's shape.
   virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& cond = {}) {
     detail::check_image_batch("UNet", x, t, options.channels(), 0);
+    detail::check_cpu_convolutions_for(x);
     const int64_t factor = options.size_multiple();
     TORCH_CHECK(x.size(2) % factor == 0 && x.size(3) % factor == 0, "UNet: height and width must be divisible by ",
                 factor, " (patch ", options.patch(), " times 2^", options.widths().size() - 1, " for ",

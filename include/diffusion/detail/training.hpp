@@ -300,6 +300,26 @@ inline std::pair<torch::Tensor, torch::Tensor> fixed_validation_draws(const torc
   return {t, noise};
 }
 
+/// What can make a training step non-finite, for the NaN guard's message: a diverging run, or a platform
+/// that computes wrong results, with what the CPU convolution self-check found (check_cpu_convolutions).
+inline std::string nonfinite_causes(bool on_cpu) {
+  std::string platform;
+  if (!on_cpu) {
+    platform = "a wrong kernel in the device's libraries can do the same";
+  } else if (const auto c = check_cpu_convolutions(); !c.ran) {
+    platform = "the CPU convolution self-check was turned off (DIFFUSION_CPU_CONV_CHECK=off), so a platform fault is not ruled out";
+  } else if (c.healthy) {
+    platform = "this CPU's convolutions passed the library's self-check, so a fault there is unlikely";
+  } else if (c.fixed) {
+    platform = "this CPU's oneDNN convolutions failed the self-check (" + c.fault +
+               ") and were turned off, after which they agreed with the reference";
+  } else {
+    platform = "this CPU computes wrong convolutions even with oneDNN off (" + c.fault + "): that is the likely cause";
+  }
+  return "Either the run diverged (lower the learning rate, clip gradients (grad_clip), or allow skipping a few such "
+         "steps (skip_nonfinite)) or the platform computes wrong results: " + platform + " (docs/platforms.md)";
+}
+
 /// Watches each step's loss and gradient norm for non-finite values. On the CPU (where reading a value
 /// costs nothing), or when steps may be skipped, it reads a flag every step and decides at once. On a GPU
 /// without skipping it keeps the first bad step on the device and verify() reads it (at epoch ends and
@@ -308,7 +328,7 @@ class NonFiniteGuard {
  public:
   /// `steps_per_epoch` turns a global step back into (epoch, step) for the message.
   NonFiniteGuard(const torch::Device& device, int64_t skip_budget, int64_t steps_per_epoch)
-      : immediate_(device.is_cpu() || skip_budget > 0), budget_(skip_budget), steps_per_epoch_(steps_per_epoch) {}
+      : on_cpu_(device.is_cpu()), immediate_(on_cpu_ || skip_budget > 0), budget_(skip_budget), steps_per_epoch_(steps_per_epoch) {}
 
   /// Returns whether to skip this step's update (global_step is 1-based); throws when the run must stop.
   bool check(const torch::Tensor& loss, const torch::Tensor& grad_norm, int64_t global_step) {
@@ -347,12 +367,11 @@ class NonFiniteGuard {
     TORCH_CHECK(false, "Trainer: non-finite ", std::isfinite(loss) ? "gradients" : "loss", " at epoch ", epoch, ", step ",
                 step, " (global step ", global_step, "; loss ", loss,
                 std::isnan(grad_norm) ? std::string() : ", gradient norm " + std::to_string(grad_norm),
-                "); stopped before writing anything from it. Lower the learning rate, clip gradients (grad_clip), "
-                "or allow skipping a few such steps (skip_nonfinite)");
+                "); stopped before writing anything from it. ", nonfinite_causes(on_cpu_));
     std::abort();  // not reached: TORCH_CHECK(false) throws
   }
 
-  bool immediate_;
+  bool on_cpu_, immediate_;
   int64_t budget_, steps_per_epoch_, skipped_ = 0;
   torch::Tensor first_bad_, bad_loss_;
 };

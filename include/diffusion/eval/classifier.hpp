@@ -1,6 +1,7 @@
 #pragma once
 
 #include <diffusion/detail/check.hpp>
+#include <diffusion/platform.hpp>
 #include <diffusion/random.hpp>
 
 #include <torch/torch.h>
@@ -31,6 +32,7 @@ class LeNetImpl : public torch::nn::Cloneable<LeNetImpl> {
   torch::Tensor features(const torch::Tensor& x) {
     TORCH_CHECK(x.dim() == 4 && x.size(1) == 1 && x.size(2) == 28 && x.size(3) == 28,
                 "LeNet: expected (N, 1, 28, 28) images, got ", detail::shape_str(x));
+    detail::check_cpu_convolutions_for(x);
     auto h = torch::max_pool2d(torch::relu(conv1(x)), 2);
     h = torch::max_pool2d(torch::relu(conv2(h)), 2);
     return torch::relu(fc1(h.flatten(1)));

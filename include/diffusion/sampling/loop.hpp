@@ -5,6 +5,7 @@
 #include <diffusion/detail/random.hpp>
 #include <diffusion/detail/registry.hpp>
 #include <diffusion/forward.hpp>
+#include <diffusion/platform.hpp>
 #include <diffusion/precision.hpp>
 #include <diffusion/random.hpp>
 #include <diffusion/sampling/spacing.hpp>
@@ -173,6 +174,7 @@ torch::Tensor call_backbone(const char* fn, B& model, const torch::Tensor& x_t, 
 template <Backbone B>
 torch::Tensor forward_in(Precision precision, B& model, const torch::Tensor& x_t, const torch::Tensor& t,
                          const torch::Tensor& cond = {}) {
+  detail::check_cpu_convolutions_for(x_t);  // once per process: a user's backbone is protected too
   torch::Tensor out;
   {
     AutocastGuard amp(precision, x_t.device());
