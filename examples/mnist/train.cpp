@@ -107,6 +107,7 @@ int run_train(const TrainCommand& t) {
   set_threads(t.threads > 0 ? t.threads
                             : std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()) / local_ranks));
   const bool main_rank = !env || env->rank == 0;
+  check_cpu_convolutions();  // before anything is written or printed: on a faulty platform, oneDNN goes off
   auto device = parse_device(t.device);
   // Each rank on a machine takes its own GPU (LOCAL_RANK), unless --device names one.
   if (env && device.is_cuda() && !device.has_index()) device = torch::Device(torch::kCUDA, static_cast<int8_t>(env->local_rank));

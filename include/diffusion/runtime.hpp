@@ -52,8 +52,9 @@ inline void set_threads(int64_t threads = 0) {
 /// (check_cpu_convolutions, which this runs; without oneDNN, bf16 convolutions are slower than float32),
 /// Float32 everywhere else. The library's own defaults stay Float32.
 inline Precision auto_precision(const torch::Device& device) {
-  return device.is_cpu() && cpu_has_fast_bf16() && !check_cpu_convolutions().onednn_disabled ? Precision::BFloat16
-                                                                                               : Precision::Float32;
+  if (!device.is_cpu() || !cpu_has_fast_bf16()) return Precision::Float32;
+  check_cpu_convolutions();
+  return detail::bf16_convolutions_in_use() ? Precision::BFloat16 : Precision::Float32;
 }
 
 /// "auto" (auto_precision for `device`), "fp32" or "bf16" (parse_precision).
