@@ -1,10 +1,18 @@
-// diffusion_bench: training throughput, reverse-step time, full-sample time and peak memory for each
-// backbone, plus the machine's FP32 matmul ceiling. A program that prints numbers, never a test.
+// diffusion_bench: training throughput (the bare step and Trainer::fit's loop around it), reverse-step
+// time, full-sample time and peak memory for each backbone, plus the machine's matmul ceilings. A program
+// that prints numbers, never a test.
 //
 //   diffusion_bench                       all backbones, 2 warm-up + 10 timed steps each
 //   diffusion_bench --backbones smol,chunky --steps 20 --json
 //   diffusion_bench --quick               seconds: proves the program works (CI)
 //   diffusion_bench --precision fp32      float32 only (default: fp32 and bf16 rows for each backbone)
+//   diffusion_bench --backbones unet-main --precision bf16 --batch 64 --profile   where a step's time goes
+//
+// Training is measured twice. The bare step: q_sample, forward, loss, backward and AdamW on one batch
+// drawn beforehand. The loop: Trainer::fit on in-memory images as the README's main command configures
+// it (EMA 0.999, Min-SNR 5, cosine learning rate with warm-up; no grids, validation or checkpoints), timed
+// between its step callbacks, so it includes drawing each batch, the gradient norm, the NaN guard and the
+// EMA. "loop overhead" is how much longer the loop's step takes than the bare step.
 //
 // Each measurement is the median of the timed repetitions after warm-up. On CUDA the clock is read
 // after torch::cuda::synchronize(). The forward FLOPs of one image are counted by LibTorch's profiler
@@ -21,6 +29,7 @@
 #include <algorithm>
 #include <chrono>
 #include <functional>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -34,7 +43,7 @@ struct Config {
   std::vector<Precision> precisions = {Precision::Float32, Precision::BFloat16};
   std::string device = "cpu", data;
   int64_t threads = 0, batch = 128, micro_batch = 0, sample_batch = 25, warmup = 2, steps = 10, reverse_steps = 5;
-  bool json = false, quick = false, full_sample = false, ceiling = true;
+  bool json = false, quick = false, full_sample = false, ceiling = true, default_malloc = false, profile = false;
 };
 
 double median(std::vector<double> v) {
@@ -71,7 +80,9 @@ struct Result {
   Precision precision = Precision::Float32;
   int64_t parameters = 0;
   double forward_gflop = 0;  // per image
-  double train_img_s = 0, reverse_step_s = 0, full_sample_s = 0, peak_rss_mib = 0;
+  double step_img_s = 0, train_img_s = 0, reverse_step_s = 0, full_sample_s = 0, peak_rss_mib = 0;
+  /// The loop's step time over the bare step's, minus 1.
+  double loop_overhead() const { return step_img_s / train_img_s - 1; }
   bool full_sample_measured = false;
 };
 
@@ -94,29 +105,101 @@ double forward_flops(B& model, const std::vector<int64_t>& image, const torch::D
   return static_cast<double>(flops);
 }
 
-template <Backbone B>
-Result bench_backbone(const std::string& name, B model, Precision precision, const Config& c,
+/// Self CPU time per operator (LibTorch's profiler; an op's time minus the ops it called) over the runs of
+/// `f`, printed as a table of the `top` largest with their share of the total.
+void print_profile(const std::string& title, int64_t runs, const std::function<void()>& f, int top = 18) {
+  namespace profiler = torch::autograd::profiler;
+  profiler::enableProfilerLegacy(profiler::ProfilerConfig(profiler::ProfilerState::CPU, /*report_input_shapes=*/false,
+                                                          /*profile_memory=*/false));
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < runs; ++i) f();
+  const double wall_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  std::map<std::string, std::pair<double, int64_t>> self;  // name -> (self us, calls)
+  for (auto& thread : profiler::disableProfilerLegacy()) {
+    struct Open {
+      std::string name;
+      double start, children;
+    };
+    std::vector<Open> stack;
+    for (auto& e : thread) {
+      if (e.kind() == profiler::EventKind::PushRange) {
+        stack.push_back({e.name(), e.cpuUs(), 0.0});
+      } else if (e.kind() == profiler::EventKind::PopRange && !stack.empty()) {
+        const auto open = stack.back();
+        stack.pop_back();
+        const double total = e.cpuUs() - open.start;
+        auto& entry = self[open.name];
+        entry.first += total - open.children;
+        entry.second += 1;
+        if (!stack.empty()) stack.back().children += total;
+      }
+    }
+  }
+  std::vector<std::pair<std::string, std::pair<double, int64_t>>> rows(self.begin(), self.end());
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
+  double in_ops = 0;
+  for (const auto& r : rows) in_ops += r.second.first;
+  fmt::print("{}: {} runs, {:.1f} ms each; self CPU time by operator ({:.0f}% of the wall time is inside operators)\n",
+             title, runs, wall_us / 1e3 / static_cast<double>(runs), 100.0 * in_ops / wall_us);
+  for (size_t i = 0; i < rows.size() && i < static_cast<size_t>(top); ++i) {
+    const auto& [name, v] = rows[i];
+    fmt::print("  {:<44} {:>9.2f} ms/run {:>6.1f}% {:>7} calls/run\n", name.substr(0, 44), v.first / 1e3 / static_cast<double>(runs),
+               100.0 * v.first / wall_us, v.second / runs);
+  }
+}
+
+/// The loop's options: the README's main command (EMA, Min-SNR, cosine learning rate with warm-up).
+TrainerOptions loop_options(const Config& c, Precision precision, const torch::Device& device, int64_t steps) {
+  return TrainerOptions()
+      .epochs(1)
+      .batch_size(c.batch)
+      .micro_batch(c.micro_batch)
+      .device(device)
+      .loss(LossOptions().precision(precision).min_snr_gamma(5))
+      .optimization(OptimizationOptions().lr(2e-3).lr_schedule(LRSchedule::Cosine).warmup_steps(200))
+      .ema_decay(0.999)
+      .max_steps_per_epoch(steps)
+      .progress(ProgressMode::Off);
+}
+
+/// `make()` returns a new backbone; it is called with the global seed at 0 for each model measured, so
+/// that the bare step and the loop start from the same weights.
+template <typename Make>
+Result bench_backbone(const std::string& name, const Make& make, Precision precision, const Config& c,
                       const torch::Tensor& dataset, const torch::Device& device) {
   Result r;
   r.backbone = name;
   r.precision = precision;
+  torch::manual_seed(0);
+  auto model = make();
   for (const auto& p : unwrap(model).parameters()) r.parameters += p.numel();
   unwrap(model).to(device);
   r.forward_gflop = forward_flops(model, {1, dataset.size(1), dataset.size(2), dataset.size(3)}, device) / 1e9;
   const NoiseSchedule schedule = NoiseSchedule().to(device);
 
-  // Training: the Trainer's own step (in-memory batch, q_sample, forward, backward, AdamW), one epoch
-  // of max warmup + steps steps, timed per step through the step callback.
+  // The bare step: one batch drawn beforehand, the loss's forward and backward, AdamW.
+  const auto options = loop_options(c, precision, device, c.warmup + c.steps);
   {
-    auto options = TrainerOptions()
-                       .epochs(1)
-                       .batch_size(c.batch)
-                       .micro_batch(c.micro_batch)
-                       .device(device)
-                       .loss(LossOptions().precision(precision))
-                       .max_steps_per_epoch(c.warmup + c.steps)
-                       .progress(ProgressMode::Off);
-    Trainer trainer(model, NoiseSchedule(), options);
+    auto gen = make_generator(1);
+    const int64_t n = std::min(c.batch, dataset.size(0));
+    const auto x0 = dataset.slice(0, 0, n).to(device);
+    const auto t = torch::randint(0, schedule.num_timesteps(), {n}, gen, torch::kLong).to(device);
+    const auto noise = torch::randn(x0.sizes(), gen).to(device);
+    auto optimizer = diffusion::detail::default_optimizer(unwrap(model), options.optimization());
+    unwrap(model).train();
+    const auto step = [&] {
+      optimizer->zero_grad();
+      (void)diffusion::detail::accumulate_gradients(model, schedule, x0, t, noise, {}, options.loss(), c.micro_batch);
+      optimizer->step();
+    };
+    r.step_img_s = static_cast<double>(n) / time_median(device, c.warmup, c.steps, step);
+    if (c.profile) print_profile(fmt::format("{} {} bare step, batch {}", name, to_string(precision), n), c.steps, step);
+  }
+
+  // The loop: Trainer::fit on a fresh copy of the same initial weights, timed between step callbacks.
+  {
+    torch::manual_seed(0);
+    Trainer trainer(make(), NoiseSchedule(), options);
     std::vector<double> times;
     auto last = std::chrono::steady_clock::now();
     trainer.on_step = [&](const TrainStep& s) {
@@ -183,6 +266,8 @@ int main(int argc, char** argv) {
   app.add_option("--reverse-steps", c.reverse_steps, "Timed reverse steps (median)")->capture_default_str();
   app.add_option("--data", c.data, "MNIST idx directory for the training batches (default: random images)");
   app.add_flag("--full-sample", c.full_sample, "Measure the 1000-step sample instead of extrapolating it");
+  app.add_flag("--default-malloc", c.default_malloc, "Leave glibc's malloc thresholds as they are (default: reuse_freed_memory)");
+  app.add_flag("--profile", c.profile, "Also print where the bare step's time goes: self CPU time per operator (LibTorch's profiler)");
   app.add_flag("--json", c.json, "Also print one JSON object per measurement");
   app.add_flag("--quick", c.quick, "Tiny settings that finish in seconds (for CI)");
   CLI11_PARSE(app, argc, argv);
@@ -207,6 +292,7 @@ int main(int argc, char** argv) {
     }
     TORCH_CHECK(!c.precisions.empty(), "--precision: expected fp32, bf16 or both, got nothing");
     set_threads(c.threads);
+    if (!c.default_malloc) reuse_freed_memory();
     const auto dataset = c.data.empty() ? torch::rand({c.quick ? 64 : 4096, 1, 28, 28}) * 2 - 1
                                         : data::load_mnist(c.data, data::Split::Train).images;
     fmt::print("diffusion {}.{}.{}, LibTorch {}.{}, device {}, {} threads, batch {} (micro-batch {}), {} timed steps "
@@ -226,37 +312,37 @@ int main(int argc, char** argv) {
         }
       }
     }
-    fmt::print("{:<11} {:>9} {:>11} {:>14} {:>12} {:>16} {:>18} {:>14}\n", "backbone", "precision", "parameters",
-               "fwd GFLOP/img", "train img/s",
+    fmt::print("{:<11} {:>9} {:>11} {:>14} {:>11} {:>11} {:>9} {:>16} {:>18} {:>14}\n", "backbone", "precision", "parameters",
+               "fwd GFLOP/img", "step img/s", "loop img/s", "overhead",
                fmt::format("reverse step {}", c.sample_batch), "1000-step sample", "peak RSS MiB");
     for (const auto& name : c.backbones) for (const auto precision : c.precisions) {
-      // A fresh, identically seeded model for every row.
-      torch::manual_seed(0);
+      // A fresh, identically seeded model for every row and measurement (bench_backbone seeds).
       Result r;
-      if (name == "conv") r = bench_backbone(name, ConvNet(), precision, c, dataset, device);
-      else if (name == "conv-small") r = bench_backbone(name, ConvNet(ConvNetOptions().widths({32, 64})), precision, c, dataset, device);
-      else if (name == "smol") r = bench_backbone(name, SmolMLP(), precision, c, dataset, device);
-      else if (name == "chunky") r = bench_backbone(name, ChunkyMLP(), precision, c, dataset, device);
-      else if (name == "unet") r = bench_backbone(name, UNet(), precision, c, dataset, device);
-      else if (name == "unet-main") r = bench_backbone(name, UNet(UNetOptions().blocks({1, 1, 2})), precision, c, dataset, device);
+      if (name == "conv") r = bench_backbone(name, [] { return ConvNet(); }, precision, c, dataset, device);
+      else if (name == "conv-small") r = bench_backbone(name, [] { return ConvNet(ConvNetOptions().widths({32, 64})); }, precision, c, dataset, device);
+      else if (name == "smol") r = bench_backbone(name, [] { return SmolMLP(); }, precision, c, dataset, device);
+      else if (name == "chunky") r = bench_backbone(name, [] { return ChunkyMLP(); }, precision, c, dataset, device);
+      else if (name == "unet") r = bench_backbone(name, [] { return UNet(); }, precision, c, dataset, device);
+      else if (name == "unet-main") r = bench_backbone(name, [] { return UNet(UNetOptions().blocks({1, 1, 2})); }, precision, c, dataset, device);
       else {
         fmt::print(stderr, "unknown backbone '{}' (conv, conv-small, smol, chunky, unet, unet-main)\n", name);
         return 2;
       }
-      fmt::print("{:<11} {:>9} {:>11} {:>14.4f} {:>12.1f} {:>14.4f} s {:>14.1f} s{} {:>14.0f}\n", r.backbone,
-                 to_string(r.precision), r.parameters, r.forward_gflop,
-                 r.train_img_s, r.reverse_step_s, r.full_sample_s, r.full_sample_measured ? " " : "*",
-                 r.peak_rss_mib);
+      fmt::print("{:<11} {:>9} {:>11} {:>14.4f} {:>11.1f} {:>11.1f} {:>8.1f}% {:>14.4f} s {:>14.1f} s{} {:>14.0f}\n", r.backbone,
+                 to_string(r.precision), r.parameters, r.forward_gflop, r.step_img_s, r.train_img_s, 100 * r.loop_overhead(),
+                 r.reverse_step_s, r.full_sample_s, r.full_sample_measured ? " " : "*", r.peak_rss_mib);
       if (c.json) {
         fmt::print("{{\"backbone\": \"{}\", \"precision\": \"{}\", \"device\": \"{}\", \"threads\": {}, \"batch\": {}, \"micro_batch\": {}, \"parameters\": {}, "
-                   "\"forward_gflop_per_img\": {:.6f}, \"train_img_per_s\": {:.3f}, \"reverse_step_s\": {:.6f}, \"sample_batch\": {}, "
+                   "\"forward_gflop_per_img\": {:.6f}, \"step_img_per_s\": {:.3f}, \"train_img_per_s\": {:.3f}, \"loop_overhead\": {:.4f}, "
+                   "\"reverse_step_s\": {:.6f}, \"sample_batch\": {}, "
                    "\"full_sample_s\": {:.3f}, \"full_sample\": \"{}\", \"peak_rss_mib\": {:.1f}}}\n",
-                   r.backbone, to_string(r.precision), device.str(), at::get_num_threads(), c.batch, c.micro_batch, r.parameters, r.forward_gflop, r.train_img_s,
-                   r.reverse_step_s, c.sample_batch, r.full_sample_s,
+                   r.backbone, to_string(r.precision), device.str(), at::get_num_threads(), c.batch, c.micro_batch, r.parameters,
+                   r.forward_gflop, r.step_img_s, r.train_img_s, r.loop_overhead(), r.reverse_step_s, c.sample_batch, r.full_sample_s,
                    r.full_sample_measured ? "measured" : "extrapolated", r.peak_rss_mib);
       }
     }
-    fmt::print("* extrapolated: 1000 x the median reverse step. Peak RSS is the process's so far.\n");
+    fmt::print("step: the bare training step; loop: Trainer::fit's step (the README's main command's settings); overhead: loop "
+               "step time / bare step time - 1.\n* extrapolated: 1000 x the median reverse step. Peak RSS is the process's so far.\n");
   } catch (const c10::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what_without_backtrace());
     return 1;

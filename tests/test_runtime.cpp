@@ -1,6 +1,13 @@
 // Where and how a program runs: threads, devices, precision choice, stop requests.
 #include "helpers.hpp"
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+#include <cstdlib>
+#include <cstring>
+
 
 TEST_CASE("auto precision is bf16 only on a CPU with bf16 instructions", "[precision]") {
   CHECK(auto_precision(torch::Device(torch::kCUDA)) == Precision::Float32);
@@ -8,6 +15,34 @@ TEST_CASE("auto precision is bf16 only on a CPU with bf16 instructions", "[preci
   const auto p = auto_precision(torch::kCPU);
   CHECK(p == (cpu_has_fast_bf16() && diffusion::detail::onednn_enabled() ? Precision::BFloat16 : Precision::Float32));
 }
+TEST_CASE("reuse_freed_memory keeps a freed block in the heap for the next allocation instead of unmapping it", "[runtime]") {
+  CHECK_REFUSED(reuse_freed_memory(0), "reuse_freed_memory: mmap_threshold must be in (0, 32 MiB] (glibc's limit), got 0");
+  CHECK_REFUSED(reuse_freed_memory((int64_t{32} << 20) + 1), "reuse_freed_memory: mmap_threshold must be in (0, 32 MiB]");
+  CHECK_REFUSED(reuse_freed_memory(1 << 20, 0), "reuse_freed_memory: trim_threshold must be in (0, 2^31), got 0");
+#if defined(__GLIBC__) && !defined(__SANITIZE_ADDRESS__)
+  // With glibc's defaults (each test case runs in a fresh process, whose threshold starts at 128 KiB) a
+  // 24 MiB block is mapped on its own and unmapped on free, so its pages fault in again at every use
+  // (6,144 faults each time, measured in docs/performance.md). Afterwards it comes from the heap and stays.
+  REQUIRE(reuse_freed_memory());
+  constexpr size_t n = size_t{24} << 20;
+  const auto before = mallinfo2();
+  auto* p = static_cast<char*>(std::malloc(n));
+  REQUIRE(p != nullptr);
+  std::memset(p, 1, n);
+  asm volatile("" : : "r"(p) : "memory");  // the writes must happen
+  const auto held = mallinfo2();
+  CHECK(held.hblkhd == before.hblkhd);        // not a mapping of its own
+  CHECK(held.uordblks >= before.uordblks + n);  // but heap memory in use
+  std::free(p);
+  const auto after = mallinfo2();
+  CHECK(after.arena >= before.arena + n);      // the heap was not trimmed back
+  CHECK(after.fordblks >= before.fordblks + n);  // the block is free in it, for the next allocation
+#else
+  // A sanitizer's allocator takes the settings or not (its own mallopt); only that nothing breaks is checked.
+  WARN("not glibc's malloc here (or a sanitizer's): reuse_freed_memory returned " << reuse_freed_memory());
+#endif
+}
+
 TEST_CASE("set_threads sets the intra-op threads, every core at 0", "[trainer]") {
   const int before = at::get_num_threads();
   set_threads(1);

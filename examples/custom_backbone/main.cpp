@@ -96,7 +96,8 @@ void train_and_sample(const std::string& name, B model, const torch::Tensor& ima
 int main(int argc, char** argv) {
   const std::string dir = argc > 1 ? argv[1] : "data/mnist";
   const int64_t n = argc > 2 ? std::atoll(argv[2]) : 4096;
-  set_threads();  // every core: Debian's LibTorch starts with one intra-op thread
+  set_threads();         // every core: Debian's LibTorch starts with one intra-op thread
+  reuse_freed_memory();  // no page faults on the memory each step frees and takes again
   // One line per backbone: the name its checkpoints record.
   register_backbone<TinyResNetImpl>("tiny_resnet");
   register_backbone<GatedConvNetImpl>("gated_convnet");

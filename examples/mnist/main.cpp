@@ -35,6 +35,8 @@ int main(int argc, char** argv) {
     return quoted + "'";
   };
   for (int i = 0; i < argc; ++i) train.command_line += (i ? " " : "") + shell_word(argv[i]);
+  // Freed tensors' memory stays with the process for the next step (docs/performance.md).
+  diffusion::reuse_freed_memory();
   try {
     if (train_cmd->parsed()) return mnist::run_train(train);
     if (sample_cmd->parsed()) return mnist::run_sample(sample);

@@ -39,7 +39,8 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "usage: quickstart [steps >= 1], got '{}'\n", argv[1]);
     return 2;
   }
-  diffusion::set_threads();  // every core: Debian's LibTorch starts with one intra-op thread
+  diffusion::set_threads();       // every core: Debian's LibTorch starts with one intra-op thread
+  diffusion::reuse_freed_memory();  // no page faults on the memory each step frees and takes again
   torch::manual_seed(0);
 
   using namespace diffusion;

@@ -7,10 +7,14 @@
 
 #include <csignal>
 #include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <fstream>
 #include <string>
@@ -45,6 +49,34 @@ inline void set_threads(int64_t threads = 0) {
   TORCH_CHECK(threads >= 0, "set_threads: threads must be >= 0 (0 = all cores), got ", threads);
   at::set_num_threads(
       static_cast<int>(threads > 0 ? threads : std::max<int64_t>(1, std::thread::hardware_concurrency())));
+}
+
+/// Makes glibc's malloc keep the memory LibTorch frees for reuse instead of handing it back to the kernel,
+/// for the rest of the process. LibTorch's CPU allocator frees every intermediate tensor at once; with
+/// glibc's defaults, blocks above the mmap threshold (128 KiB at first, then adjusted as blocks are freed)
+/// are unmapped on free and the top of the heap is trimmed once more than twice that lies free, so each
+/// training step touches its activations' pages anew and pays a page fault per 4 KiB (measured in
+/// docs/performance.md). This fixes the mmap threshold at `mmap_threshold` bytes (glibc's largest, 32 MiB,
+/// by default: blocks up to it come from the heap and are reused) and the trim threshold at
+/// `trim_threshold` (1 GiB: up to that much freed memory stays with the process). Blocks above the mmap
+/// threshold are still mapped and unmapped each time. The cost is memory: the process's resident size
+/// stays near its peak. Returns whether both settings were taken (false on a C library other than glibc;
+/// a sanitizer's allocator may ignore them). The library never calls it; programs call it once at start, as
+/// the bundled ones do. The same as setting MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ in the
+/// environment. Refused: a threshold of 0, an mmap threshold above 32 MiB.
+inline bool reuse_freed_memory(int64_t mmap_threshold = int64_t{32} << 20, int64_t trim_threshold = int64_t{1} << 30) {
+  TORCH_CHECK(mmap_threshold > 0 && mmap_threshold <= (int64_t{32} << 20),
+              "reuse_freed_memory: mmap_threshold must be in (0, 32 MiB] (glibc's limit), got ", mmap_threshold);
+  TORCH_CHECK(trim_threshold > 0 && trim_threshold <= std::numeric_limits<int>::max(),
+              "reuse_freed_memory: trim_threshold must be in (0, 2^31), got ", trim_threshold);
+#if defined(__GLIBC__)
+  // Setting either turns off glibc's dynamic adjustment of both, so both are set.
+  const bool mmap = mallopt(M_MMAP_THRESHOLD, static_cast<int>(mmap_threshold)) == 1;
+  const bool trim = mallopt(M_TRIM_THRESHOLD, static_cast<int>(trim_threshold)) == 1;
+  return mmap && trim;
+#else
+  return false;
+#endif
 }
 
 /// The faster precision for `device` where it is known to keep sample quality: BFloat16 on a CPU with
