@@ -14,13 +14,16 @@
 #   train  the README's main training command for one epoch (UNet, blocks 1,1,2, batch 64, cosine lr,
 #          warm-up, Min-SNR, EMA; no grids, no validation): the epoch's img/s as `mnist train` prints it.
 #   bench  diffusion_bench's training step for the same UNet at batch 64 in bf16 (BENCH_ARGS to change):
-#          the first row's train img/s (train_img_per_s in its JSON). Where one side's bench predates
-#          `unet-main` (before e89fc47), both run the default UNet instead.
-# Each side runs with the same threads (THREADS, default: every core) and a cleared-down environment
-# apart from OPENBLAS_* and OMP_*. Builds are cached in build-compare/<commit> (Release, ccache when
+#          the first row's bare step (step_img_per_s in its JSON). Where one side's bench predates the
+#          bare step (before 73314f5), both sides' Trainer step (train_img_per_s) instead, and where one
+#          predates `unet-main` (before e89fc47), both run the default UNet: the script says which.
+# Each side runs with the same threads (THREADS, default: every core) and an environment cleared to
+# PATH, HOME and the variables OPENBLAS_*, OMP_*, MALLOC_*, GLIBC_TUNABLES and DIFFUSION_* (so that both
+# sides see the same ones). A run that fails leaves its output in build-compare/last-failure.log. Builds are cached in build-compare/<commit> (Release, ccache when
 # present); the working tree's in build-compare/worktree. Quote the CPU with the numbers
 # (`grep -m1 'cpu family' /proc/cpuinfo`): the script prints it.
 set -euo pipefail
+export LC_ALL=C
 cd "$(dirname "$0")/.."
 root=$PWD
 rounds=${ROUNDS:-3}
@@ -32,6 +35,7 @@ say() { echo "compare: $*" >&2; }
 die() { say "$*"; exit 2; }
 
 [ $# -ge 1 ] && [ $# -le 2 ] || die "usage: bench/compare.sh REV [REV2]   (see the comment at the top)"
+for rev in "$@"; do git rev-parse --verify -q "$rev^{commit}" > /dev/null || die "'$rev' is not a revision of this repository"; done
 case $what in both|train|bench) ;; *) die "WHAT must be both, train or bench, got '$what'" ;; esac
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$rounds'"
 [ -f "$data/train-images-idx3-ubyte" ] || [ -f "$data/train-images-idx3-ubyte.gz" ] || scripts/fetch-mnist.sh "$data"
@@ -64,8 +68,10 @@ side() {
   sha=$(git rev-parse --verify -q "$rev^{commit}") || die "'$rev' is not a revision of this repository"
   local src=$root/build-compare/src-$sha dir=$root/build-compare/$sha
   if [ ! -d "$src" ]; then
-    mkdir -p "$src"
-    git archive "$sha" | tar -x -C "$src"
+    # Into a temporary folder first: an interrupted extraction is never taken for a complete one.
+    rm -rf "$src.part" && mkdir -p "$src.part"
+    git archive "$sha" | tar -x -C "$src.part" || die "could not extract $sha into $src.part"
+    mv "$src.part" "$src"
   fi
   build "$src" "$dir"
   echo "$dir"
@@ -81,36 +87,53 @@ mnist_a=$(bin "$dir_a" mnist); mnist_b=$(bin "$dir_b" mnist)
 bench_a=$(bin "$dir_a" diffusion_bench); bench_b=$(bin "$dir_b" diffusion_bench)
 [ -n "$mnist_a" ] && [ -n "$mnist_b" ] && [ -n "$bench_a" ] && [ -n "$bench_b" ] || die "a build has no mnist or diffusion_bench"
 [ -z "${BUILD_ONLY:-}" ] || { say "built $dir_a and $dir_b"; exit 0; }
-backbone=unet-main
-for b in "$bench_a" "$bench_b"; do "$b" --help 2>/dev/null | grep -q unet-main || backbone=unet; done
+backbone=unet-main key=step_img_per_s
+for b in "$bench_a" "$bench_b"; do
+  help=$("$b" --help 2>&1 || true)
+  [[ $help == *unet-main* ]] || backbone=unet
+  [[ $help == *--profile* ]] || key=train_img_per_s
+done
 
-run_env() { env -i PATH="$PATH" HOME="${HOME:-/root}" $(env | grep -E '^(OPENBLAS|OMP)_' || true) "$@"; }
+mapfile -t kept < <(env | grep -E '^(OPENBLAS_|OMP_|MALLOC_|GLIBC_TUNABLES=|DIFFUSION_)' || true)
+run_env() { env -i PATH="$PATH" HOME="${HOME:-/root}" "${kept[@]}" "$@"; }
+failure_log=$root/build-compare/last-failure.log
 
 # train MNIST: img/s of the main command's epoch.
 train() {
   local out
   out=$(mktemp -d)
   local img_s
-  img_s=$(run_env "$1" train --data "$data" --out "$out" --backbone unet --blocks 1,1,2 --epochs 1 --limit "$limit" \
+  local log
+  log=$(run_env "$1" train --data "$data" --out "$out" --backbone unet --blocks 1,1,2 --epochs 1 --limit "$limit" \
     --batch-size 64 --lr 2e-3 --lr-schedule cosine --warmup 200 --min-snr-gamma 5 --ema 0.999 --grid 0 --val-size 0 \
-    --threads "$threads" 2>/dev/null | sed -n 's/^epoch 1\/1:.* \([0-9.]*\) img\/s.*/\1/p')
-  rm -rf "$out"
-  [ -n "$img_s" ] || die "$1 train printed no epoch line"
+    --threads "$threads" 2> "$out.stderr") || true
+  img_s=$(sed -n 's/^epoch 1\/1:.* \([0-9.]*\) img\/s.*/\1/p' <<< "$log")
+  if [ -z "$img_s" ]; then
+    { echo "$log"; cat "$out.stderr"; } > "$failure_log"
+    rm -rf "$out" "$out.stderr"
+    die "$1 train printed no epoch line (its output: $failure_log)"
+  fi
+  rm -rf "$out" "$out.stderr"
   echo "$img_s"
 }
 
-# bench BENCH: the first row's train img/s.
+# bench BENCH: the first row's img/s under $key.
 bench() {
   local args=${BENCH_ARGS:---backbones $backbone --precision bf16 --batch 64 --steps 20 --warmup 3 --reverse-steps 1}
+  local log value
   # shellcheck disable=SC2086
-  run_env "$1" $args --json --threads "$threads" 2>/dev/null |
-    sed -n 's/.*"train_img_per_s": \([0-9.]*\).*/\1/p' | head -1 | grep . || die "$1 printed no result row"
+  log=$(run_env "$1" $args --json --threads "$threads" 2>&1) || true
+  value=$(sed -n "s/.*\"$key\": \([0-9.]*\).*/\1/p" <<< "$log" | sed -n 1p)
+  [ -n "$value" ] || { echo "$log" > "$failure_log"; die "$1 printed no result row (its output: $failure_log)"; }
+  echo "$value"
 }
+ratio() { awk -v b="$1" -v a="$2" 'BEGIN { printf "%.3f", b / a }'; }
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(grep -m1 'cpu family' /proc/cpuinfo | tr -d '\t'); $threads threads"
 echo "A = $name_a ($(git rev-parse --short "$1")), B = $name_b; $rounds rounds, alternating (A first in odd rounds)"
+[ "$what" = train ] || echo "bench: --backbones $backbone, $key"
 declare -A results
 kinds=()
 [ "$what" != bench ] && kinds+=(train)
@@ -120,11 +143,11 @@ for ((r = 1; r <= rounds; ++r)); do
     if [ "$kind" = train ]; then ba=$mnist_a; bb=$mnist_b; else ba=$bench_a; bb=$bench_b; fi
     if ((r % 2)); then a=$($kind "$ba"); b=$($kind "$bb"); else b=$($kind "$bb"); a=$($kind "$ba"); fi
     results[$kind.a]+="$a "; results[$kind.b]+="$b "
-    printf 'round %d %-5s  A %8.1f img/s   B %8.1f img/s   B/A %.3f\n' "$r" "$kind" "$a" "$b" "$(echo "$b / $a" | bc -l)"
+    printf 'round %d %-5s  A %8.1f img/s   B %8.1f img/s   B/A %s\n' "$r" "$kind" "$a" "$b" "$(ratio "$b" "$a")"
   done
 done
 for kind in "${kinds[@]}"; do
   ma=$(tr ' ' '\n' <<< "${results[$kind.a]}" | grep . | median)
   mb=$(tr ' ' '\n' <<< "${results[$kind.b]}" | grep . | median)
-  printf 'median %-5s  A %8.1f img/s   B %8.1f img/s   B/A %.3f\n' "$kind" "$ma" "$mb" "$(echo "$mb / $ma" | bc -l)"
+  printf 'median %-5s  A %8.1f img/s   B %8.1f img/s   B/A %s\n' "$kind" "$ma" "$mb" "$(ratio "$mb" "$ma")"
 done

@@ -58,6 +58,21 @@ double peak_rss_mib() {
   return static_cast<double>(u.ru_maxrss) / 1024.0;  // Linux reports KiB
 }
 
+/// A flag's value must be an integer >= lo (CLI11's own range checks print their bounds as doubles).
+CLI::Validator at_least(int64_t lo) {
+  return CLI::Validator(
+      [lo](std::string& s) {
+        try {
+          size_t used = 0;
+          const auto v = std::stoll(s, &used);
+          if (used == s.size() && v >= lo) return std::string();
+        } catch (const std::exception&) {
+        }
+        return fmt::format("expected an integer >= {}, got '{}'", lo, s);
+      },
+      fmt::format("INT>={}", lo));
+}
+
 /// Median seconds of `reps` calls of f after `warmup` calls, synchronizing CUDA around each.
 double time_median(const torch::Device& device, int64_t warmup, int64_t reps, const std::function<void()>& f) {
   const auto sync = [&] {
@@ -170,6 +185,8 @@ Result bench_backbone(const std::string& name, const Make& make, Precision preci
   Result r;
   r.backbone = name;
   r.precision = precision;
+  TORCH_CHECK(dataset.size(0) >= (c.warmup + c.steps) * c.batch, "the loop needs (warmup + steps) x batch = ",
+              (c.warmup + c.steps) * c.batch, " training images, the data has ", dataset.size(0));
   torch::manual_seed(0);
   auto model = make();
   for (const auto& p : unwrap(model).parameters()) r.parameters += p.numel();
@@ -181,7 +198,7 @@ Result bench_backbone(const std::string& name, const Make& make, Precision preci
   const auto options = loop_options(c, precision, device, c.warmup + c.steps);
   {
     auto gen = make_generator(1);
-    const int64_t n = std::min(c.batch, dataset.size(0));
+    const int64_t n = c.batch;
     const auto x0 = dataset.slice(0, 0, n).to(device);
     const auto t = torch::randint(0, schedule.num_timesteps(), {n}, gen, torch::kLong).to(device);
     const auto noise = torch::randn(x0.sizes(), gen).to(device);
@@ -257,13 +274,13 @@ int main(int argc, char** argv) {
                  "Comma-separated: fp32 (the seed's arithmetic), bf16 (autocast; fast with AMX/AVX512-BF16), auto")
       ->capture_default_str();
   app.add_option("--threads", c.threads, "CPU threads (0: all cores)")->capture_default_str();
-  app.add_option("--batch", c.batch, "Training batch size")->capture_default_str();
+  app.add_option("--batch", c.batch, "Training batch size")->check(at_least(1))->capture_default_str();
   app.add_option("--micro-batch", c.micro_batch, "Accumulate gradients over micro-batches of this size (0: off)")
       ->capture_default_str();
   app.add_option("--sample-batch", c.sample_batch, "Images per reverse step")->capture_default_str();
-  app.add_option("--warmup", c.warmup, "Untimed warm-up repetitions")->capture_default_str();
-  app.add_option("--steps", c.steps, "Timed training steps (median)")->capture_default_str();
-  app.add_option("--reverse-steps", c.reverse_steps, "Timed reverse steps (median)")->capture_default_str();
+  app.add_option("--warmup", c.warmup, "Untimed warm-up repetitions")->check(at_least(0))->capture_default_str();
+  app.add_option("--steps", c.steps, "Timed training steps (median)")->check(at_least(1))->capture_default_str();
+  app.add_option("--reverse-steps", c.reverse_steps, "Timed reverse steps (median)")->check(at_least(1))->capture_default_str();
   app.add_option("--data", c.data, "MNIST idx directory for the training batches (default: random images)");
   app.add_flag("--full-sample", c.full_sample, "Measure the 1000-step sample instead of extrapolating it");
   app.add_flag("--default-malloc", c.default_malloc, "Leave glibc's malloc thresholds as they are (default: reuse_freed_memory)");

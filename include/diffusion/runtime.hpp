@@ -52,18 +52,30 @@ inline void set_threads(int64_t threads = 0) {
 }
 
 /// Makes glibc's malloc keep the memory LibTorch frees for reuse instead of handing it back to the kernel,
-/// for the rest of the process. LibTorch's CPU allocator frees every intermediate tensor at once; with
-/// glibc's defaults, blocks above the mmap threshold (128 KiB at first, then adjusted as blocks are freed)
-/// are unmapped on free and the top of the heap is trimmed once more than twice that lies free, so each
-/// training step touches its activations' pages anew and pays a page fault per 4 KiB (measured in
-/// docs/performance.md). This fixes the mmap threshold at `mmap_threshold` bytes (glibc's largest, 32 MiB,
-/// by default: blocks up to it come from the heap and are reused) and the trim threshold at
-/// `trim_threshold` (1 GiB: up to that much freed memory stays with the process). Blocks above the mmap
-/// threshold are still mapped and unmapped each time. The cost is memory: the process's resident size
-/// stays near its peak. Returns whether both settings were taken (false on a C library other than glibc;
-/// a sanitizer's allocator may ignore them). The library never calls it; programs call it once at start, as
-/// the bundled ones do. The same as setting MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ in the
-/// environment. Refused: a threshold of 0, an mmap threshold above 32 MiB.
+/// for the rest of the process: training steps stop page-faulting their activations in again.
+///
+/// LibTorch's CPU allocator frees every intermediate tensor at once. With glibc's defaults a block above
+/// the mmap threshold (128 KiB at first) gets a mapping of its own and is unmapped on free, and the top of
+/// the heap is given back once more than the trim threshold (128 KiB at first) lies free; glibc raises
+/// both as it sees large blocks freed, so where they settle differs from run to run, and in the costly
+/// state each step pays a page fault per 4 KiB of its activations (docs/performance.md). This fixes the
+/// mmap threshold at `mmap_threshold` bytes (32 MiB, glibc's largest on 64-bit, by default: blocks up to
+/// it come from the heap and are reused) and the trim threshold at `trim_threshold` (1 GiB: up to that
+/// much freed memory stays with the process), which also turns glibc's adjustment off. Blocks above the
+/// mmap threshold are still mapped per use. The cost is memory: the resident size stays near its peak.
+/// The same as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ in the environment.
+///
+/// Returns whether glibc took both settings (false on another C library, or where glibc refuses the
+/// value, as a 32-bit one does above 512 KiB; a sanitizer's allocator may ignore them). The library never
+/// calls it; a program calls it once at start, as the bundled ones do. Refused: an mmap threshold outside
+/// (0, 32 MiB], a trim threshold outside (0, 2^31).
+///
+/// Example:
+///   int main() {
+///     diffusion::set_threads();
+///     diffusion::reuse_freed_memory();
+///     ...
+///   }
 inline bool reuse_freed_memory(int64_t mmap_threshold = int64_t{32} << 20, int64_t trim_threshold = int64_t{1} << 30) {
   TORCH_CHECK(mmap_threshold > 0 && mmap_threshold <= (int64_t{32} << 20),
               "reuse_freed_memory: mmap_threshold must be in (0, 32 MiB] (glibc's limit), got ", mmap_threshold);
