@@ -2,7 +2,7 @@
 # The main job: installs what is missing, fetches MNIST, builds the MNIST example, trains the UNet from
 # scratch with the best sample quality per CPU minute we measured (widths 16,32,128 with two residual
 # blocks at 7x7, 8 epochs at batch 64, AdamW 2e-3 with warm-up and a cosine decay, Min-SNR-5 loss
-# weighting, EMA 0.999, bf16 autocast where the CPU has bf16 instructions, else fp32; about 27 minutes of
+# weighting, EMA 0.999, bf16 autocast where the CPU has bf16 instructions, else fp32; about 12 minutes of
 # training on 2 cores), keeping epoch 2's checkpoint beside the last. It then samples a grid with
 # DPM-Solver++(2M) SDE in 15 steps (trailing spacing), autoguided by that early checkpoint (Karras et al.
 # 2024: each step is steered away from the weaker model's errors), and scores 1,000 samples (Frechet
