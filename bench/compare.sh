@@ -10,8 +10,8 @@
 #   WHAT=bench bench/compare.sh HEAD~1    only the benchmark's step (WHAT=train: only the training command)
 #   BUILD_ONLY=1 bench/compare.sh fe478bb build both sides now, measure later when the machine is idle
 #
-# Two measurements, both on the same first 9,600 MNIST training images (scripts/fetch-mnist.sh):
-#   train  the README's main training command for one epoch (UNet, blocks 1,1,2, batch 64, cosine lr,
+# Two measurements, both on MNIST (scripts/fetch-mnist.sh):
+#   train  the README's main training command for one epoch of the first 9,600 images (UNet, blocks 1,1,2, batch 64, cosine lr,
 #          warm-up, Min-SNR, EMA; no grids, no validation): the epoch's img/s as `mnist train` prints it.
 #   bench  diffusion_bench's training step for the same UNet at batch 64 in bf16 (BENCH_ARGS to change):
 #          the first row's bare step (step_img_per_s in its JSON). Where one side's bench predates the
@@ -19,7 +19,7 @@
 #          predates `unet-main` (before e89fc47), both run the default UNet: the script says which.
 # Each side runs with the same threads (THREADS, default: every core) and an environment cleared to
 # PATH, HOME and the variables OPENBLAS_*, OMP_*, MALLOC_*, GLIBC_TUNABLES and DIFFUSION_* (so that both
-# sides see the same ones). A run that fails leaves its output in build-compare/last-failure.log. Builds are cached in build-compare/<commit> (Release, ccache when
+# sides see the same ones; programs from 73314f5 on leave glibc's malloc thresholds to MALLOC_* when set). A run that fails leaves its output in build-compare/last-failure.log. Builds are cached in build-compare/<commit> (Release, ccache when
 # present); the working tree's in build-compare/worktree. Quote the CPU with the numbers
 # (`grep -m1 'cpu family' /proc/cpuinfo`): the script prints it.
 set -euo pipefail
@@ -34,7 +34,11 @@ data=${DATA:-data/mnist}
 say() { echo "compare: $*" >&2; }
 die() { say "$*"; exit 2; }
 
-[ $# -ge 1 ] && [ $# -le 2 ] || die "usage: bench/compare.sh REV [REV2]   (see the comment at the top)"
+usage="usage: bench/compare.sh REV [REV2]   (see the comment at the top of bench/compare.sh)"
+[[ ${1:-} != -h && ${1:-} != --help ]] || { echo "$usage"; exit 0; }
+[ $# -ge 1 ] && [ $# -le 2 ] || die "$usage"
+[[ $threads =~ ^[1-9][0-9]*$ ]] || die "THREADS must be a positive integer, got '$threads'"
+[[ $limit =~ ^[1-9][0-9]*$ ]] || die "LIMIT must be a positive integer, got '$limit'"
 for rev in "$@"; do git rev-parse --verify -q "$rev^{commit}" > /dev/null || die "'$rev' is not a revision of this repository"; done
 case $what in both|train|bench) ;; *) die "WHAT must be both, train or bench, got '$what'" ;; esac
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$rounds'"
@@ -119,7 +123,7 @@ train() {
 
 # bench BENCH: the first row's img/s under $key.
 bench() {
-  local args=${BENCH_ARGS:---backbones $backbone --precision bf16 --batch 64 --steps 20 --warmup 3 --reverse-steps 1}
+  local args=${BENCH_ARGS:---data $data --backbones $backbone --precision bf16 --batch 64 --steps 20 --warmup 3 --reverse-steps 1}
   local log value
   # shellcheck disable=SC2086
   log=$(run_env "$1" $args --json --threads "$threads" 2>&1) || true

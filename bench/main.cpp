@@ -2,7 +2,7 @@
 // time, full-sample time and peak memory for each backbone, plus the machine's matmul ceilings. A program
 // that prints numbers, never a test.
 //
-//   diffusion_bench                       all backbones, 2 warm-up + 10 timed steps each
+//   diffusion_bench                       every backbone but unet-main, 2 warm-up + 10 timed steps each
 //   diffusion_bench --backbones smol,chunky --steps 20 --json
 //   diffusion_bench --quick               seconds: proves the program works (CI)
 //   diffusion_bench --precision fp32      float32 only (default: fp32 and bf16 rows for each backbone)
@@ -12,7 +12,9 @@
 // drawn beforehand. The loop: Trainer::fit on in-memory images as the README's main command configures
 // it (EMA 0.999, Min-SNR 5, cosine learning rate with warm-up; no grids, validation or checkpoints), timed
 // between its step callbacks, so it includes drawing each batch, the gradient norm, the NaN guard and the
-// EMA. "loop overhead" is how much longer the loop's step takes than the bare step.
+// EMA. "loop overhead" is how much longer the loop's step takes than the bare step (within a few percent
+// either way, a machine's noise can make it negative). With --warmup 0 the loop's first timed step
+// includes fit()'s setup.
 //
 // Each measurement is the median of the timed repetitions after warm-up. On CUDA the clock is read
 // after torch::cuda::synchronize(). The forward FLOPs of one image are counted by LibTorch's profiler
@@ -276,8 +278,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", c.threads, "CPU threads (0: all cores)")->capture_default_str();
   app.add_option("--batch", c.batch, "Training batch size")->check(at_least(1))->capture_default_str();
   app.add_option("--micro-batch", c.micro_batch, "Accumulate gradients over micro-batches of this size (0: off)")
-      ->capture_default_str();
-  app.add_option("--sample-batch", c.sample_batch, "Images per reverse step")->capture_default_str();
+      ->check(at_least(0))->capture_default_str();
+  app.add_option("--sample-batch", c.sample_batch, "Images per reverse step")->check(at_least(1))->capture_default_str();
   app.add_option("--warmup", c.warmup, "Untimed warm-up repetitions")->check(at_least(0))->capture_default_str();
   app.add_option("--steps", c.steps, "Timed training steps (median)")->check(at_least(1))->capture_default_str();
   app.add_option("--reverse-steps", c.reverse_steps, "Timed reverse steps (median)")->check(at_least(1))->capture_default_str();
@@ -291,7 +293,18 @@ int main(int argc, char** argv) {
 
   c.backbones.clear();
   std::stringstream ss(backbones);
-  for (std::string b; std::getline(ss, b, ',');) c.backbones.push_back(b);
+  const std::vector<std::string> known = {"conv", "conv-small", "smol", "chunky", "unet", "unet-main"};
+  for (std::string b; std::getline(ss, b, ',');) {
+    if (std::find(known.begin(), known.end(), b) == known.end()) {
+      fmt::print(stderr, "--backbones: unknown backbone '{}' (expected conv, conv-small, smol, chunky, unet, unet-main)\n", b);
+      return 2;
+    }
+    c.backbones.push_back(b);
+  }
+  if (c.backbones.empty()) {
+    fmt::print(stderr, "--backbones: expected at least one backbone\n");
+    return 2;
+  }
   c.precisions.clear();
   std::stringstream ps(precisions);
   if (c.quick) {
@@ -312,6 +325,8 @@ int main(int argc, char** argv) {
     if (!c.default_malloc) reuse_freed_memory();
     const auto dataset = c.data.empty() ? torch::rand({c.quick ? 64 : 4096, 1, 28, 28}) * 2 - 1
                                         : data::load_mnist(c.data, data::Split::Train).images;
+    TORCH_CHECK(dataset.size(0) >= (c.warmup + c.steps) * c.batch, "the loop needs (warmup + steps) x batch = ",
+                (c.warmup + c.steps) * c.batch, " training images, the data has ", dataset.size(0));
     fmt::print("diffusion {}.{}.{}, LibTorch {}.{}, device {}, {} threads, batch {} (micro-batch {}), {} timed steps "
                "(median)\n", version_major, version_minor, version_patch, TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR,
                device.str(), at::get_num_threads(), c.batch, c.micro_batch > 0 ? std::to_string(c.micro_batch) : "off",

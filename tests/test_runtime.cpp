@@ -33,6 +33,10 @@ TEST_CASE("reuse_freed_memory keeps a freed block in the heap for the next alloc
   // With glibc's defaults (each test case runs in a fresh process, whose threshold starts at 128 KiB) a
   // 24 MiB block is mapped on its own and unmapped on free, so its pages fault in again at every use
   // (6,144 faults each time, measured in docs/performance.md). Afterwards it comes from the heap and stays.
+  if (std::getenv("MALLOC_MMAP_THRESHOLD_") || std::getenv("MALLOC_TRIM_THRESHOLD_") || std::getenv("GLIBC_TUNABLES")) {
+    WARN("glibc's malloc thresholds come from this environment: reuse_freed_memory leaves them alone");
+    return;
+  }
   REQUIRE(reuse_freed_memory());
   constexpr size_t n = size_t{24} << 20;
   const auto before = mallinfo2();
@@ -53,6 +57,21 @@ TEST_CASE("reuse_freed_memory keeps a freed block in the heap for the next alloc
   // not): only that the call returns is checked.
   WARN("not glibc's malloc here (or a sanitizer's): reuse_freed_memory returned " << reuse_freed_memory());
 #endif
+}
+
+TEST_CASE("reuse_freed_memory leaves glibc's thresholds to the environment where it sets them", "[runtime]") {
+  for (const char* name : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}) {
+    if (std::getenv(name)) continue;  // set by whoever runs the tests: it wins anyway
+    ::setenv(name, "65536", 1);
+    CHECK_FALSE(reuse_freed_memory());
+    ::unsetenv(name);
+  }
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  const std::string saved = tunables ? tunables : "";
+  ::setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=65536", 1);
+  CHECK_FALSE(reuse_freed_memory());
+  if (tunables) ::setenv("GLIBC_TUNABLES", saved.c_str(), 1);
+  else ::unsetenv("GLIBC_TUNABLES");
 }
 
 TEST_CASE("set_threads sets the intra-op threads, every core at 0", "[trainer]") {

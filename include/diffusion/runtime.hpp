@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <fstream>
@@ -63,10 +64,12 @@ inline void set_threads(int64_t threads = 0) {
 /// it come from the heap and are reused) and the trim threshold at `trim_threshold` (1 GiB: up to that
 /// much freed memory stays with the process), which also turns glibc's adjustment off. Blocks above the
 /// mmap threshold are still mapped per use. The cost is memory: the resident size stays near its peak.
-/// The same as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ in the environment.
+/// The same as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ in the environment; where either of
+/// those (or a malloc threshold in GLIBC_TUNABLES) is set, the environment wins and this changes nothing.
 ///
-/// Returns whether glibc took both settings (false on another C library, or where glibc refuses the
-/// value, as a 32-bit one does above 512 KiB; a sanitizer's allocator may ignore them). The library never
+/// Returns whether glibc took both settings: false where the environment set them, on another C library,
+/// or where glibc refuses a value, as a 32-bit one does above 512 KiB (if the trim threshold is refused
+/// after the mmap threshold was taken, the latter stays); a sanitizer's allocator may ignore them. The library never
 /// calls it; a program calls it once at start, as the bundled ones do. Refused: an mmap threshold outside
 /// (0, 32 MiB], a trim threshold outside (0, 2^31).
 ///
@@ -82,10 +85,15 @@ inline bool reuse_freed_memory(int64_t mmap_threshold = int64_t{32} << 20, int64
   TORCH_CHECK(trim_threshold > 0 && trim_threshold <= std::numeric_limits<int>::max(),
               "reuse_freed_memory: trim_threshold must be in (0, 2^31), got ", trim_threshold);
 #if defined(__GLIBC__)
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  const std::string_view t = tunables ? tunables : "";
+  if (std::getenv("MALLOC_MMAP_THRESHOLD_") || std::getenv("MALLOC_TRIM_THRESHOLD_") ||
+      t.find("malloc.mmap_threshold") != std::string_view::npos || t.find("malloc.trim_threshold") != std::string_view::npos) {
+    return false;
+  }
   // Setting either turns off glibc's dynamic adjustment of both, so both are set.
-  const bool mmap = mallopt(M_MMAP_THRESHOLD, static_cast<int>(mmap_threshold)) == 1;
-  const bool trim = mallopt(M_TRIM_THRESHOLD, static_cast<int>(trim_threshold)) == 1;
-  return mmap && trim;
+  if (mallopt(M_MMAP_THRESHOLD, static_cast<int>(mmap_threshold)) != 1) return false;
+  return mallopt(M_TRIM_THRESHOLD, static_cast<int>(trim_threshold)) == 1;
 #else
   return false;
 #endif
