@@ -187,8 +187,6 @@ Result bench_backbone(const std::string& name, const Make& make, Precision preci
   Result r;
   r.backbone = name;
   r.precision = precision;
-  TORCH_CHECK(dataset.size(0) >= (c.warmup + c.steps) * c.batch, "the loop needs (warmup + steps) x batch = ",
-              (c.warmup + c.steps) * c.batch, " training images, the data has ", dataset.size(0));
   torch::manual_seed(0);
   auto model = make();
   for (const auto& p : unwrap(model).parameters()) r.parameters += p.numel();
@@ -264,13 +262,52 @@ double matmul_gflops(const torch::Device& device, int64_t n, torch::Dtype dtype)
   return 2.0 * static_cast<double>(n * n * n) / s / 1e9;
 }
 
+/// The backbones the bench knows, by the name --backbones takes: the seed's four (ConvNet at the seed's
+/// widths and at 32, 64; SmolMLP; ChunkyMLP), the default UNet and the README's main command's UNet. Each
+/// entry measures its concrete type (no type erasure in the timed step).
+struct BenchBackbone {
+  std::string name;
+  std::function<Result(const std::string&, Precision, const Config&, const torch::Tensor&, const torch::Device&)> run;
+};
+
+template <typename Make>
+BenchBackbone entry(std::string name, Make make) {
+  return {std::move(name), [make](const std::string& n, Precision p, const Config& c, const torch::Tensor& data,
+                                  const torch::Device& device) { return bench_backbone(n, make, p, c, data, device); }};
+}
+
+const std::vector<BenchBackbone>& backbone_table() {
+  static const std::vector<BenchBackbone> table = {
+      entry("conv", [] { return ConvNet(); }),
+      entry("conv-small", [] { return ConvNet(ConvNetOptions().widths({32, 64})); }),
+      entry("smol", [] { return SmolMLP(); }),
+      entry("chunky", [] { return ChunkyMLP(); }),
+      entry("unet", [] { return UNet(); }),
+      entry("unet-main", [] { return UNet(UNetOptions().blocks({1, 1, 2})); }),
+  };
+  return table;
+}
+
+const BenchBackbone* find_backbone(const std::string& name) {
+  const auto& t = backbone_table();
+  const auto it = std::find_if(t.begin(), t.end(), [&](const BenchBackbone& e) { return e.name == name; });
+  return it == t.end() ? nullptr : &*it;
+}
+
+std::string bench_backbone_names() {
+  std::string names;
+  for (const auto& e : backbone_table()) names += (names.empty() ? "" : ", ") + e.name;
+  return names;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   Config c;
   std::string backbones = "conv,conv-small,smol,chunky,unet", precisions = "fp32,bf16";
   CLI::App app{"Benchmark diffusion's backbones: training throughput, sampling time, memory"};
-  app.add_option("--backbones", backbones, "Comma-separated: conv, conv-small, smol, chunky, unet, unet-main (the main command's: blocks 1,1,2)")->capture_default_str();
+  app.add_option("--backbones", backbones, "Comma-separated: " + bench_backbone_names() + " (unet-main: the main command's, blocks 1,1,2)")
+      ->capture_default_str();
   app.add_option("--device", c.device, "cpu, cuda or cuda:N")->capture_default_str();
   app.add_option("--precision", precisions,
                  "Comma-separated: fp32 (the seed's arithmetic), bf16 (autocast; fast with AMX/AVX512-BF16), auto")
@@ -293,10 +330,9 @@ int main(int argc, char** argv) {
 
   c.backbones.clear();
   std::stringstream ss(backbones);
-  const std::vector<std::string> known = {"conv", "conv-small", "smol", "chunky", "unet", "unet-main"};
   for (std::string b; std::getline(ss, b, ',');) {
-    if (std::find(known.begin(), known.end(), b) == known.end()) {
-      fmt::print(stderr, "--backbones: unknown backbone '{}' (expected conv, conv-small, smol, chunky, unet, unet-main)\n", b);
+    if (!find_backbone(b)) {
+      fmt::print(stderr, "--backbones: unknown backbone '{}' (expected {})\n", b, bench_backbone_names());
       return 2;
     }
     c.backbones.push_back(b);
@@ -349,17 +385,7 @@ int main(int argc, char** argv) {
                fmt::format("reverse step {}", c.sample_batch), "1000-step sample", "peak RSS MiB");
     for (const auto& name : c.backbones) for (const auto precision : c.precisions) {
       // A fresh, identically seeded model for every row and measurement (bench_backbone seeds).
-      Result r;
-      if (name == "conv") r = bench_backbone(name, [] { return ConvNet(); }, precision, c, dataset, device);
-      else if (name == "conv-small") r = bench_backbone(name, [] { return ConvNet(ConvNetOptions().widths({32, 64})); }, precision, c, dataset, device);
-      else if (name == "smol") r = bench_backbone(name, [] { return SmolMLP(); }, precision, c, dataset, device);
-      else if (name == "chunky") r = bench_backbone(name, [] { return ChunkyMLP(); }, precision, c, dataset, device);
-      else if (name == "unet") r = bench_backbone(name, [] { return UNet(); }, precision, c, dataset, device);
-      else if (name == "unet-main") r = bench_backbone(name, [] { return UNet(UNetOptions().blocks({1, 1, 2})); }, precision, c, dataset, device);
-      else {
-        fmt::print(stderr, "unknown backbone '{}' (conv, conv-small, smol, chunky, unet, unet-main)\n", name);
-        return 2;
-      }
+      const Result r = find_backbone(name)->run(name, precision, c, dataset, device);
       fmt::print("{:<11} {:>9} {:>11} {:>14.4f} {:>11.1f} {:>11.1f} {:>8.1f}% {:>14.4f} s {:>14.1f} s{} {:>14.0f}\n", r.backbone,
                  to_string(r.precision), r.parameters, r.forward_gflop, r.step_img_s, r.train_img_s, 100 * r.loop_overhead(),
                  r.reverse_step_s, r.full_sample_s, r.full_sample_measured ? " " : "*", r.peak_rss_mib);
