@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Speed regression check: builds another revision's `mnist` and `diffusion_bench` beside this tree's and
-# runs them alternately, several rounds, on the same machine and data. Prints every round and the median
-# of each side with the ratio (this tree, or REV2, over REV: above 1 is faster). How a change to the
+# runs them alternately, several rounds, on the same machine and data. Prints every round, the median
+# of each side with their ratio, and the median of the rounds' own ratios (this tree, or REV2, over REV:
+# above 1 is faster). The paired median follows each round's pair, so a machine whose speed drifts
+# between rounds moves it less than the ratio of the medians; quote both. How a change to the
 # training step, the loop or the sampler is checked before it lands (docs/performance.md).
 #
 #   bench/compare.sh fe478bb              fe478bb against the working tree (uncommitted changes included)
@@ -146,12 +148,15 @@ for ((r = 1; r <= rounds; ++r)); do
   for kind in "${kinds[@]}"; do
     if [ "$kind" = train ]; then ba=$mnist_a; bb=$mnist_b; else ba=$bench_a; bb=$bench_b; fi
     if ((r % 2)); then a=$($kind "$ba"); b=$($kind "$bb"); else b=$($kind "$bb"); a=$($kind "$ba"); fi
-    results[$kind.a]+="$a "; results[$kind.b]+="$b "
+    results[$kind.a]+="$a "; results[$kind.b]+="$b "; results[$kind.r]+="$(ratio "$b" "$a") "
     printf 'round %d %-5s  A %8.1f img/s   B %8.1f img/s   B/A %s\n' "$r" "$kind" "$a" "$b" "$(ratio "$b" "$a")"
   done
 done
 for kind in "${kinds[@]}"; do
   ma=$(tr ' ' '\n' <<< "${results[$kind.a]}" | grep . | median)
   mb=$(tr ' ' '\n' <<< "${results[$kind.b]}" | grep . | median)
-  printf 'median %-5s  A %8.1f img/s   B %8.1f img/s   B/A %s\n' "$kind" "$ma" "$mb" "$(ratio "$mb" "$ma")"
+  mr=$(tr ' ' '\n' <<< "${results[$kind.r]}" | grep . | median)
+  wins=$(tr ' ' '\n' <<< "${results[$kind.r]}" | grep . | awk '$1 > 1 { n++ } END { print n + 0 }')
+  printf 'median %-5s  A %8.1f img/s   B %8.1f img/s   B/A %s (ratio of the medians)\n' "$kind" "$ma" "$mb" "$(ratio "$mb" "$ma")"
+  printf 'paired %-5s  B/A %.3f (median of the %d rounds\x27 ratios; B faster in %d of them)\n' "$kind" "$mr" "$rounds" "$wins"
 done
