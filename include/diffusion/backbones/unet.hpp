@@ -18,9 +18,9 @@ namespace diffusion {
 
 /// Options for a UNet. The defaults (widths 16, 32, 128 at 28x28, 14x14, 7x7; self-attention at 7x7;
 /// 731,729 parameters) put the channels where the pixels are few: a channel at 28x28 costs 16 times
-/// one at 7x7. On 2 CPU cores they train at about 250 img/s in fp32 and 400 in bf16; wider networks
-/// learn more per image but see fewer images in the same minutes. docs/results.md measures which
-/// configuration gives the best samples per CPU minute; the MNIST example's main command uses it.
+/// one at 7x7. Wider networks learn more per image but see fewer images in the same minutes:
+/// docs/results.md measures which configuration gives the best samples per CPU minute (the MNIST
+/// example's main command uses it), docs/performance.md how fast each trains.
 ///
 /// Example:
 ///   UNet net(UNetOptions().widths({32, 64, 128}).attention(true));
