@@ -97,3 +97,62 @@ TEST_CASE("schedule refuses bad options", "[schedule][errors]") {
   CHECK_REFUSED(NoiseSchedule().to(torch::kCPU, torch::kInt), "dtype must be floating point");
 }
 
+
+TEST_CASE("sigma(t) is sqrt((1 - abar) / abar) at the timesteps and log-linear between them", "[schedule][sigma]") {
+  const auto oracle = [](double abar) { return std::sqrt((1.0 - abar) / abar); };
+  NoiseSchedule linear, cosine(NoiseScheduleOptions().kind(ScheduleKind::Cosine));
+  for (const auto& [s, table] : {std::pair{&linear, &kLinearAbar}, std::pair{&cosine, &kCosineAbar}}) {
+    for (const auto& [t, abar] : *table) {
+      INFO("t = " << t);
+      CHECK_THAT(s->sigma(static_cast<double>(t)), WithinRel(oracle(abar), 1e-10));
+      CHECK(s->timestep(s->sigma(static_cast<double>(t))) == static_cast<double>(t));
+    }
+    CHECK(s->sigma_min() == s->sigma(0.0));
+    CHECK(s->sigma_max() == s->sigma(999.0));
+  }
+  // Halfway between two timesteps, log sigma is halfway: the geometric mean.
+  const double a = linear.sigma(487), b = linear.sigma(488);
+  CHECK_THAT(linear.sigma(487.5), WithinRel(std::sqrt(a * b), 1e-12));
+  CHECK_THAT(linear.sigma(487.25), WithinRel(std::exp(0.75 * std::log(a) + 0.25 * std::log(b)), 1e-12));
+  // timestep() inverts sigma() anywhere in range, and both increase.
+  double previous = 0.0;
+  for (const double t : {0.0, 0.125, 0.5, 1.0, 10.75, 487.5, 998.25, 998.999, 999.0}) {
+    INFO("t = " << t);
+    CHECK_THAT(linear.timestep(linear.sigma(t)), WithinAbs(t, 1e-9));
+    CHECK_THAT(cosine.timestep(cosine.sigma(t)), WithinAbs(t, 1e-9));
+    CHECK(linear.sigma(t) > previous);
+    previous = linear.sigma(t);
+  }
+  // The ends, also from a value rounded a hair past them (as a plan computed from the ends may be).
+  CHECK(linear.timestep(linear.sigma_min() * (1 - 1e-12)) == 0.0);
+  CHECK(linear.timestep(linear.sigma_max() * (1 + 1e-12)) == 999.0);
+}
+
+TEST_CASE("sigma(t) on a zero-terminal-SNR schedule ends at +inf", "[schedule][sigma]") {
+  NoiseSchedule z(NoiseScheduleOptions().zero_terminal_snr(true));
+  CHECK(std::isinf(z.sigma_max()));
+  CHECK(std::isinf(z.sigma(999.0)));
+  CHECK(std::isinf(z.sigma(998.5)));
+  CHECK(std::isfinite(z.sigma(998.0)));
+  CHECK(z.timestep(std::numeric_limits<double>::infinity()) == 999.0);
+  CHECK(z.timestep(z.sigma(998.0)) == 998.0);
+  CHECK(z.timestep(z.sigma(998.0) * 10) == 998.0);  // no finite level lies past 998 in log sigma
+  CHECK_THAT(z.timestep(z.sigma(500.5)), WithinAbs(500.5, 1e-9));
+}
+
+TEST_CASE("sigma(t) and timestep(sigma) refuse what is out of range", "[schedule][sigma][errors]") {
+  NoiseSchedule s;
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  CHECK_REFUSED(s.sigma(-0.5), "t must be in [0, 999], got -0.5");
+  CHECK_REFUSED(s.sigma(999.5), "t must be in [0, 999], got 999.5");
+  CHECK_REFUSED(s.sigma(nan), "t must be in [0, 999], got nan");
+  CHECK_REFUSED(s.timestep(0.0), "sigma must be in the schedule's range");
+  CHECK_REFUSED(s.timestep(-1.0), "sigma must be in the schedule's range");
+  CHECK_REFUSED(s.timestep(nan), "sigma must be in the schedule's range");
+  CHECK_REFUSED(s.timestep(inf), "sigma must be in the schedule's range");
+  CHECK_REFUSED(s.timestep(s.sigma_max() * 1.01), "sigma must be in the schedule's range");
+  CHECK_REFUSED(s.timestep(s.sigma_min() * 0.99), "sigma must be in the schedule's range");
+  NoiseSchedule one(NoiseScheduleOptions().num_timesteps(1));
+  CHECK(one.timestep(one.sigma(0.0)) == 0.0);
+  CHECK_REFUSED(one.sigma(0.5), "t must be in [0, 0], got 0.5");
+}

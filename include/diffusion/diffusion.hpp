@@ -17,6 +17,7 @@
 #include <diffusion/platform.hpp>
 #include <diffusion/runtime.hpp>
 #include <diffusion/sampling/spacing.hpp>
+#include <diffusion/sampling/plans.hpp>
 #include <diffusion/sampling/loop.hpp>
 #include <diffusion/sampling/ddpm.hpp>
 #include <diffusion/sampling/ddim.hpp>

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -124,6 +125,8 @@ class NoiseSchedule {
   struct HostTables {
     std::vector<double> betas, alphas_cumprod, alphas_cumprod_prev, sqrt_alphas_cumprod,
         sqrt_one_minus_alphas_cumprod, sqrt_recip_alphas, posterior_variance;
+    /// sigma_t = sqrt(1 - abar_t) / sqrt(abar_t) (see sigma()); +inf where abar_t = 0.
+    std::vector<double> sigmas;
   };
   const HostTables& host() const noexcept { return *host_; }
   torch::Device device() const { return betas.device(); }
@@ -138,6 +141,48 @@ class NoiseSchedule {
     for (auto* table : out.tables()) *table = table->to(device, target);
     return out;
   }
+
+  /// The noise level of timestep index t: sigma_t = sqrt((1 - abar_t) / abar_t), the standard deviation of
+  /// the noise in x_t / sqrt(abar_t) (the variance-exploding view of the same process, Karras et al. 2022,
+  /// sec. 2 and Table 1). Between integer timesteps, log sigma is interpolated linearly, as k-diffusion's
+  /// DiscreteSchedule does, so a model trained on the T integer timesteps can be asked at any noise level
+  /// in [sigma(0), sigma(T-1)]. t: in [0, T-1]; anything else, NaN included, is refused. Increasing in t;
+  /// +inf at a zero-terminal-SNR schedule's last index (and for any t above T-2 there).
+  double sigma(double t) const {
+    const int64_t T = num_timesteps();
+    TORCH_CHECK(t >= 0.0 && t <= static_cast<double>(T - 1), "NoiseSchedule::sigma: t must be in [0, ", T - 1,
+                "], got ", t);
+    const auto& s = host().sigmas;
+    const auto low = static_cast<size_t>(std::floor(t));
+    const double w = t - static_cast<double>(low);
+    if (w == 0.0) return s[low];
+    return std::exp((1.0 - w) * std::log(s[low]) + w * std::log(s[low + 1]));
+  }
+
+  /// The inverse of sigma(t): the continuous timestep whose noise level is `sigma`, by linear interpolation
+  /// in log sigma between the two timesteps around it (k-diffusion's DiscreteSchedule.sigma_to_t). sigma: in
+  /// [sigma(0), sigma(T-1)] (a relative 1e-9 beyond either end is taken as that end, for plans computed from
+  /// the ends); anything else, 0 and NaN included, is refused. +inf gives T-1 on a zero-terminal-SNR
+  /// schedule. Returns a value in [0, T-1].
+  double timestep(double sigma) const {
+    const auto& s = host().sigmas;
+    const double lo = s.front(), hi = s.back();
+    TORCH_CHECK(sigma >= lo * (1 - 1e-9) && (sigma <= hi * (1 + 1e-9) || std::isinf(hi)),
+                "NoiseSchedule::timestep: sigma must be in the schedule's range [", lo, ", ", hi, "], got ", sigma);
+    if (sigma <= lo) return 0.0;
+    if (sigma >= hi) return static_cast<double>(s.size() - 1);
+    // The first index whose sigma is >= the given one; the sigmas increase strictly (abar decreases).
+    const auto high = static_cast<size_t>(std::lower_bound(s.begin(), s.end(), sigma) - s.begin());
+    if (s[high] == sigma) return static_cast<double>(high);
+    const size_t low = high - 1;
+    if (std::isinf(s[high])) return static_cast<double>(low);  // only +inf itself reaches the last index
+    const double w = (std::log(sigma) - std::log(s[low])) / (std::log(s[high]) - std::log(s[low]));
+    return static_cast<double>(low) + w;
+  }
+
+  /// sigma(0) and sigma(T-1): the range of noise levels the schedule trained on.
+  double sigma_min() const { return host().sigmas.front(); }
+  double sigma_max() const { return host().sigmas.back(); }
 
   /// beta_t.
   torch::Tensor betas;
@@ -179,7 +224,7 @@ class NoiseSchedule {
     };
     host_ = std::make_shared<const HostTables>(HostTables{vec(betas64), vec(abar), vec(abar_prev), vec(sqrt_abar),
                                                           vec((1.0 - abar).sqrt()), vec(alphas64.rsqrt()),
-                                                          vec(posterior64)});
+                                                          vec(posterior64), vec((1.0 - abar).sqrt() / sqrt_abar)});
   }
 
   std::array<torch::Tensor*, 8> tables() {
