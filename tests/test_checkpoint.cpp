@@ -418,3 +418,48 @@ TEST_CASE("option records refuse unknown kinds and fields, naming them", "[check
   CHECK(u.patch() == 2);
   CHECK_FALSE(u.attention());
 }
+
+namespace checkpoint_names {
+// A backbone with a submodule whose name LibTorch's archives write but cannot read back.
+struct KeywordNetImpl : torch::nn::Module {
+  explicit KeywordNetImpl(std::string name) {
+    block = register_module("block", torch::nn::Sequential());
+    block->register_module(name, torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 1, 3).padding(1)));
+  }
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor&) { return block->forward(x); }
+  torch::nn::Sequential block{nullptr};
+};
+TORCH_MODULE(KeywordNet);
+}  // namespace checkpoint_names
+
+TEST_CASE("a model with a TorchScript keyword for a name is refused before training or writing", "[checkpoint][errors]") {
+  using checkpoint_names::KeywordNet;
+  const auto dir = scratch("keywords");
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(30));
+  // What LibTorch 1.13 writes for such a name and then fails to parse ("expected ident but found 'in'").
+  for (const std::string name : {"in", "def", "class", "None", "return"}) {
+    INFO(name);
+    KeywordNet net(name);
+    CheckpointContents c;
+    c.model = net.ptr().get();
+    c.schedule = schedule.options();
+    CHECK_REFUSED(save_checkpoint(dir / "kw.pt", c), "the submodule 'block." + name + "' has the name '" + name +
+                                                         "', a TorchScript keyword");
+    CHECK_FALSE(fs::exists(dir / "kw.pt"));
+    CHECK_REFUSED(Trainer(KeywordNet(name), schedule, quiet()), "Trainer: the submodule 'block." + name + "'");
+  }
+  // Parameters are held to the same rule; names that only look like keywords are fine, and load back.
+  torch::nn::Module with_param;
+  with_param.register_parameter("pass", torch::ones({2}));
+  CHECK_REFUSED(diffusion::detail::check_archive_names(with_param, "save"), "save: the parameter 'pass'");
+  for (const std::string name : {"lambda", "stem", "input", "in_"}) {
+    INFO(name);
+    KeywordNet net(name);
+    CheckpointContents c;
+    c.model = net.ptr().get();
+    c.schedule = schedule.options();
+    save_checkpoint(dir / "ok.pt", c);
+    KeywordNet again(name);
+    CHECK_NOTHROW(load_weights(dir / "ok.pt", again));
+  }
+}

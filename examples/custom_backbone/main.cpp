@@ -33,7 +33,7 @@ struct TinyResNetImpl : torch::nn::Module {
     const int64_t width = options.width(), depth = options.depth();
     time = register_module("time", torch::nn::Sequential(SinusoidalPositionEmbeddings(64), torch::nn::Linear(64, width),
                                                          torch::nn::SiLU()));
-    in = register_module("in", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, width, 3).padding(1)));
+    stem = register_module("stem", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, width, 3).padding(1)));
     for (int64_t i = 0; i < depth; ++i) {
       layers->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(width, width, 3).padding(1)));
       norms->push_back(torch::nn::GroupNorm(8, width));
@@ -45,7 +45,7 @@ struct TinyResNetImpl : torch::nn::Module {
 
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
     const auto emb = time->forward(t).unsqueeze(-1).unsqueeze(-1);
-    auto h = in(x);
+    auto h = stem(x);
     for (size_t i = 0; i < layers->size(); ++i) {
       h = h + layers[i]->as<torch::nn::Conv2d>()->forward(
                   torch::silu(norms[i]->as<torch::nn::GroupNorm>()->forward(h + emb)));
@@ -55,7 +55,7 @@ struct TinyResNetImpl : torch::nn::Module {
 
   TinyResNetOptions options;
   torch::nn::Sequential time{nullptr};
-  torch::nn::Conv2d in{nullptr}, out{nullptr};
+  torch::nn::Conv2d stem{nullptr}, out{nullptr};
   torch::nn::ModuleList layers, norms;
 };
 TORCH_MODULE(TinyResNet);

@@ -427,6 +427,7 @@ inline CheckpointInfo read_info(torch::serialize::InputArchive& a, int64_t forma
 ///   save_checkpoint("model.pt", c);
 inline void save_checkpoint(const std::filesystem::path& path, const CheckpointContents& c) {
   TORCH_CHECK(c.model != nullptr, "save_checkpoint: a model is needed");
+  detail::check_archive_names(*c.model, "save_checkpoint");
   namespace key = detail::key;
   // Never a checkpoint of a diverged run: it would replace a good one.
   std::vector<std::pair<std::string, torch::Tensor>> weights;

@@ -3,13 +3,43 @@
 #include <torch/torch.h>
 
 #include <filesystem>
+#include <algorithm>
 #include <functional>
+#include <set>
+#include <string_view>
 #include <string>
 #include <utility>
 #include <vector>
 
 /// Reading and writing modules' weights in LibTorch archives, for checkpoints and the EMA.
 namespace diffusion::detail {
+
+/// Refuses, naming `who` and the full name, a module whose submodules, parameters or buffers LibTorch's
+/// archives cannot read back: the archive stores each name as an attribute in TorchScript source, and a
+/// name that is one of TorchScript's keywords ("in", "def", "class", "None", ...) is written as is and
+/// then fails to parse when loading ("expected ident but found 'in'"). The list is what LibTorch 1.13
+/// refused to load back, name by name; Python keywords that TorchScript accepts ("lambda", "async",
+/// "yield", ...) are not refused.
+inline void check_archive_names(const torch::nn::Module& module, const char* who) {
+  static const std::set<std::string, std::less<>> refused = {
+      "and",  "as",   "assert", "break", "class", "continue", "def", "del",    "elif",   "else",
+      "Ellipsis", "False", "for", "global", "if", "import", "in",  "is",     "None",   "not",
+      "or",   "pass", "raise",  "return", "True", "while",   "with", "__annotations__"};
+  const auto check = [&](const std::string& full, const char* kind) {
+    size_t begin = 0;
+    while (begin <= full.size()) {
+      const auto end = std::min(full.find('.', begin), full.size());
+      const auto part = std::string_view(full).substr(begin, end - begin);
+      TORCH_CHECK(refused.find(part) == refused.end(), who, ": the ", kind, " '", full, "' has the name '", part,
+                  "', a TorchScript keyword, which LibTorch's archives write but cannot read back; rename it (e.g. "
+                  "register_module(\"", part, "_\", ...))");
+      begin = end + 1;
+    }
+  };
+  for (const auto& m : module.named_modules("", /*include_self=*/false)) check(m.key(), "submodule");
+  for (const auto& p : module.named_parameters()) check(p.key(), "parameter");
+  for (const auto& b : module.named_buffers()) check(b.key(), "buffer");
+}
 
 /// Writes `module` like Module::save does (same names, same nesting), but each parameter's value comes
 /// from `value(full_name, parameter)`: how EMA weights are stored so that a model loads them as its own.

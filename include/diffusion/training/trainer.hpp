@@ -58,6 +58,7 @@ class Trainer final : public TrainingRun {
       : model_(std::move(model)), options_(std::move(options)), device_(options_.device().value_or(auto_device())),
         schedule_(schedule.to(device_)), generator_(make_generator(options_.seed())) {
     detail::check_trainer_options(options_, schedule_);
+    detail::check_archive_names(unwrap(model_), "Trainer");  // before training: its checkpoints must load
     unwrap(model_).to(device_);
     optimizer_ = optimizer ? std::move(optimizer) : detail::default_optimizer(unwrap(model_), options_.optimization());
     if (options_.ema_decay() > 0) ema_.emplace(unwrap(model_), options_.ema_decay());
