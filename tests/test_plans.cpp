@@ -18,8 +18,8 @@ TEST_CASE("karras_sigmas is EDM's eq. 5 then 0", "[plans]") {
         const auto expected = static_cast<double>(std::pow(hi + ramp * (lo - hi), static_cast<long double>(rho)));  // as eq. 5 reads
         CHECK_THAT(sigmas[static_cast<size_t>(i)], WithinRel(expected, 1e-12));
       }
-      CHECK_THAT(sigmas.front(), WithinRel(smax, 1e-12));
-      if (n > 1) CHECK_THAT(sigmas[static_cast<size_t>(n - 1)], WithinRel(smin, 1e-12));
+      CHECK(sigmas.front() == smax);  // the ends exactly
+      if (n > 1) CHECK(sigmas[static_cast<size_t>(n - 1)] == smin);
     }
   }
   // rho = 1 is uniform in sigma.
@@ -31,8 +31,8 @@ TEST_CASE("exponential_sigmas is uniform in log sigma then 0", "[plans]") {
   const auto sigmas = exponential_sigmas(8, 0.01, 10.0);
   REQUIRE(sigmas.size() == 9);
   CHECK(sigmas.back() == 0.0);
-  CHECK_THAT(sigmas.front(), WithinRel(10.0, 1e-12));
-  CHECK_THAT(sigmas[7], WithinRel(0.01, 1e-12));
+  CHECK(sigmas.front() == 10.0);
+  CHECK(sigmas[7] == 0.01);
   const double ratio = std::pow(0.01 / 10.0, 1.0 / 7.0);  // a constant ratio between neighbours
   for (size_t i = 0; i + 2 < sigmas.size(); ++i) CHECK_THAT(sigmas[i + 1] / sigmas[i], WithinRel(ratio, 1e-12));
   CHECK(exponential_sigmas(1, 0.5, 2.0) == std::vector<double>{2.0, 0.0});
@@ -86,6 +86,16 @@ TEST_CASE("plans refuse bad ranges, and check_plan refuses what is not a plan", 
   CHECK(karras_sigmas(1, 1, 1) == std::vector<double>{1.0, 0.0});
   CHECK_REFUSED(karras_sigmas(5, 0.1, 10, 0.0), "rho must be positive and finite, got 0");
   CHECK_REFUSED(karras_sigmas(5, 0.1, 10, nan), "rho must be positive and finite");
+  // One step is {sigma_max, 0} whatever rho; with more, a rho that takes a level out of double's range is
+  // named, as is one that collapses the levels onto each other.
+  CHECK(karras_sigmas(1, 0.002, 80, 0.001) == std::vector<double>{80.0, 0.0});
+  CHECK(karras_sigmas(1, 0.002, 80, 1e300) == std::vector<double>{80.0, 0.0});
+  CHECK_REFUSED(karras_sigmas(10, 0.002, 80, 0.001), "karras_sigmas (rho = 0.001): this rho over [sigma_min, sigma_max]");
+  CHECK_REFUSED(karras_sigmas(10, 0.002, 80, 0.001), "leaves double's range (level 1 came out as inf)");
+  CHECK_REFUSED(karras_sigmas(10, 0.002, 80, 1e300), "karras_sigmas (rho = 1e+300): noise levels must decrease strictly");
+  // More levels than a vector can hold: a c10::Error, not std::length_error.
+  CHECK_REFUSED(karras_sigmas(std::numeric_limits<int64_t>::max(), 0.1, 10), "steps are more than a plan can hold");
+  CHECK_REFUSED(exponential_sigmas(std::numeric_limits<int64_t>::max(), 0.1, 10), "steps are more than a plan can hold");
   // So many steps over so narrow a range that neighbours round to the same double.
   CHECK_REFUSED(karras_sigmas(1000, 1.0, 1.0 + 1e-13), "noise levels must decrease strictly");
   CHECK_REFUSED(exponential_sigmas(0, 0.1, 10), "exponential_sigmas: steps must be >= 1, got 0");

@@ -152,6 +152,10 @@ TEST_CASE("sigma(t) and timestep(sigma) refuse what is out of range", "[schedule
   CHECK_REFUSED(s.timestep(inf), "sigma must be in the schedule's range");
   CHECK_REFUSED(s.timestep(s.sigma_max() * 1.01), "sigma must be in the schedule's range");
   CHECK_REFUSED(s.timestep(s.sigma_min() * 0.99), "sigma must be in the schedule's range");
+  // A degenerate schedule whose first levels round to 0 still refuses sigma = 0.
+  NoiseSchedule flat(NoiseScheduleOptions().beta_start(1e-20).beta_end(1e-20));
+  CHECK(flat.sigma_min() == 0.0);
+  CHECK_REFUSED(flat.timestep(0.0), "sigma must be in the schedule's range");
   NoiseSchedule one(NoiseScheduleOptions().num_timesteps(1));
   CHECK(one.timestep(one.sigma(0.0)) == 0.0);
   CHECK_REFUSED(one.sigma(0.5), "t must be in [0, 0], got 0.5");

@@ -162,12 +162,13 @@ class NoiseSchedule {
   /// The inverse of sigma(t): the continuous timestep whose noise level is `sigma`, by linear interpolation
   /// in log sigma between the two timesteps around it (k-diffusion's DiscreteSchedule.sigma_to_t). sigma: in
   /// [sigma(0), sigma(T-1)] (a relative 1e-9 beyond either end is taken as that end, for plans computed from
-  /// the ends); anything else, 0 and NaN included, is refused. +inf gives T-1 on a zero-terminal-SNR
-  /// schedule. Returns a value in [0, T-1].
+  /// the ends); anything else, 0 and NaN included, is refused. Returns a value in [0, T-1]. On a
+  /// zero-terminal-SNR schedule sigma(t) is +inf for every t above T-2, so there every finite sigma above
+  /// sigma(T-2) gives T-2 and only +inf gives T-1: the two are inverses up to T-2.
   double timestep(double sigma) const {
     const auto& s = host().sigmas;
     const double lo = s.front(), hi = s.back();
-    TORCH_CHECK(sigma >= lo * (1 - 1e-9) && (sigma <= hi * (1 + 1e-9) || std::isinf(hi)),
+    TORCH_CHECK(sigma > 0.0 && sigma >= lo * (1 - 1e-9) && (sigma <= hi * (1 + 1e-9) || std::isinf(hi)),
                 "NoiseSchedule::timestep: sigma must be in the schedule's range [", lo, ", ", hi, "], got ", sigma);
     if (sigma <= lo) return 0.0;
     if (sigma >= hi) return static_cast<double>(s.size() - 1);
@@ -175,7 +176,7 @@ class NoiseSchedule {
     const auto high = static_cast<size_t>(std::lower_bound(s.begin(), s.end(), sigma) - s.begin());
     if (s[high] == sigma) return static_cast<double>(high);
     const size_t low = high - 1;
-    if (std::isinf(s[high])) return static_cast<double>(low);  // only +inf itself reaches the last index
+    if (std::isinf(s[high]) || s[high] == s[low]) return static_cast<double>(low);  // only +inf reaches T-1
     const double w = (std::log(sigma) - std::log(s[low])) / (std::log(s[high]) - std::log(s[low]));
     return static_cast<double>(low) + w;
   }

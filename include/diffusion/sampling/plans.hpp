@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <new>
 #include <limits>
 #include <string>
 #include <string_view>
@@ -47,16 +48,39 @@ inline void check_plan_range(std::string_view who, int64_t steps, double sigma_m
   TORCH_CHECK(sigma_min < sigma_max || (steps == 1 && sigma_min == sigma_max), who,
               ": sigma_min must be below sigma_max, got sigma_min = ", sigma_min, ", sigma_max = ", sigma_max);
 }
+
+/// Room for steps + 1 levels, refused as a c10::Error when it cannot be had.
+inline std::vector<double> plan_storage(std::string_view who, int64_t steps) {
+  TORCH_CHECK(static_cast<uint64_t>(steps) < std::vector<double>().max_size(), who, ": ", steps,
+              " steps are more than a plan can hold");
+  try {
+    return std::vector<double>(static_cast<size_t>(steps) + 1, 0.0);
+  } catch (const std::bad_alloc&) {
+    TORCH_CHECK(false, who, ": ", steps, " steps need ", (static_cast<double>(steps) + 1) * 8 / (1 << 20),
+                " MiB for the plan, which could not be allocated");
+  }
+  return {};
+}
+
+/// The levels between the ends must be positive and finite: an extreme exponent can overflow them.
+inline void check_plan_values(std::string_view who, const std::vector<double>& sigmas, std::string_view what) {
+  for (size_t i = 1; i + 2 < sigmas.size(); ++i) {
+    TORCH_CHECK(std::isfinite(sigmas[i]) && sigmas[i] > 0.0, who, ": ", what, " over [sigma_min, sigma_max] = [",
+                sigmas[sigmas.size() - 2], ", ", sigmas.front(), "] leaves double's range (level ", i, " came out as ",
+                sigmas[i], ")");
+  }
+}
 }  // namespace detail
 
 /// Karras et al. 2022, eq. 5: `steps` noise levels from sigma_max down to sigma_min, evenly spaced in
 /// sigma^(1/rho), then 0: sigma_i = (sigma_max^(1/rho) + i / (steps - 1) (sigma_min^(1/rho) -
 /// sigma_max^(1/rho)))^rho for i = 0 .. steps - 1 (k-diffusion's get_sigmas_karras). rho = 7 (the paper's)
 /// spends more steps at low noise; rho = 1 is uniform in sigma. Computed as ((1 - r) sigma_max^(1/rho) + r
-/// sigma_min^(1/rho))^rho, the same value without the cancellation at the low end. One step: {sigma_max, 0}. Refused: steps
-/// < 1, sigma_min not positive, sigma_max not finite, sigma_min >= sigma_max (equal only for one step), rho
-/// not positive and finite, and a range so narrow for the step count that two levels round to the same
-/// double. Returns steps + 1 values.
+/// sigma_min^(1/rho))^rho, the same value without the cancellation at the low end; the first and last
+/// levels are sigma_max and sigma_min exactly. One step: {sigma_max, 0}. Refused: steps < 1 (and more
+/// than memory holds), sigma_min not positive, sigma_max not finite, sigma_min >= sigma_max (equal only
+/// for one step), rho not positive and finite, a rho so extreme that a level leaves double's range, and a
+/// range so narrow for the step count that two levels round to the same double. Returns steps + 1 values.
 ///
 /// Example:
 ///   karras_sigmas(10, 0.002, 80);                                        // EDM's range
@@ -65,33 +89,44 @@ inline std::vector<double> karras_sigmas(int64_t steps, double sigma_min, double
   detail::check_plan_range("karras_sigmas", steps, sigma_min, sigma_max);
   TORCH_CHECK(std::isfinite(rho) && rho > 0.0, "karras_sigmas: rho must be positive and finite, got ", rho);
   const double hi = std::pow(sigma_max, 1.0 / rho), lo = std::pow(sigma_min, 1.0 / rho);
-  std::vector<double> sigmas(static_cast<size_t>(steps) + 1, 0.0);
-  for (int64_t i = 0; i < steps; ++i) {
-    const double ramp = steps == 1 ? 0.0 : static_cast<double>(i) / static_cast<double>(steps - 1);
-    sigmas[static_cast<size_t>(i)] = std::pow((1.0 - ramp) * hi + ramp * lo, rho);  // exact at both ends
+  auto sigmas = detail::plan_storage("karras_sigmas", steps);
+  const size_t n = sigmas.size() - 1;  // = steps
+  for (size_t i = 1; i + 1 < n; ++i) {
+    const double ramp = static_cast<double>(i) / static_cast<double>(n - 1);
+    sigmas[i] = std::pow((1.0 - ramp) * hi + ramp * lo, rho);
   }
-  check_plan(sigmas, "karras_sigmas");
+  // The ends are the given values exactly (the formula returns them to within rounding).
+  sigmas.front() = sigma_max;
+  if (n > 1) sigmas[n - 1] = sigma_min;
+  const auto who = "karras_sigmas (rho = " + c10::str(rho) + ")";
+  detail::check_plan_values(who, sigmas, "this rho");
+  check_plan(sigmas, who);
   return sigmas;
 }
 
 /// `steps` noise levels from sigma_max down to sigma_min evenly spaced in log sigma, then 0 (k-diffusion's
 /// get_sigmas_exponential): sigma_i = exp(log sigma_max + i / (steps - 1) (log sigma_min - log sigma_max)).
-/// The same refusals as karras_sigmas. Returns steps + 1 values.
+/// The first and last levels are sigma_max and sigma_min exactly; one step: {sigma_max, 0}. The same
+/// refusals as karras_sigmas. Returns steps + 1 values.
 inline std::vector<double> exponential_sigmas(int64_t steps, double sigma_min, double sigma_max) {
   detail::check_plan_range("exponential_sigmas", steps, sigma_min, sigma_max);
   const double hi = std::log(sigma_max), lo = std::log(sigma_min);
-  std::vector<double> sigmas(static_cast<size_t>(steps) + 1, 0.0);
-  for (int64_t i = 0; i < steps; ++i) {
-    const double ramp = steps == 1 ? 0.0 : static_cast<double>(i) / static_cast<double>(steps - 1);
-    sigmas[static_cast<size_t>(i)] = std::exp((1.0 - ramp) * hi + ramp * lo);
+  auto sigmas = detail::plan_storage("exponential_sigmas", steps);
+  const size_t n = sigmas.size() - 1;  // = steps
+  for (size_t i = 1; i + 1 < n; ++i) {
+    const double ramp = static_cast<double>(i) / static_cast<double>(n - 1);
+    sigmas[i] = std::exp((1.0 - ramp) * hi + ramp * lo);
   }
+  sigmas.front() = sigma_max;
+  if (n > 1) sigmas[n - 1] = sigma_min;
   check_plan(sigmas, "exponential_sigmas");
   return sigmas;
 }
 
 /// A discrete schedule's noise levels at the `steps` timesteps a spacing picks (timestep_plan), then 0:
 /// the plan today's samplers follow, as noise levels. Exactly schedule.sigma(t) at those t; on a
-/// zero-terminal-SNR schedule, a spacing that visits T-1 (trailing, linspace) starts at +inf.
+/// zero-terminal-SNR schedule, a plan that visits T-1 (trailing and linspace always; leading only with
+/// steps = T) starts at +inf.
 ///
 /// Example:
 ///   discrete_sigmas(NoiseSchedule(), 5, TimestepSpacing::Trailing);   // sigma(999), sigma(799), ..., sigma(199), 0
