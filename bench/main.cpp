@@ -331,6 +331,10 @@ int main(int argc, char** argv) {
   c.backbones.clear();
   std::stringstream ss(backbones);
   for (std::string b; std::getline(ss, b, ',');) {
+    if (std::find(c.backbones.begin(), c.backbones.end(), b) != c.backbones.end()) {
+      fmt::print(stderr, "--backbones: '{}' is named twice\n", b);
+      return 2;
+    }
     if (!find_backbone(b)) {
       fmt::print(stderr, "--backbones: unknown backbone '{}' (expected {})\n", b, bench_backbone_names());
       return 2;
@@ -354,9 +358,12 @@ int main(int argc, char** argv) {
   try {
     const auto device = parse_device(c.device);
     for (std::string p; std::getline(ps, p, ',');) {
-      c.precisions.push_back(resolve_precision(p, device));
+      const auto resolved = resolve_precision(p, device);
+      TORCH_CHECK(std::find(c.precisions.begin(), c.precisions.end(), resolved) == c.precisions.end(), "--precision: '", p,
+                  "' asks for ", to_string(resolved), " a second time");
+      c.precisions.push_back(resolved);
     }
-    TORCH_CHECK(!c.precisions.empty(), "--precision: expected fp32, bf16 or both, got nothing");
+    TORCH_CHECK(!c.precisions.empty(), "--precision: expected fp32, bf16, auto, or a comma-separated list of them, got nothing");
     set_threads(c.threads);
     if (!c.default_malloc) reuse_freed_memory();
     const auto dataset = c.data.empty() ? torch::rand({c.quick ? 64 : 4096, 1, 28, 28}) * 2 - 1

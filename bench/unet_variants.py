@@ -162,11 +162,19 @@ def img_per_s(step, steps=10, batch=64):
 
 
 def main():
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    usage = f"usage: {sys.argv[0]} [ROUNDS >= 1] [VARIANT,...] (variants: {', '.join(VARIANTS)})"
+    if len(sys.argv) > 3 or (len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help")):
+        sys.exit(usage)
+    rounds = sys.argv[1] if len(sys.argv) > 1 else "3"
+    if not rounds.isdigit() or int(rounds) < 1:
+        sys.exit(f"ROUNDS: expected an integer >= 1, got '{rounds}'\n{usage}")
+    rounds = int(rounds)
     names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(VARIANTS)
     for n in names:
         if n not in VARIANTS:
             sys.exit(f"unknown variant '{n}' (expected {', '.join(VARIANTS)})")
+    if len(set(names)) != len(names):
+        sys.exit(f"a variant is named twice in '{sys.argv[2]}'")
     if "base" not in names:
         names.insert(0, "base")
     torch.set_num_threads(torch.get_num_threads() if torch.get_num_threads() > 1 else 2)
