@@ -1,7 +1,7 @@
 // mnist train: a backbone on MNIST-format data, with the run's files written by RunOutputs.
 #include "commands.hpp"
 
-#if defined(USE_C10D_GLOO)
+#if defined(MNIST_DATA_PARALLEL)
 #include <diffusion/training/distributed.hpp>
 #endif
 
@@ -155,7 +155,7 @@ int run_train(const TrainCommand& t) {
           .checkpoint_every_steps(t.checkpoint_every)
           .checkpoint_every_minutes(t.checkpoint_minutes));
   if (env) {
-#if defined(USE_C10D_GLOO)
+#if defined(MNIST_DATA_PARALLEL)
     trainer.distribute(std::make_shared<ProcessGroup>(*env, device, std::chrono::seconds(t.dist_timeout)));
 #else
     TORCH_CHECK(false, "train: launched as ", env->world_size, " ranks, but this build has no c10d (install libgloo-dev)");
