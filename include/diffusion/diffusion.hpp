@@ -22,6 +22,16 @@
 #include <diffusion/sampling/ddpm.hpp>
 #include <diffusion/sampling/ddim.hpp>
 #include <diffusion/sampling/dpm_solver.hpp>
+#include <diffusion/formulation/formulation.hpp>
+#include <diffusion/formulation/discrete.hpp>
+#include <diffusion/formulation/edm.hpp>
+#include <diffusion/precondition.hpp>
+#include <diffusion/sampling/sampler.hpp>
+#include <diffusion/sampling/euler.hpp>
+#include <diffusion/sampling/euler_ancestral.hpp>
+#include <diffusion/sampling/heun.hpp>
+#include <diffusion/sampling/dpmpp_2m.hpp>
+#include <diffusion/sampling/dpmpp_3m_sde.hpp>
 #include <diffusion/registry.hpp>
 #include <diffusion/guidance/autoguidance.hpp>
 #include <diffusion/guidance/classifier_free.hpp>

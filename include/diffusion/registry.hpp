@@ -162,14 +162,7 @@ inline std::optional<BackboneConfig> backbone_config(const torch::nn::Module& mo
 /// braces makes a JSON null) mean the defaults, as an empty object does. Refused: an unknown name (the
 /// known ones are listed), and options the backbone refuses.
 inline AnyBackbone make_backbone(const BackboneConfig& config) {
-  const auto factory = detail::backbones().at(config.name);
-  try {
-    return factory(config.options.is_null() ? nlohmann::json::object() : config.options);
-  } catch (const nlohmann::json::exception& e) {
-    TORCH_CHECK(false, "make_backbone: the options of '", config.name, "' are malformed: ", e.what(), " in ",
-                config.options.dump());
-  }
-  return AnyBackbone(nullptr);
+  return detail::make_from_json(detail::backbones(), config.name, config.options, "make_backbone");
 }
 
 }  // namespace diffusion

@@ -1,8 +1,10 @@
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <map>
+#include <stdexcept>
 #include <mutex>
 #include <string>
 #include <string_view>
@@ -53,5 +55,20 @@ class Registry {
   mutable std::mutex mutex_;
   std::map<std::string, Factory, std::less<>> entries_;
 };
+
+/// What the factory registered as `name` makes from JSON `options` (null: an empty object, the defaults),
+/// a JSON type error in them refused as a c10::Error that names `who`, the name and the options.
+template <class Factory>
+auto make_from_json(const Registry<Factory>& registry, std::string_view name, const nlohmann::json& options,
+                    const char* who) {
+  const auto factory = registry.at(name);
+  try {
+    return factory(options.is_null() ? nlohmann::json::object() : options);
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK(false, who, ": the options of '", std::string(name), "' are malformed: ", e.what(), " in ",
+                options.dump());
+  }
+  throw std::logic_error("make_from_json: unreachable");
+}
 
 }  // namespace diffusion::detail

@@ -86,6 +86,9 @@ struct SampleStep {
   const torch::Tensor& x;
   /// The model's prediction of x_0 at t (clamped per clip_x0): a preview of where the run is going.
   const torch::Tensor& x0;
+  /// The noise level just denoised (sigma of the variance-exploding view; plans.hpp). In a run over noise
+  /// levels (sample with a Formulation), `t` is -1 and this is the step's level.
+  double sigma = std::numeric_limits<double>::quiet_NaN();
 };
 
 /// Options shared by every sampling method.
@@ -129,6 +132,8 @@ struct SampleOptions {
   /// after the last. The noise for that comes from its own generator (derived from the run's without
   /// drawing from it), so an all-zero mask gives exactly the unmasked run.
   TORCH_ARG(torch::Tensor, mask) = {};
+  /// The dtype of a run over noise levels (sample with a Formulation; the timestep loop uses its schedule's).
+  TORCH_ARG(torch::Dtype, dtype) = torch::kFloat32;
 };
 
 namespace detail {
@@ -219,10 +224,55 @@ inline torch::Tensor batch_like(const char* fn, const char* name, const torch::T
     TORCH_CHECK(ok, fn, ": ", name, " has shape ", shape_str(image), " but the batch is ", torch::IntArrayRef(shape),
                 d == 0 ? " (its batch size must be 1 or the batch's)" : "");
   }
-  TORCH_CHECK(image.device() == options.device(), fn, ": ", name, " is on ", image.device(), " but the schedule is on ",
+  TORCH_CHECK(image.device() == options.device(), fn, ": ", name, " is on ", image.device(), " but the samples are made on ",
               options.device());
   TORCH_CHECK(image.is_floating_point(), fn, ": ", name, " must be floating point, got ", image.scalar_type());
   return image.to(options.dtype()).expand(shape);
+}
+
+/// What sample() takes besides the model and the plan, checked and shaped as the batch: the class labels
+/// (N,), the known image and the mask (undefined when not given).
+struct SampleInputs {
+  torch::Tensor cond, image, mask;
+};
+
+/// The checks every sampling loop makes of `shape` and `options` (the one copy of them), and the inputs
+/// they describe on `x_options`' device and dtype.
+inline SampleInputs sample_inputs(const char* fn, const std::vector<int64_t>& shape, const SampleOptions& options,
+                                  const torch::TensorOptions& x_options) {
+  TORCH_CHECK(!shape.empty() && shape.front() >= 1, fn, ": shape must start with a batch size >= 1, got ",
+              torch::IntArrayRef(shape));
+  for (const auto d : shape) TORCH_CHECK(d >= 1, fn, ": every dimension must be >= 1, got ", torch::IntArrayRef(shape));
+  TORCH_CHECK(options.clip_x0() >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", options.clip_x0());
+  TORCH_CHECK(options.strength() >= 0.0 && options.strength() <= 1.0, fn, ": strength must be in [0, 1], got ",
+              options.strength());
+  TORCH_CHECK(!options.mask().defined() || options.image().defined(), fn,
+              ": a mask needs the image whose known pixels it marks (SampleOptions::image)");
+  const auto device = x_options.device();
+  SampleInputs in;
+  if (options.cond().defined()) {
+    const auto& c = options.cond();
+    TORCH_CHECK(!c.is_floating_point() && !c.is_complex() && c.scalar_type() != torch::kBool && c.dim() == 1 &&
+                    (c.size(0) == 1 || c.size(0) == shape.front()),
+                fn, ": cond must be 1-D integer class labels, one per sample (", shape.front(), ") or one for all, got ",
+                c.scalar_type(), " of shape ", detail::shape_str(c));
+    TORCH_CHECK(c.device() == device, fn, ": cond is on ", c.device(), " but the samples are made on ", device);
+    in.cond = c.to(torch::kLong).expand({shape.front()});
+  }
+  if (options.image().defined()) in.image = batch_like(fn, "image", options.image(), shape, x_options, false);
+  if (options.mask().defined()) {
+    in.mask = batch_like(fn, "mask", options.mask(), shape, x_options, true);
+    const double lo = in.mask.min().item<double>(), hi = in.mask.max().item<double>();
+    TORCH_CHECK(lo >= 0.0 && hi <= 1.0, fn, ": mask values must be in [0, 1] (1: known), got values in [", lo, ", ",
+                hi, "]");
+  }
+  return in;
+}
+
+/// The first plan entry a run starts at: 0 from noise; with an image, the last floor(strength S) of the S
+/// steps run (the floor taken with a little slack, so that 0.6 x 50 is 30, not 29).
+inline int64_t first_step(const SampleOptions& options, bool has_image, int64_t S) {
+  return has_image ? S - static_cast<int64_t>(std::floor(options.strength() * static_cast<double>(S) + 1e-9)) : 0;
 }
 
 }  // namespace detail
@@ -249,16 +299,10 @@ template <Backbone B>
 torch::Tensor sample(B& model, const NoiseSchedule& schedule, const std::vector<int64_t>& shape,
                      const SamplingMethod& method, const SampleOptions& options = {}) {
   constexpr const char* fn = "sample";
-  TORCH_CHECK(!shape.empty() && shape.front() >= 1, fn, ": shape must start with a batch size >= 1, got ",
-              torch::IntArrayRef(shape));
-  for (const auto d : shape) TORCH_CHECK(d >= 1, fn, ": every dimension must be >= 1, got ", torch::IntArrayRef(shape));
-  TORCH_CHECK(options.clip_x0() >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", options.clip_x0());
-  TORCH_CHECK(options.strength() >= 0.0 && options.strength() <= 1.0, fn, ": strength must be in [0, 1], got ",
-              options.strength());
-  TORCH_CHECK(!options.mask().defined() || options.image().defined(), fn,
-              ": a mask needs the image whose known pixels it marks (SampleOptions::image)");
   const auto device = schedule.device();
   detail::check_backbone_device(fn, model, device);
+  const auto x_options = torch::TensorOptions().dtype(schedule.dtype()).device(device);
+  const auto [cond, image, mask] = detail::sample_inputs(fn, shape, options, x_options);
   const int64_t T = schedule.num_timesteps();
   const auto plan = method.timesteps(T);
   TORCH_CHECK(!plan.empty(), fn, ": ", method.name(), " planned no timesteps");
@@ -267,32 +311,11 @@ torch::Tensor sample(B& model, const NoiseSchedule& schedule, const std::vector<
                 "'s plan must be strictly descending in [0, ", T, "), got ", torch::IntArrayRef(plan));
   }
   // From pure noise, a zero-terminal-SNR model has learned to start only at T-1 (where x_T is N(0, I)).
-  TORCH_CHECK(!schedule.options().zero_terminal_snr() || options.image().defined() || plan.front() == T - 1, fn,
+  TORCH_CHECK(!schedule.options().zero_terminal_snr() || image.defined() || plan.front() == T - 1, fn,
               ": the schedule has zero terminal SNR, so sampling from noise must start at t = T-1 = ", T - 1, ", but ",
               method.name(), "'s plan starts at ", plan.front(), "; use trailing or linspace spacing (Lin et al. 2024)");
-  const auto x_options = torch::TensorOptions().dtype(schedule.dtype()).device(device);
-  torch::Tensor cond;
-  if (options.cond().defined()) {
-    const auto& c = options.cond();
-    TORCH_CHECK(!c.is_floating_point() && !c.is_complex() && c.scalar_type() != torch::kBool && c.dim() == 1 &&
-                    (c.size(0) == 1 || c.size(0) == shape.front()),
-                fn, ": cond must be 1-D integer class labels, one per sample (", shape.front(), ") or one for all, got ",
-                c.scalar_type(), " of shape ", detail::shape_str(c));
-    TORCH_CHECK(c.device() == device, fn, ": cond is on ", c.device(), " but the schedule is on ", device);
-    cond = c.to(torch::kLong).expand({shape.front()});
-  }
-  torch::Tensor image, mask;
-  if (options.image().defined()) image = detail::batch_like(fn, "image", options.image(), shape, x_options, false);
-  if (options.mask().defined()) {
-    mask = detail::batch_like(fn, "mask", options.mask(), shape, x_options, true);
-    TORCH_CHECK(mask.min().item<double>() >= 0.0 && mask.max().item<double>() <= 1.0, fn,
-                ": mask values must be in [0, 1] (1: known), got values in [", mask.min().item<double>(), ", ",
-                mask.max().item<double>(), "]");
-  }
-  // Image-to-image: run the last floor(strength S) plan entries (the floor taken with a little slack, so
-  // that 0.6 x 50 is 30, not 29).
   const auto S = static_cast<int64_t>(plan.size());
-  const auto first = image.defined() ? S - static_cast<int64_t>(std::floor(options.strength() * S + 1e-9)) : 0;
+  const auto first = detail::first_step(options, image.defined(), S);
 
   std::optional<torch::Generator> gen = options.generator();
   if (!gen && options.seed()) gen = make_generator(*options.seed());
@@ -328,7 +351,7 @@ torch::Tensor sample(B& model, const NoiseSchedule& schedule, const std::vector<
       const auto d = denoise(schedule, x, t, out, options.prediction(), options.clip_x0());
       x = update(StepContext{schedule, k, S, t, t_prev, x, d, noise});
       if (mask.defined()) x = torch::lerp(x, known_at(t_prev), mask);
-      if (options.callback()) options.callback()(SampleStep{k - first + 1, S - first, t, x, d.x0});
+      if (options.callback()) options.callback()(SampleStep{k - first + 1, S - first, t, x, d.x0, h.sigmas[static_cast<size_t>(t)]});
     }
   }
   return x.clone();
