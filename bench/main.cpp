@@ -204,9 +204,15 @@ Result bench_backbone(const std::string& name, const Make& make, Precision preci
     const auto noise = torch::randn(x0.sizes(), gen).to(device);
     auto optimizer = diffusion::detail::default_optimizer(unwrap(model), options.optimization());
     unwrap(model).train();
+    const DiscreteObjective objective(schedule, options.loss().prediction(), options.loss().min_snr_gamma());
+    const auto network = [&](const torch::Tensor& cond) -> NetworkCall {
+      return [&, cond](const torch::Tensor& x, const torch::Tensor& c_noise) {
+        return diffusion::detail::predict("bench", model, x, c_noise, options.loss().precision(), cond);
+      };
+    };
     const auto step = [&] {
       optimizer->zero_grad();
-      (void)diffusion::detail::accumulate_gradients(model, schedule, x0, t, noise, {}, options.loss(), c.micro_batch);
+      (void)diffusion::detail::accumulate_gradients(objective, network, x0, t, noise, {}, c.micro_batch);
       optimizer->step();
     };
     r.step_img_s = static_cast<double>(n) / time_median(device, c.warmup, c.steps, step);

@@ -321,3 +321,107 @@ TEST_CASE("sample over noise levels: callbacks, guidance, seeds and refusals", "
   CHECK_REFUSED(make_level_sampler("dpmpp-3m-sde", {{"s_noise", -0.5}}), "s_noise must be finite and >= 0");
   CHECK_REFUSED(make_level_sampler("euler", {{"eta", 0.0}}), "unknown field \"eta\"");
 }
+
+TEST_CASE("EDM's training loss is lambda(sigma) |D - x_0|^2 with the denoiser sampling uses", "[objective]") {
+  // The objective's F-space form must equal the weighted denoiser error through make_denoiser: the same
+  // preconditioning trains and samples.
+  torch::manual_seed(0);
+  MLP model(MLPOptions().channels(1).image_size(4).hidden(32).depth(2).time_dim(16));
+  const EDM edm;
+  const EDMObjective objective(edm);
+  auto gen = make_generator(5);
+  const auto x0 = torch::rand({6, 1, 4, 4}, gen) * 2 - 1, noise = torch::randn({6, 1, 4, 4}, gen);
+  const auto sigma = objective.draw_levels(6, gen);
+  const NetworkCall network = [&](const torch::Tensor& x, const torch::Tensor& c_noise) { return model->forward(x, c_noise); };
+  const auto loss = objective.per_sample(network, x0, sigma, noise, true);
+  const auto D = make_denoiser(model, edm);
+  for (int64_t i = 0; i < 6; ++i) {
+    const double s = sigma[i].item<double>(), sd = 0.5;
+    const auto x = x0.slice(0, i, i + 1) + noise.slice(0, i, i + 1) * s;
+    const double lambda = (s * s + sd * sd) / (s * sd * s * sd);
+    const double expected = lambda * (D(x, s) - x0.slice(0, i, i + 1)).pow(2).mean().item<double>();
+    CHECK_THAT(loss[i].item<double>(), WithinRel(expected, 1e-4));
+  }
+  // ln sigma ~ N(-1.2, 1.2^2): 100,000 draws, 4 standard errors (0.015 for the mean, 0.011 for the std).
+  const auto log_sigma = objective.draw_levels(100000, gen).log();
+  CHECK_THAT(log_sigma.mean().item<double>(), WithinAbs(-1.2, 0.015));
+  CHECK_THAT(log_sigma.std().item<double>(), WithinAbs(1.2, 0.011));
+  CHECK_REFUSED(EDMObjective(edm, 0.0, 0.0), "positive, finite p_std");
+  // The discrete objective draws timestep indices uniformly.
+  const DiscreteObjective discrete(NoiseSchedule(NoiseScheduleOptions().num_timesteps(10)));
+  const auto t = discrete.draw_levels(10000, gen);
+  CHECK(t.scalar_type() == torch::kLong);
+  CHECK((t.min().item<int64_t>() == 0 && t.max().item<int64_t>() == 9));
+  CHECK_REFUSED(DiscreteObjective(NoiseSchedule(), Prediction::Epsilon, -1), "min_snr_gamma must be >= 0");
+  CHECK_REFUSED(DiscreteObjective(NoiseSchedule(NoiseScheduleOptions().zero_terminal_snr(true))),
+                "an epsilon prediction cannot be trained");
+}
+
+TEST_CASE("An EDM run trains, checkpoints its formulation, resumes and samples", "[objective]") {
+  const auto dir = scratch("edm_run");
+  const auto data = tiny_dataset(32);
+  const auto opts = quiet().epochs(1).batch_size(8);
+  torch::manual_seed(0);
+  Trainer trainer(tiny_net(), std::make_shared<EDMObjective>(EDM(EDMOptions().sigma_data(0.6))), opts);
+  auto outputs = std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(4));
+  trainer.add_hook(outputs);
+  double last_loss = std::nan("");
+  trainer.on_epoch = [&](const TrainEpoch& e) { last_loss = e.train_loss; };
+  trainer.fit(data, data.slice(0, 0, 8));
+  CHECK(std::isfinite(last_loss));
+  CHECK(fs::exists(dir / "samples" / "epoch_001.png"));  // the grid: Heun over EDM's Karras plan
+  const auto checkpoint = *outputs->latest_checkpoint();
+  const auto info = read_checkpoint_info(checkpoint);
+  CHECK(info.formulation.name == "edm");
+  CHECK(info.formulation.options.at("sigma_data").get<double>() == 0.6);
+  // Resumed by a run of the same objective; refused by one of another formulation, and by a run that
+  // gives LossOptions a prediction while its objective carries one.
+  Trainer again(tiny_net(), std::make_shared<EDMObjective>(EDM(EDMOptions().sigma_data(0.6))), TrainerOptions(opts).epochs(2));
+  again.load_checkpoint(checkpoint);
+  CHECK(again.epoch() == 1);
+  again.fit(data);
+  CHECK(again.epoch() == 2);
+  Trainer ddpm_run(tiny_net(), NoiseSchedule(NoiseScheduleOptions().num_timesteps(100)), opts);
+  CHECK_REFUSED(ddpm_run.load_checkpoint(checkpoint), "was trained for the formulation edm");
+  Trainer other_edm(tiny_net(), std::make_shared<EDMObjective>(), opts);
+  CHECK_REFUSED(other_edm.load_checkpoint(checkpoint), "was trained for the formulation edm");
+  CHECK_REFUSED(Trainer(tiny_net(), std::make_shared<EDMObjective>(), quiet().loss(LossOptions().prediction(Prediction::V))),
+                "the objective (EDM");
+  CHECK_REFUSED(again.sample(2, DDIM().steps(3), 0), "samples the discrete schedule");
+  // load_model + the recorded formulation: every sampler over its plan.
+  auto [model, loaded] = load_model(checkpoint);
+  const auto f = make_formulation(loaded.formulation);
+  for (const auto& name : level_sampler_names()) {
+    INFO(name);
+    const auto x = sample(model, *f, {2, 1, 28, 28}, *make_level_sampler(name), make_plan(*f, "karras", 4),
+                          SampleOptions().seed(0));
+    CHECK(torch::isfinite(x).all().item<bool>());
+  }
+}
+
+TEST_CASE("Checkpoints written before formulations were recorded read as the discrete one", "[objective]") {
+  // format2_convnet_v_cosine.pt: written by the library at f54deb5 (tests/fixtures/README.md), a ConvNet
+  // trained with v prediction on a cosine schedule of T = 50; format1_convnet.pt: epsilon, linear, T = 50.
+  const fs::path fixtures(DIFFUSION_TEST_FIXTURES);
+  for (const auto& [file, prediction, kind] : {std::tuple{"format2_convnet_v_cosine.pt", "v", ScheduleKind::Cosine},
+                                               std::tuple{"format1_convnet.pt", "epsilon", ScheduleKind::Linear}}) {
+    INFO(file);
+    const auto info = read_checkpoint_info(fixtures / file);
+    CHECK(info.formulation.name == "ddpm");
+    CHECK(info.formulation.options.at("prediction") == prediction);
+    CHECK(info.formulation.options.at("schedule") == nlohmann::json(info.schedule));
+    CHECK(info.schedule.kind() == kind);
+    CHECK(info.schedule.num_timesteps() == 50);
+    CHECK(info.backbone.has_value() == (info.format == 2));
+    if (!info.backbone) continue;  // format 1 records no backbone (test_checkpoint.cpp samples it)
+    // Sampled through its formulation, it gives what the timestep loop gives.
+    auto [model, loaded] = load_model(fixtures / file);
+    const auto f = make_formulation(info.formulation);
+    const NoiseSchedule schedule(info.schedule);
+    const auto old = sample(model, schedule, {2, 1, 8, 8}, DDIM().steps(5).spacing(TimestepSpacing::Trailing),
+                            SampleOptions().seed(3).prediction(info.prediction));
+    const auto now = sample(model, *f, {2, 1, 8, 8}, *make_level_sampler("ddim"), make_plan(*f, "trailing", 5),
+                            SampleOptions().seed(3));
+    CHECK(max_abs(old, now) <= 1e-6 * std::max(1.0, old.abs().max().item<double>()));
+  }
+}

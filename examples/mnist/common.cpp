@@ -141,21 +141,40 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
   cmd->add_option("--device", args.device, "auto, cpu, cuda or cuda:N")->capture_default_str();
   cmd->add_flag("--no-ema", args.no_ema, "Use the trained weights even if the checkpoint has EMA weights");
   cmd->add_option("--sampler", args.sampler,
-                  "ddpm (all T steps), ddim, dpmpp-2m (DPM-Solver++(2M)) or dpmpp-2m-sde (its stochastic form: "
-                  "DDIM-50's quality in 15 steps, with --spacing trailing)")
-      ->check(CLI::IsMember(diffusion::sampler_names()))
+                  "ddpm (every timestep), ddim, euler, euler-a (ancestral), heun (EDM's second-order), dpmpp-2m "
+                  "(DPM-Solver++(2M)), dpmpp-2m-sde (its stochastic form: DDIM-50's quality in 15 steps with --plan "
+                  "trailing) or dpmpp-3m-sde")
+      ->check(CLI::IsMember(diffusion::level_sampler_names()))
       ->capture_default_str();
-  cmd->add_option_function<int64_t>("--steps", [&args](const int64_t& v) { args.settings.steps(v); },
-                                    "Model evaluations for ddim (default 50) and dpmpp-2m, dpmpp-2m-sde (default 20)")
+  cmd->add_option_function<int64_t>("--steps", [&args](const int64_t& v) { args.steps = v; },
+                                    "Steps of the plan (heun calls the model twice a step, but for the last): default "
+                                    "every timestep for ddpm, 50 for ddim, 20 for the others")
       ->check(at_least(1));
-  cmd->add_option_function<double>("--eta", [&args](const double& v) { args.settings.eta(v); },
-                                   "DDIM eta in [0, 1] (Song et al. 2021): 0 deterministic (default), 1 DDPM-like noise")
+  auto* plan = cmd->add_option("--plan", args.plan,
+                               "The noise levels visited: leading (the default; ends at t = 0), trailing (starts at "
+                               "t = T-1), linspace (both), karras (Karras et al. 2022, rho 7) or exponential")
+                   ->check(CLI::IsMember({"leading", "trailing", "linspace", "karras", "exponential"}));
+  cmd->add_option("--spacing", args.plan, "Synonym of --plan for leading, trailing and linspace")
+      ->check(CLI::IsMember({"leading", "trailing", "linspace"}))
+      ->excludes(plan);
+  cmd->add_option_function<double>("--eta", [&args](const double& v) { args.sampler_options["eta"] = v; },
+                                   "The fresh noise's share for ddim, euler-a and the dpmpp SDE samplers, in [0, 1]: 0 "
+                                   "deterministic (ddim's default), 1 DDPM-like noise")
       ->check(between(0, 1));
   cmd->add_option_function<std::string>(
-         "--spacing", [&args](const std::string& v) { args.settings.spacing(diffusion::parse_spacing(v)); },
-         "Which timesteps ddim and the dpmpp samplers visit: leading (default; ends at 0), trailing (starts at T-1) or "
-         "linspace (both)")
-      ->check(CLI::IsMember({"leading", "trailing", "linspace"}));
+      "--sampler-options",
+      [&args](const std::string& v) {
+        nlohmann::json j;
+        try {
+          j = nlohmann::json::parse(v);
+        } catch (const nlohmann::json::exception& e) {
+          throw CLI::ValidationError("--sampler-options", fmt::format("not JSON: {}", e.what()));
+        }
+        if (!j.is_object()) throw CLI::ValidationError("--sampler-options", "expected a JSON object, got " + j.dump());
+        for (const auto& [key, value] : j.items()) args.sampler_options[key] = value;
+      },
+      "The sampler's own options as a JSON object, e.g. '{\"s_churn\": 40, \"s_tmin\": 0.05}' for heun, "
+      "'{\"s_noise\": 1.003}' (docs/api.md lists each sampler's)");
   cmd->add_option("--clip-x0", args.clip_x0,
                   "Clamp each step's predicted x_0 to [-C, C]; the data lie in [-1, 1] (0: off, as in the seed)")
       ->check(at_least(0))

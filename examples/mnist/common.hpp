@@ -59,8 +59,11 @@ struct SampleArgs {
   uint64_t seed = 0;
   double clip_x0 = 1.0;
   bool no_ema = false;
-  /// Set only when given: each method has its own defaults and refuses what it does not use.
-  diffusion::SamplerSettings settings;
+  /// Model-call steps of the plan (unset: ddpm's every timestep, ddim's 50, the others' 20), the plan's
+  /// name (empty: the formulation's default), and the method's own options (JSON; --eta sets "eta").
+  std::optional<int64_t> steps;
+  std::string plan;
+  nlohmann::json sampler_options = nlohmann::json::object();
   /// Autoguidance: a second, weaker checkpoint and its weight.
   std::string guide;
   double guidance = 2.0;

@@ -23,8 +23,7 @@ torch::Tensor read_mnist_png(const std::string& path, const torch::Device& devic
 /// The model to sample, and what its checkpoint says (or the seed's schedule for imported weights).
 struct Source {
   AnyBackbone model{nullptr};
-  NoiseScheduleOptions schedule;
-  Prediction prediction = Prediction::Epsilon;
+  FormulationConfig formulation = formulation_config(DiscreteFormulation());
   std::string description;
 };
 
@@ -41,13 +40,20 @@ Source open_source(const SampleArgs& a, const torch::Device& device) {
                   "); drop --backbone, --widths, --blocks, --patch and --num-classes");
       try {
         config = {metadata.at("backbone"), nlohmann::json::parse(metadata.at("options"))};
-        if (metadata.count("schedule")) source.schedule = nlohmann::json::parse(metadata.at("schedule")).get<NoiseScheduleOptions>();
+        if (metadata.count("formulation")) {
+          const auto f = nlohmann::json::parse(metadata.at("formulation"));
+          source.formulation = {f.at("name").get<std::string>(), f.at("options")};
+        } else {  // written before formulations were recorded
+          NoiseScheduleOptions schedule;
+          if (metadata.count("schedule")) schedule = nlohmann::json::parse(metadata.at("schedule")).get<NoiseScheduleOptions>();
+          const auto prediction = metadata.count("prediction") ? parse_prediction(metadata.at("prediction")) : Prediction::Epsilon;
+          source.formulation = formulation_config(DiscreteFormulation(NoiseSchedule(schedule), prediction));
+        }
       } catch (const nlohmann::json::exception& e) {
         TORCH_CHECK(false, "sample: ", a.weights, " has metadata that is not valid JSON (", e.what(), ")");
       }
-      if (metadata.count("prediction")) source.prediction = parse_prediction(metadata.at("prediction"));
-      source.description = fmt::format("{} ({}, {} prediction, from its metadata)", a.weights, config.name,
-                                       to_string(source.prediction));
+      source.description = fmt::format("{} ({}, {}, from its metadata)", a.weights, config.name,
+                                       make_formulation(source.formulation)->describe());
     } else {
       const auto name = a.backbone.empty() ? std::string("conv") : a.backbone;
       config = backbone_config(name, a.shape, a.num_classes);
@@ -60,10 +66,12 @@ Source open_source(const SampleArgs& a, const torch::Device& device) {
     return source;
   }
   auto [model, info] = load_model(a.checkpoint, !a.no_ema, device);
-  return {model, info.schedule, info.prediction,
-          fmt::format("{} (epoch {}{}, {} weights, {} prediction)", a.checkpoint, info.epoch,
+  return {model, info.formulation,
+          fmt::format("{} (epoch {}{}, {} weights, {})", a.checkpoint, info.epoch,
                       info.step_in_epoch > 0 ? fmt::format(" and {} steps of the next", info.step_in_epoch) : std::string(),
-                      info.has_ema && !a.no_ema ? "EMA" : "trained", to_string(info.prediction))};
+                      info.has_ema && !a.no_ema ? "EMA" : "trained",
+                      info.formulation.name == "ddpm" ? fmt::format("{} prediction", to_string(info.prediction))
+                                                      : make_formulation(info.formulation)->describe())};
 }
 
 }  // namespace
@@ -72,7 +80,7 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
   set_threads(a.threads);
   const auto device = parse_device(a.device);
   const auto precision = resolve_precision(a.precision, device);
-  const auto method = make_sampler(a.sampler, a.settings);
+  const auto sampler = make_level_sampler(a.sampler, a.sampler_options);
   auto source = open_source(a, device);
   AnyBackbone model = source.model;
   const auto& source_file = a.checkpoint.empty() ? a.weights : a.checkpoint;
@@ -82,21 +90,36 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
   if (a.cfg) model = AnyBackbone(ClassifierFreeGuidance(source.model, ClassifierFreeGuidanceOptions(*a.cfg).rescale(a.cfg_rescale)));
   if (!a.guide.empty()) {
     auto [guide, guide_info] = load_model(a.guide, !a.no_ema, device);
-    TORCH_CHECK(nlohmann::json(guide_info.schedule) == nlohmann::json(source.schedule), "sample: --guide ", a.guide,
-                " was trained with another noise schedule than ", source_file,
-                "; autoguidance needs both to predict for the same x_t");
-    TORCH_CHECK(guide_info.prediction == source.prediction, "sample: --guide ", a.guide, " predicts ",
-                to_string(guide_info.prediction), " but ", source_file, " predicts ", to_string(source.prediction));
+    // Autoguidance combines the two networks' outputs: they must mean the same thing for the same input.
+    const auto& mine = source.formulation;
+    if (guide_info.formulation.name == "ddpm" && mine.name == "ddpm") {
+      TORCH_CHECK(guide_info.formulation.options.at("schedule") == mine.options.at("schedule"), "sample: --guide ",
+                  a.guide, " was trained with another noise schedule than ", source_file,
+                  "; autoguidance needs both to predict for the same x_t");
+      TORCH_CHECK(guide_info.formulation.options.at("prediction") == mine.options.at("prediction"), "sample: --guide ",
+                  a.guide, " predicts ", guide_info.formulation.options.at("prediction").get<std::string>(), " but ",
+                  source_file, " predicts ", mine.options.at("prediction").get<std::string>());
+    }
+    TORCH_CHECK(guide_info.formulation == mine, "sample: --guide ", a.guide, " was trained for ",
+                make_formulation(guide_info.formulation)->describe(), " but ", source_file, " for ",
+                make_formulation(mine)->describe(), "; autoguidance needs both to predict for the same x_t");
     model = AnyBackbone(Autoguidance(source.model, guide, a.guidance));
   }
-  auto base = SampleOptions().clip_x0(a.clip_x0).precision(precision).prediction(source.prediction);
+  auto base = SampleOptions().clip_x0(a.clip_x0).precision(precision);
   if (!a.init.empty()) base.image(read_mnist_png(a.init, device) * 2 - 1);  // the data are in [-1, 1]
   if (a.strength) base.strength(*a.strength);
   if (!a.mask.empty()) base.mask(read_mnist_png(a.mask, device));
-  const NoiseSchedule schedule = NoiseSchedule(source.schedule).to(device);
+  const auto formulation_ptr = make_formulation(source.formulation);
+  const Formulation& formulation = *formulation_ptr;
+  const auto* discrete = dynamic_cast<const DiscreteFormulation*>(&formulation);
+  const auto plan_name = a.plan.empty() ? formulation.default_plan() : a.plan;
+  const auto steps = a.steps.value_or(a.sampler == "ddpm" && discrete ? discrete->schedule().num_timesteps()
+                                      : a.sampler == "ddim"           ? 50
+                                                                      : 20);
+  const auto sigmas = make_plan(formulation, plan_name, steps);
   if (verbose) {
-    fmt::print("sampling {} images from {} with {} on {}, {}\n", a.n, source.description, method->describe(), device.str(),
-               to_string(precision));
+    fmt::print("sampling {} images from {} with {}, {} steps ({}; {} model calls) on {}, {}\n", a.n, source.description,
+               sampler->describe(), steps, plan_name, sampler->model_calls(sigmas), device.str(), to_string(precision));
     if (!a.guide.empty()) fmt::print("autoguidance: weight {} against {} (two model calls per step)\n", a.guidance, a.guide);
     if (a.cfg) fmt::print("classifier-free guidance: weight {}{}\n", *a.cfg, a.cfg_rescale > 0 ? fmt::format(", rescale {}", a.cfg_rescale) : "");
     if (a.labels.defined()) {
@@ -122,7 +145,7 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
     const std::vector<int64_t> shape{std::min<int64_t>(100, a.n - done), 1, 28, 28};
     auto options = SampleOptions(base).seed(a.seed + static_cast<uint64_t>(k));
     if (a.labels.defined()) options.cond(a.labels.slice(0, done, done + shape[0]).to(device));
-    chunks.push_back(sample(model, schedule, shape, *method, options).cpu());
+    chunks.push_back(sample(model, formulation, shape, *sampler, sigmas, options).cpu());
     // Not an image: refused rather than written as a black square or scored as one.
     TORCH_CHECK(torch::isfinite(chunks.back()).all().item<bool>(), "sample: the sampler produced non-finite values (NaN or ",
                 "inf) in images ", done + 1, " to ", done + shape[0],
@@ -249,6 +272,8 @@ int run_export(const ExportCommand& e) {
                             {{"format", "pt"},
                              {"backbone", info.backbone->name},
                              {"options", info.backbone->options.dump()},
+                             {"formulation", nlohmann::json{{"name", info.formulation.name},
+                                                            {"options", info.formulation.options}}.dump()},
                              {"prediction", std::string(diffusion::to_string(info.prediction))},
                              {"schedule", nlohmann::json(info.schedule).dump()}});
   fmt::print("wrote the {} weights of {} ({}) to {}\n", info.has_ema && !e.no_ema ? "EMA" : "trained", e.checkpoint,

@@ -48,6 +48,13 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
       ->check(at_least(0))->capture_default_str();
   cmd->add_option("--prediction", t.prediction, "What the network predicts: epsilon (the seed's), v or sample (x_0)")
       ->check(CLI::IsMember({"epsilon", "v", "sample"}))->capture_default_str();
+  cmd->add_option("--formulation", t.formulation,
+                  "ddpm: the discrete schedule of Ho et al. 2020 (the seed's; --schedule, --prediction, --min-snr-gamma "
+                  "and --zero-terminal-snr shape it); edm: Karras et al. 2022's preconditioned denoiser, trained at "
+                  "log-normal noise levels")
+      ->check(CLI::IsMember(formulation_names()))->capture_default_str();
+  cmd->add_option("--sigma-data", t.sigma_data, "With --formulation edm: the data's standard deviation")
+      ->check(positive())->capture_default_str();
   cmd->add_option("--schedule", t.schedule, "Noise schedule")->check(CLI::IsMember({"linear", "cosine"}))->capture_default_str();
   cmd->add_flag("--zero-terminal-snr", t.zero_terminal_snr,
                 "Rescale the schedule so its last timestep is pure noise (Lin et al. 2024); needs --prediction v or "
@@ -112,8 +119,12 @@ int run_train(const TrainCommand& t) {
   // Each rank on a machine takes its own GPU (LOCAL_RANK), unless --device names one.
   if (env && device.is_cuda() && !device.has_index()) device = torch::Device(torch::kCUDA, static_cast<int8_t>(env->local_rank));
   const NoiseSchedule schedule(NoiseScheduleOptions().kind(parse_schedule_kind(t.schedule)).zero_terminal_snr(t.zero_terminal_snr));
+  const bool discrete = t.formulation == "ddpm";
+  TORCH_CHECK(discrete || (t.schedule == "linear" && t.prediction == "epsilon" && t.min_snr_gamma == 0 && !t.zero_terminal_snr),
+              "train: --schedule, --prediction, --min-snr-gamma and --zero-terminal-snr shape --formulation ddpm; "
+              "--formulation ", t.formulation, " has its own preconditioning and noise levels");
   // Checked here, not after the first epoch has trained: the grid's plan must fit the schedule.
-  TORCH_CHECK(t.grid_steps <= schedule.num_timesteps(), "train: --grid-steps must be at most the schedule's ",
+  TORCH_CHECK(!discrete || t.grid_steps <= schedule.num_timesteps(), "train: --grid-steps must be at most the schedule's ",
               schedule.num_timesteps(), " timesteps, got ", t.grid_steps);
   const auto options =
       TrainerOptions()
@@ -139,7 +150,13 @@ int run_train(const TrainCommand& t) {
   // LibTorch seeds its default generator differently in every process: without this the same flags would
   // start from other weights each time. (A resumed run's weights come from its checkpoint.)
   torch::manual_seed(t.seed);
-  Trainer trainer(make_backbone(backbone_config(t.backbone, t.shape, t.conditional ? classes : 0)), schedule, options);
+  auto backbone = make_backbone(backbone_config(t.backbone, t.shape, t.conditional ? classes : 0));
+  auto trainer = [&] {
+    if (discrete) return Trainer(backbone, schedule, options);
+    // The objective carries the prediction and weighting that LossOptions gives the discrete schedule.
+    auto edm = TrainerOptions(options).loss(LossOptions().precision(options.loss().precision()));
+    return Trainer(backbone, std::make_shared<EDMObjective>(EDM(EDMOptions().sigma_data(t.sigma_data))), edm);
+  }();
   // Only rank 0 writes (and locks the directory); the others train alongside.
   const auto outputs = !main_rank ? nullptr : std::make_shared<RunOutputs>(
       RunOutputsOptions(t.out)
@@ -147,9 +164,12 @@ int run_train(const TrainCommand& t) {
           .keep_epochs(t.keep_epochs.empty() ? std::vector<int64_t>{} : parse_ints(t.keep_epochs))
           .grid_samples(t.grid)
           // Trailing spacing starts at t = T-1, which a zero-terminal-SNR schedule needs (and costs nothing else).
-          .grid_sampler(t.grid_steps > 0 ? make_sampler("ddim", SamplerSettings().steps(t.grid_steps).eta(1).spacing(
+          .grid_sampler(discrete && t.grid_steps > 0 ? make_sampler("ddim", SamplerSettings().steps(t.grid_steps).eta(1).spacing(
                                                                     TimestepSpacing::Trailing))
                                          : nullptr)
+          // Other formulations: DDIM at eta 1 over their default plan (Heun over 18 levels without --grid-steps).
+          .grid_level_sampler(!discrete && t.grid_steps > 0 ? make_level_sampler("ddim", {{"eta", 1.0}}) : nullptr)
+          .grid_plan([steps = t.grid_steps](const Formulation& f) { return make_plan(f, f.default_plan(), steps > 0 ? steps : 18); })
           .grid_seed(t.seed + 1)
           .grid_labels(t.conditional && t.grid > 0 ? torch::arange(t.grid) % classes : torch::Tensor())
           .checkpoint_every_steps(t.checkpoint_every)
@@ -210,8 +230,8 @@ int run_train(const TrainCommand& t) {
     fmt::print("data parallel: {} ranks of batch {} (global batch {}), {} threads each\n", env->world_size, t.batch_size,
                env->world_size * t.batch_size, at::get_num_threads());
   }
-  if (main_rank) fmt::print("training {} ({} parameters, {} prediction{}) on {} images from {} for {} epochs on {} with {} threads, {}\n",
-             t.backbone, params, t.prediction,
+  if (main_rank) fmt::print("training {} ({} parameters, {}{}) on {} images from {} for {} epochs on {} with {} threads, {}\n",
+             t.backbone, params, discrete ? fmt::format("{} prediction", t.prediction) : trainer.objective().describe(),
              t.conditional ? fmt::format(", conditional on {} classes, label dropout {}", classes, t.cond_dropout) : "",
              images.size(0), t.data, t.epochs, trainer.device().str(),
              at::get_num_threads(), to_string(options.loss().precision()));

@@ -8,6 +8,8 @@
 #include <diffusion/forward.hpp>
 #include <diffusion/registry.hpp>
 #include <diffusion/schedule.hpp>
+#include <diffusion/formulation/discrete.hpp>
+#include <diffusion/formulation/formulation.hpp>
 #include <diffusion/training/ema.hpp>
 
 #include <c10/util/hash.h>
@@ -59,8 +61,12 @@ struct CheckpointInfo {
   /// it was written.
   int64_t epoch = 0, global_step = 0, step_in_epoch = 0;
   bool has_ema = false;
+  /// The formulation trained for (make_formulation rebuilds it): for files written before formulations
+  /// were recorded, "ddpm" with the recorded schedule and prediction.
+  FormulationConfig formulation;
+  /// For the discrete formulation ("ddpm"), its schedule and what the model predicts (the defaults for
+  /// another formulation); sampling must use the same.
   NoiseScheduleOptions schedule;
-  /// What the model predicts; sampling must use the same.
   Prediction prediction = Prediction::Epsilon;
   /// The backbone's registered name and options (absent when its type was not registered).
   std::optional<BackboneConfig> backbone;
@@ -91,8 +97,12 @@ struct CheckpointContents {
   torch::optim::Optimizer* optimizer = nullptr;
   const EMA* ema = nullptr;
   TrainingProgress progress;
+  /// The discrete schedule and prediction type, recorded as the formulation "ddpm" unless `formulation`
+  /// is given.
   NoiseScheduleOptions schedule;
   Prediction prediction = Prediction::Epsilon;
+  /// The formulation trained for, when not the discrete schedule above.
+  std::optional<FormulationConfig> formulation;
   std::map<std::string, std::string> metadata;
 };
 
@@ -399,12 +409,22 @@ inline CheckpointInfo read_info(torch::serialize::InputArchive& a, int64_t forma
     info.metadata = read_v1_map(a, "metadata", path);
     for (const auto& [k, v] : read_v1_map(a, "training", path)) info.training[k] = v;
     info.backbone = v1_backbone(info.metadata);
+    info.formulation = formulation_config(DiscreteFormulation(NoiseSchedule(info.schedule), info.prediction));
     return info;
   }
   const auto config = nlohmann::json::parse(read_value(a, key::config, path).toStringRef());
-  check_json_fields(config, {"schedule", "prediction", "backbone", "training", "metadata", "has_ema"}, "checkpoint config");
-  info.schedule = config.at("schedule").get<NoiseScheduleOptions>();
-  info.prediction = parse_prediction(config.at("prediction").get<std::string>());
+  check_json_fields(config, {"schedule", "prediction", "formulation", "backbone", "training", "metadata", "has_ema"},
+                    "checkpoint config");
+  if (config.contains("formulation")) {
+    info.formulation = {config.at("formulation").at("name").get<std::string>(), config.at("formulation").at("options")};
+  }
+  if (config.contains("schedule")) info.schedule = config.at("schedule").get<NoiseScheduleOptions>();
+  if (config.contains("prediction")) info.prediction = parse_prediction(config.at("prediction").get<std::string>());
+  if (!config.contains("formulation")) {
+    TORCH_CHECK(config.contains("schedule") && config.contains("prediction"), path.string(),
+                ": the checkpoint records no formulation and no schedule and prediction");
+    info.formulation = formulation_config(DiscreteFormulation(NoiseSchedule(info.schedule), info.prediction));
+  }
   info.has_ema = config.at("has_ema").get<bool>();
   if (config.contains("backbone")) {
     info.backbone = BackboneConfig{config.at("backbone").at("name").get<std::string>(), config.at("backbone").at("options")};
@@ -445,11 +465,18 @@ inline void save_checkpoint(const std::filesystem::path& path, const CheckpointC
                   "' holds non-finite values (the run diverged)");
     }
   }
-  nlohmann::json config = {{"schedule", c.schedule},
-                           {"prediction", std::string(to_string(c.prediction))},
-                           {"has_ema", c.ema != nullptr},
+  // The discrete formulation keeps its schedule and prediction at the top as well (files before
+  // formulations were recorded had only those).
+  nlohmann::json config = {{"has_ema", c.ema != nullptr},
                            {"training", c.progress.training},
                            {"metadata", c.metadata}};
+  const auto formulation = c.formulation.value_or(formulation_config(DiscreteFormulation(NoiseSchedule(c.schedule), c.prediction)));
+  config["formulation"] = {{"name", formulation.name}, {"options", formulation.options}};
+  if (!c.formulation || c.formulation->name == "ddpm") {
+    const auto discrete = std::dynamic_pointer_cast<const DiscreteFormulation>(make_formulation(formulation));
+    config["schedule"] = discrete->schedule().options();
+    config["prediction"] = std::string(to_string(discrete->prediction()));
+  }
   if (const auto backbone = backbone_config(*c.model)) {
     config["backbone"] = {{"name", backbone->name}, {"options", backbone->options}};
   }

@@ -8,6 +8,7 @@
 #include <diffusion/training/collective.hpp>
 #include <diffusion/training/ema.hpp>
 #include <diffusion/training/loss.hpp>
+#include <diffusion/training/objective.hpp>
 #include <diffusion/training/options.hpp>
 
 #include <nlohmann/json.hpp>
@@ -27,7 +28,7 @@
 /// loss, gradient clipping and the guard against non-finite values.
 namespace diffusion::detail {
 
-inline void check_trainer_options(const TrainerOptions& o, const NoiseSchedule& schedule) {
+inline void check_trainer_options(const TrainerOptions& o) {
   const auto& u = o.optimization();
   TORCH_CHECK(o.epochs() >= 1, "Trainer: epochs must be >= 1, got ", o.epochs());
   TORCH_CHECK(o.batch_size() >= 1, "Trainer: batch_size must be >= 1, got ", o.batch_size());
@@ -47,7 +48,6 @@ inline void check_trainer_options(const TrainerOptions& o, const NoiseSchedule& 
   const auto device = o.device();
   TORCH_CHECK(!device || !device->is_cuda() || torch::cuda::is_available(), "Trainer: device ", device->str(),
               " requested but this LibTorch sees no CUDA device");
-  check_prediction_fits("Trainer", schedule, o.loss().prediction());
 }
 
 inline void check_images(const char* name, const torch::Tensor& x) {
@@ -175,32 +175,34 @@ struct Batch {
   torch::Tensor x0, t, noise, cond;
 };
 inline Batch draw_batch(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& idx,
-                        const NoiseSchedule& schedule, double dropout, torch::Generator& generator,
+                        const Objective& objective, double dropout, torch::Generator& generator,
                         const EpochLayout& layout, torch::Device device) {
   const auto [world, rank] = std::pair(layout.world, layout.rank);
-  auto x0 = images.index_select(0, idx).to(device, schedule.dtype());
+  auto x0 = images.index_select(0, idx).to(device, objective.dtype());
   auto global_shape = x0.sizes().vec();
   global_shape[0] *= world;
-  auto t = take_share(torch::randint(0, schedule.num_timesteps(), {global_shape[0]}, generator, torch::kLong), world, rank);
+  auto t = take_share(objective.draw_levels(global_shape[0], generator), world, rank);
   auto noise = take_share(detail::randn(global_shape, x0.options(), generator), world, rank).contiguous();
   auto cond = batch_labels(labels, idx, dropout, generator, world, rank, device);
   return {std::move(x0), t.to(device), std::move(noise), std::move(cond)};
 }
 
+/// The network for one (micro-)batch's labels (undefined: unconditional).
+using NetworkFor = std::function<NetworkCall(const torch::Tensor& cond)>;
+
 /// Forward and backward of the batch's mean loss, in micro-batches of `micro_batch` (0: one), each
 /// micro-batch's mean weighted by its share so that the gradients sum to the batch's. Returns the batch's
 /// mean loss (0-d, float64).
-template <Backbone B>
-torch::Tensor accumulate_gradients(B& model, const NoiseSchedule& schedule, const torch::Tensor& x0, const torch::Tensor& t,
-                                   const torch::Tensor& noise, const torch::Tensor& cond, const LossOptions& loss_options,
-                                   int64_t micro_batch) {
+inline torch::Tensor accumulate_gradients(const Objective& objective, const NetworkFor& network, const torch::Tensor& x0,
+                                          const torch::Tensor& t, const torch::Tensor& noise, const torch::Tensor& cond,
+                                          int64_t micro_batch) {
   const int64_t n = x0.size(0);
   const int64_t m = micro_batch > 0 ? std::min(micro_batch, n) : n;
   torch::Tensor total;
   for (int64_t i = 0; i < n; i += m) {
     const int64_t j = std::min(n, i + m);
-    const auto loss = detail::diffusion_loss(model, schedule, x0.slice(0, i, j), t.slice(0, i, j), noise.slice(0, i, j), loss_options,
-                                     cond.defined() ? cond.slice(0, i, j) : cond).mean() *
+    const auto loss = objective.per_sample(network(cond.defined() ? cond.slice(0, i, j) : cond), x0.slice(0, i, j),
+                                           t.slice(0, i, j), noise.slice(0, i, j), true).mean() *
                       (static_cast<double>(j - i) / static_cast<double>(n));
     loss.backward();
     total = total.defined() ? total + loss.detach() : loss.detach();
@@ -208,26 +210,25 @@ torch::Tensor accumulate_gradients(B& model, const NoiseSchedule& schedule, cons
   return total.to(torch::kFloat64);
 }
 
-/// The mean validation loss (unweighted: the MSE of the prediction's target) over `all_val` with its
-/// fixed draws (fixed_validation_draws), in batches of `batch`. With a `group`, each rank scores every
-/// W-th image and the sums are added up over the ranks.
-template <Backbone B>
-double validation_loss(B& model, const NoiseSchedule& schedule, const torch::Tensor& all_val, const torch::Tensor& all_labels,
-                       const std::pair<torch::Tensor, torch::Tensor>& all_draws, const LossOptions& loss_options,
-                       int64_t batch, torch::Device device, Collective* group) {
+/// The mean validation loss (the objective's unweighted form: for the discrete schedule the MSE of the
+/// prediction's target) over `all_val` with its fixed draws (fixed_validation_draws), in batches of
+/// `batch`. With a `group`, each rank scores every W-th image and the sums are added up over the ranks.
+inline double validation_loss(torch::nn::Module& model, const Objective& objective, const NetworkFor& network,
+                              const torch::Tensor& all_val, const torch::Tensor& all_labels,
+                              const std::pair<torch::Tensor, torch::Tensor>& all_draws, int64_t batch,
+                              torch::Device device, Collective* group) {
   const int64_t W = group ? group->world_size() : 1, rank = group ? group->rank() : 0;
   const auto val = take_share(all_val, W, rank);
   const auto labels = all_labels.defined() ? take_share(all_labels, W, rank) : all_labels;
   const auto t = take_share(all_draws.first, W, rank), noise = take_share(all_draws.second, W, rank);
-  EvalModeGuard eval(unwrap(model));
+  EvalModeGuard eval(model);
   c10::InferenceMode no_autograd;
-  const auto objective = LossOptions(loss_options).min_snr_gamma(0);
   auto sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device));
   for (int64_t i = 0; i < val.size(0); i += batch) {
     const auto j = std::min(val.size(0), i + batch);
-    sum += detail::diffusion_loss(model, schedule, val.slice(0, i, j).to(device, schedule.dtype()), t.slice(0, i, j).to(device),
-                          noise.slice(0, i, j).to(device), objective,
-                          labels.defined() ? labels.slice(0, i, j).to(device, torch::kLong) : labels)
+    const auto cond = labels.defined() ? labels.slice(0, i, j).to(device, torch::kLong) : labels;
+    sum += objective.per_sample(network(cond), val.slice(0, i, j).to(device, objective.dtype()), t.slice(0, i, j).to(device),
+                                noise.slice(0, i, j).to(device), false)
                .to(torch::kFloat64)
                .sum();
   }
@@ -291,12 +292,12 @@ inline torch::Tensor clip_and_norm(torch::nn::Module& model, double max_norm) {
 
 /// One timestep and one noise tensor per validation image, from a generator of their own: the same
 /// every epoch and after a resume, and independent of the training draws.
-inline std::pair<torch::Tensor, torch::Tensor> fixed_validation_draws(const torch::Tensor& val, const NoiseSchedule& s,
+inline std::pair<torch::Tensor, torch::Tensor> fixed_validation_draws(const torch::Tensor& val, const Objective& objective,
                                                                       uint64_t seed) {
   if (!val.defined()) return {};
   auto gen = make_generator(seed ^ 0x9E3779B97F4A7C15ULL);
-  auto t = torch::randint(0, s.num_timesteps(), {val.size(0)}, gen, torch::kLong);
-  auto noise = torch::randn(val.sizes(), gen, torch::TensorOptions().dtype(s.dtype()));
+  auto t = objective.draw_levels(val.size(0), gen);
+  auto noise = torch::randn(val.sizes(), gen, torch::TensorOptions().dtype(objective.dtype()));
   return {t, noise};
 }
 

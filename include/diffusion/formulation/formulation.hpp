@@ -110,6 +110,21 @@ inline std::shared_ptr<const Formulation> make_formulation(std::string_view name
   return detail::make_from_json(detail::formulations(), name, options, "make_formulation");
 }
 
+/// A formulation as a checkpoint records it: its registered name and options.
+struct FormulationConfig {
+  std::string name;
+  nlohmann::json options = nlohmann::json::object();
+  bool operator==(const FormulationConfig&) const = default;
+};
+
+/// The record of `f`: make_formulation(config.name, config.options) rebuilds it.
+inline FormulationConfig formulation_config(const Formulation& f) { return {f.name(), f.options()}; }
+
+/// The formulation a record describes (see make_formulation for what is refused).
+inline std::shared_ptr<const Formulation> make_formulation(const FormulationConfig& config) {
+  return make_formulation(config.name, config.options);
+}
+
 /// The names make_formulation knows, sorted.
 inline std::vector<std::string> formulation_names() { return detail::formulations().names(); }
 

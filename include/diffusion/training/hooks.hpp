@@ -1,6 +1,9 @@
 #pragma once
 
+#include <diffusion/formulation/discrete.hpp>
+#include <diffusion/formulation/formulation.hpp>
 #include <diffusion/sampling/loop.hpp>
+#include <diffusion/sampling/sampler.hpp>
 #include <diffusion/schedule.hpp>
 
 #include <torch/torch.h>
@@ -50,7 +53,14 @@ class TrainingRun {
   virtual int64_t global_step() const = 0;
   /// Steps done in the epoch in progress (0 between epochs).
   virtual int64_t step_in_epoch() const = 0;
-  virtual const NoiseSchedule& schedule() const = 0;
+  /// The formulation trained for.
+  virtual const Formulation& formulation() const = 0;
+  /// The discrete schedule trained with; refused for a run of another formulation (use formulation()).
+  const NoiseSchedule& schedule() const {
+    const auto* discrete = dynamic_cast<const DiscreteFormulation*>(&formulation());
+    TORCH_CHECK(discrete, "TrainingRun::schedule: this run trains ", formulation().describe(), ", not a discrete schedule");
+    return discrete->schedule();
+  }
   /// The shape of one training image, e.g. {1, 28, 28}.
   virtual std::vector<int64_t> image_shape() const = 0;
   /// Writes everything needed to continue the run, and to sample from it, to `path` (atomically).
@@ -58,6 +68,9 @@ class TrainingRun {
   /// `n` samples with `method` from the EMA weights (the trained ones without an EMA), seeded; of the
   /// classes `labels` ((n,) or (1,)) for a conditional model, unconditional when undefined.
   virtual torch::Tensor sample(int64_t n, const SamplingMethod& method, uint64_t seed, const torch::Tensor& labels = {}) = 0;
+  /// The same with a sampler over noise levels and its plan (make_plan(formulation(), ...)): any formulation.
+  virtual torch::Tensor sample(int64_t n, const LevelSampler& sampler, const std::vector<double>& sigmas, uint64_t seed,
+                               const torch::Tensor& labels = {}) = 0;
 };
 
 /// Something the trainer calls as the run goes: outputs, reporting, stopping. Override what you need.

@@ -9,7 +9,8 @@
 
 #include <torch/torch.h>
 
-/// The training objective: one function for the training step, validation and the quickstart.
+/// The discrete schedule's loss options and Min-SNR weighting (diffusion_loss and the objectives are in
+/// training/objective.hpp).
 namespace diffusion {
 
 /// Options for diffusion_loss.
@@ -52,17 +53,6 @@ inline torch::Tensor min_snr_weights(const NoiseSchedule& schedule, const torch:
   return clipped;
 }
 
-/// diffusion_loss without input checks, for the Trainer (which draws its own valid t and noise).
-template <Backbone B>
-torch::Tensor diffusion_loss(B& model, const NoiseSchedule& schedule, const torch::Tensor& x0, const torch::Tensor& t,
-                             const torch::Tensor& noise, const LossOptions& options, const torch::Tensor& cond = {}) {
-  const auto x_t = extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise;
-  const auto output = predict("diffusion_loss", model, x_t, t, options.precision(), cond);
-  const auto per_sample = (output - training_target(schedule, options.prediction(), x0, noise, t)).pow(2).flatten(1).mean(1);
-  if (options.min_snr_gamma() <= 0) return per_sample;
-  return per_sample * min_snr_weights(schedule, t, options.min_snr_gamma(), options.prediction()).to(per_sample.scalar_type());
-}
-
 }  // namespace detail
 
 /// The Min-SNR-gamma loss weight of each timestep in `t` (Hang et al. 2023, "Efficient Diffusion Training
@@ -79,36 +69,6 @@ inline torch::Tensor min_snr_weights(const NoiseSchedule& schedule, const torch:
   TORCH_CHECK(gamma > 0, "min_snr_weights: gamma must be > 0, got ", gamma);
   detail::check_timesteps("min_snr_weights", t, t.defined() ? t.numel() : 0, schedule.device(), schedule.num_timesteps());
   return detail::min_snr_weights(schedule, t, gamma, prediction);
-}
-
-/// The denoising loss of each sample (shape (N,), x0's dtype): the mean over its elements of
-/// (model(x_t, t) - target)^2 with x_t = q_sample(x0, t, noise) and the target of
-/// `options.prediction()` (training_target), times min_snr_weights when `options.min_snr_gamma()` > 0.
-/// For epsilon prediction without weighting its mean is Ho et al. 2020's L_simple (eq. 14). Gradients flow
-/// into the model; take `.mean()` (or a weighted sum) and call backward. `cond` holds class labels for a
-/// conditional backbone (null_class for "none").
-///
-/// Refused (as q_sample refuses them): t out of range or of the wrong length, noise of another shape,
-/// dtype or device; also an epsilon prediction on a zero-terminal-SNR schedule.
-///
-/// Example:
-///   auto t = torch::randint(0, schedule.num_timesteps(), {x0.size(0)}, torch::kLong);
-///   auto loss = diffusion_loss(model, schedule, x0, t, torch::randn_like(x0)).mean();
-///   loss.backward();
-template <Backbone B>
-torch::Tensor diffusion_loss(B& model, const NoiseSchedule& schedule, const torch::Tensor& x0, const torch::Tensor& t,
-                             const torch::Tensor& noise, const LossOptions& options = {}, const torch::Tensor& cond = {}) {
-  constexpr const char* fn = "diffusion_loss";
-  detail::check_sample_batch(fn, "x0", x0);
-  detail::check_timesteps(fn, t, x0.size(0), x0.device(), schedule.num_timesteps());
-  TORCH_CHECK(noise.defined() && noise.sizes() == x0.sizes(), fn, ": noise must have x0's shape ", detail::shape_str(x0),
-              ", got ", noise.defined() ? detail::shape_str(noise) : "an undefined tensor");
-  TORCH_CHECK(noise.device() == x0.device(), fn, ": noise is on ", noise.device(), " but x0 is on ", x0.device());
-  TORCH_CHECK(noise.scalar_type() == x0.scalar_type(), fn, ": noise has dtype ", noise.scalar_type(), " but x0 has ",
-              x0.scalar_type());
-  TORCH_CHECK(options.min_snr_gamma() >= 0, fn, ": min_snr_gamma must be >= 0 (0: off), got ", options.min_snr_gamma());
-  detail::check_prediction_fits(fn, schedule, options.prediction());
-  return detail::diffusion_loss(model, schedule, x0, t, noise, options, cond);
 }
 
 }  // namespace diffusion

@@ -3,6 +3,8 @@
 #include <diffusion/checkpoint.hpp>
 #include <diffusion/image.hpp>
 #include <diffusion/sampling/ddpm.hpp>
+#include <diffusion/sampling/heun.hpp>
+#include <diffusion/sampling/sampler.hpp>
 #include <diffusion/sampling/loop.hpp>
 #include <diffusion/training/hooks.hpp>
 
@@ -43,8 +45,14 @@ struct RunOutputsOptions {
   TORCH_ARG(std::vector<int64_t>, keep_epochs) = std::vector<int64_t>{};
   /// Images in each epoch's grid (the seed's 25, a 5x5 grid); 0 draws none.
   TORCH_ARG(int64_t, grid_samples) = 25;
-  /// How the grids are sampled; unset: DDPM over all T steps (the seed's).
+  /// How the grids of a discrete-schedule run are sampled; unset: DDPM over all T steps (the seed's).
   TORCH_ARG(std::shared_ptr<const SamplingMethod>, grid_sampler) = nullptr;
+  /// Or a sampler over noise levels (any formulation; takes precedence over grid_sampler), over the plan
+  /// grid_plan makes from the run's formulation (unset: its default plan with 18 steps). A run of a
+  /// formulation other than the discrete schedule without one is sampled with Heun over 18 steps of its
+  /// default plan (EDM's setting for its grids: 35 model calls).
+  TORCH_ARG(std::shared_ptr<const LevelSampler>, grid_level_sampler) = nullptr;
+  TORCH_ARG(std::function<std::vector<double>(const Formulation&)>, grid_plan) = nullptr;
   /// The grids' seed: every epoch's grid starts from the same noise, so epochs compare.
   TORCH_ARG(uint64_t, grid_seed) = 1;
   /// For a conditional model: the class of each grid image ((grid_samples,) labels, e.g. one row per
@@ -115,9 +123,18 @@ class RunOutputs : public TrainerHook {
   void on_epoch(TrainingRun& run, TrainEpoch& epoch) override {
     const auto& o = options_;
     if (o.grid_samples() > 0) {
-      static const DDPM ddpm;
-      const SamplingMethod& method = o.grid_sampler() ? *o.grid_sampler() : static_cast<const SamplingMethod&>(ddpm);
-      const auto images = run.sample(o.grid_samples(), method, o.grid_seed(), o.grid_labels());
+      const auto& f = run.formulation();
+      torch::Tensor images;
+      if (o.grid_level_sampler() || !dynamic_cast<const DiscreteFormulation*>(&f)) {
+        static const Heun heun;
+        const LevelSampler& sampler = o.grid_level_sampler() ? *o.grid_level_sampler() : static_cast<const LevelSampler&>(heun);
+        const auto sigmas = o.grid_plan() ? o.grid_plan()(f) : make_plan(f, f.default_plan(), 18);
+        images = run.sample(o.grid_samples(), sampler, sigmas, o.grid_seed(), o.grid_labels());
+      } else {
+        static const DDPM ddpm;
+        const SamplingMethod& method = o.grid_sampler() ? *o.grid_sampler() : static_cast<const SamplingMethod&>(ddpm);
+        images = run.sample(o.grid_samples(), method, o.grid_seed(), o.grid_labels());
+      }
       const auto nrow = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(o.grid_samples()))));
       epoch.grid = o.dir() / "samples" / fmt::format("epoch_{:03d}.png", epoch.epoch);
       write_png(epoch.grid, make_grid(to_unit_range(images), nrow, 2));

@@ -12,6 +12,8 @@
 #include <diffusion/training/ema.hpp>
 #include <diffusion/training/hooks.hpp>
 #include <diffusion/training/loss.hpp>
+#include <diffusion/training/objective.hpp>
+#include <diffusion/sampling/sampler.hpp>
 #include <diffusion/training/options.hpp>
 #include <diffusion/detail/training.hpp>
 
@@ -53,16 +55,20 @@ struct Labels {
 template <Backbone B>
 class Trainer final : public TrainingRun {
  public:
+  /// The discrete schedule's objective (DiscreteObjective) with options.loss()'s prediction and Min-SNR.
   Trainer(B model, NoiseSchedule schedule, TrainerOptions options = {},
           std::shared_ptr<torch::optim::Optimizer> optimizer = nullptr)
-      : model_(std::move(model)), options_(std::move(options)), device_(options_.device().value_or(auto_device())),
-        schedule_(schedule.to(device_)), generator_(make_generator(options_.seed())) {
-    detail::check_trainer_options(options_, schedule_);
-    detail::check_archive_names(unwrap(model_), "Trainer");  // before training: its checkpoints must load
-    unwrap(model_).to(device_);
-    optimizer_ = optimizer ? std::move(optimizer) : detail::default_optimizer(unwrap(model_), options_.optimization());
-    if (options_.ema_decay() > 0) ema_.emplace(unwrap(model_), options_.ema_decay());
-  }
+      : Trainer(std::move(model), discrete_objective(schedule, options), options, std::move(optimizer), true) {}
+
+  /// Any objective (EDMObjective, DiscreteObjective, a user's): it carries the formulation, the
+  /// distribution of noise levels and the weighting, so options.loss() must leave prediction and
+  /// min_snr_gamma at their defaults (only its precision applies); refused otherwise.
+  ///
+  /// Example:
+  ///   Trainer trainer(UNet(), std::make_shared<EDMObjective>(), TrainerOptions().epochs(8));
+  Trainer(B model, std::shared_ptr<const Objective> objective, TrainerOptions options = {},
+          std::shared_ptr<torch::optim::Optimizer> optimizer = nullptr)
+      : Trainer(std::move(model), std::move(objective), std::move(options), std::move(optimizer), false) {}
 
   void add_hook(std::shared_ptr<TrainerHook> hook) { hooks_.push_back(std::move(hook)); }
 
@@ -87,7 +93,7 @@ class Trainer final : public TrainingRun {
     auto& p = progress_;
     detail::ResumePoint::recorded_in(p.training).check(p.step_in_epoch, layout.world, layout.n, layout.batch);
     if (group_) detail::broadcast_from_rank0(*group_, unwrap(model_), ema_ptr());
-    const auto val_draws = detail::fixed_validation_draws(val, schedule_, options_.seed());
+    const auto val_draws = detail::fixed_validation_draws(val, *objective_, options_.seed());
     auto& guard = guard_.emplace(device_, options_.skip_nonfinite(), layout.steps);
     guard.set_skipped(p.skipped_steps);
     while (p.epoch < options_.epochs()) {
@@ -102,11 +108,12 @@ class Trainer final : public TrainingRun {
       bool stop_at_epoch_end = false;
       for (int64_t step = p.step_in_epoch; step < layout.steps; ++step) {
         const auto idx = layout.batch_indices(perm, step);
-        const auto b = detail::draw_batch(train, labels.train, idx, schedule_, options_.cond_dropout(), generator_, layout, device_);
+        const auto b = detail::draw_batch(train, labels.train, idx, *objective_, options_.cond_dropout(), generator_, layout, device_);
         const double lr = learning_rate_at(options_.optimization(), p.global_step, options_.epochs() * layout.steps);
         for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
         optimizer_->zero_grad();
-        auto loss = detail::accumulate_gradients(model_, schedule_, b.x0, b.t, b.noise, b.cond, options_.loss(), options_.micro_batch());
+        auto loss = detail::accumulate_gradients(*objective_, [this](const torch::Tensor& cond) { return network(cond); }, b.x0,
+                                                 b.t, b.noise, b.cond, options_.micro_batch());
         // With ranks, whether any was asked to stop travels with the gradients, so that all stop at one step.
         bool shared_stop = false;
         if (group_) std::tie(loss, shared_stop) = detail::average_over_ranks(*group_, unwrap(model_), loss, stop_requested());
@@ -135,8 +142,9 @@ class Trainer final : public TrainingRun {
       const auto done = layout.steps - resumed_at_;
       TrainEpoch info{p.epoch + 1, options_.epochs(), p.global_step,
                       running.item<double>() / static_cast<double>(done - skipped_here),  // NaN when all were skipped
-                      val.defined() ? std::optional<double>(detail::validation_loss(model_, schedule_, val, labels.val, val_draws,
-                          options_.loss(), options_.batch_size(), device_, group_.get())) : std::nullopt, seconds,
+                      val.defined() ? std::optional<double>(detail::validation_loss(unwrap(model_), *objective_,
+                          [this](const torch::Tensor& cond) { return network(cond); }, val, labels.val, val_draws,
+                          options_.batch_size(), device_, group_.get())) : std::nullopt, seconds,
                       static_cast<double>(layout.images_in(done)) / seconds, guard.skipped(), {}, {}};
       ++p.epoch;
       p.step_in_epoch = resumed_at_ = 0;
@@ -151,11 +159,17 @@ class Trainer final : public TrainingRun {
   /// of another noise schedule or prediction type (the run would change its objective half-way).
   void load_checkpoint(const std::filesystem::path& path) {
     progress_ = load_training_state(path, unwrap(model_), optimizer_.get(), ema_ptr(), device_, [&](const CheckpointInfo& info) {
-      TORCH_CHECK(info.prediction == options_.loss().prediction(), "Trainer::load_checkpoint: ", path.string(), " was trained with ",
-                  to_string(info.prediction), " prediction, this run's is ", to_string(options_.loss().prediction()));
-      TORCH_CHECK(nlohmann::json(info.schedule) == nlohmann::json(schedule_.options()), "Trainer::load_checkpoint: ",
-                  path.string(), " was trained with another noise schedule (", nlohmann::json(info.schedule).dump(),
-                  ", this run's ", nlohmann::json(schedule_.options()).dump(), ")");
+      const auto mine = formulation_config(formulation());
+      if (const auto* discrete = dynamic_cast<const DiscreteObjective*>(objective_.get()); discrete && info.formulation.name == "ddpm") {
+        TORCH_CHECK(info.prediction == discrete->prediction(), "Trainer::load_checkpoint: ", path.string(), " was trained with ",
+                    to_string(info.prediction), " prediction, this run's is ", to_string(discrete->prediction()));
+        TORCH_CHECK(nlohmann::json(info.schedule) == nlohmann::json(discrete->schedule().options()), "Trainer::load_checkpoint: ",
+                    path.string(), " was trained with another noise schedule (", nlohmann::json(info.schedule).dump(),
+                    ", this run's ", nlohmann::json(discrete->schedule().options()).dump(), ")");
+      }
+      TORCH_CHECK(info.formulation == mine, "Trainer::load_checkpoint: ", path.string(), " was trained for the formulation ",
+                  info.formulation.name, " ", info.formulation.options.dump(), ", this run's is ", mine.name, " ",
+                  mine.options.dump());
     });
     generator_.set_state(progress_.rng_state);
     resumed_at_ = progress_.step_in_epoch;
@@ -163,8 +177,8 @@ class Trainer final : public TrainingRun {
 
   void save_checkpoint(const std::filesystem::path& path) override {
     if (guard_) guard_->verify();  // a deferred non-finite step stops the run before anything is written
-    CheckpointContents c{&unwrap(model_), optimizer_.get(), ema_ptr(), progress_, schedule_.options(), options_.loss().prediction(),
-                         metadata};
+    CheckpointContents c{&unwrap(model_), optimizer_.get(), ema_ptr(), progress_, {}, Prediction::Epsilon,
+                         formulation_config(formulation()), metadata};
     c.progress.rng_state = generator_.get_state();
     if (c.progress.step_in_epoch == 0) c.progress.epoch_rng_state = torch::Tensor();
     c.progress.training = options_;
@@ -175,25 +189,43 @@ class Trainer final : public TrainingRun {
   }
 
   torch::Tensor sample(int64_t n, const SamplingMethod& method, uint64_t seed, const torch::Tensor& labels = {}) override {
+    const auto* discrete = dynamic_cast<const DiscreteObjective*>(objective_.get());
+    TORCH_CHECK(discrete, "Trainer::sample: ", method.name(), " samples the discrete schedule, but this run trains ",
+                objective_->describe(), "; sample with a LevelSampler and a plan");
     std::optional<EMA::Scope> averaged;
     if (ema_) averaged.emplace(*ema_, unwrap(model_));
-    auto shape = image_shape();
-    shape.insert(shape.begin(), n);
-    return diffusion::sample(model_, schedule_, shape, method,
+    return diffusion::sample(model_, discrete->schedule(), batch_shape(n), method,
                              SampleOptions().seed(seed).precision(options_.loss().precision())
-                                 .prediction(options_.loss().prediction())
+                                 .prediction(discrete->prediction())
+                                 .cond(labels.defined() ? labels.to(device_) : labels));
+  }
+
+  torch::Tensor sample(int64_t n, const LevelSampler& sampler, const std::vector<double>& sigmas, uint64_t seed,
+                       const torch::Tensor& labels = {}) override {
+    std::optional<EMA::Scope> averaged;
+    if (ema_) averaged.emplace(*ema_, unwrap(model_));
+    return diffusion::sample(model_, formulation(), batch_shape(n), sampler, sigmas,
+                             SampleOptions().seed(seed).precision(options_.loss().precision()).dtype(objective_->dtype())
                                  .cond(labels.defined() ? labels.to(device_) : labels));
   }
 
   int64_t epoch() const override { return progress_.epoch; }
   int64_t global_step() const override { return progress_.global_step; }
   int64_t step_in_epoch() const override { return progress_.step_in_epoch; }
-  const NoiseSchedule& schedule() const override { return schedule_; }
+  const Formulation& formulation() const override { return *objective_->formulation(); }
+  /// The objective trained (on the run's device).
+  const Objective& objective() const noexcept { return *objective_; }
   std::vector<int64_t> image_shape() const override {
     TORCH_CHECK(train_.defined(), "Trainer: the image shape is known once fit has been called");
     return train_.sizes().slice(1).vec();
   }
   B& model() noexcept { return model_; }
+  /// (n, image shape...).
+  std::vector<int64_t> batch_shape(int64_t n) const {
+    auto shape = image_shape();
+    shape.insert(shape.begin(), n);
+    return shape;
+  }
   torch::optim::Optimizer& optimizer() noexcept { return *optimizer_; }
   /// The EMA of the weights, when options().ema_decay() > 0.
   const std::optional<EMA>& ema() const noexcept { return ema_; }
@@ -208,6 +240,35 @@ class Trainer final : public TrainingRun {
   std::map<std::string, std::string> metadata;
 
  private:
+  Trainer(B model, std::shared_ptr<const Objective> objective, TrainerOptions options,
+          std::shared_ptr<torch::optim::Optimizer> optimizer, bool from_schedule)
+      : model_(std::move(model)), options_(std::move(options)), device_(options_.device().value_or(auto_device())),
+        generator_(make_generator(options_.seed())) {
+    detail::check_trainer_options(options_);
+    TORCH_CHECK(objective != nullptr, "Trainer: the objective must be given");
+    TORCH_CHECK(from_schedule || (options_.loss().prediction() == Prediction::Epsilon && options_.loss().min_snr_gamma() == 0),
+                "Trainer: LossOptions' prediction and min_snr_gamma apply to a Trainer given a NoiseSchedule; the "
+                "objective (", objective->describe(), ") carries its own");
+    objective_ = objective->to(device_);
+    detail::check_archive_names(unwrap(model_), "Trainer");  // before training: its checkpoints must load
+    unwrap(model_).to(device_);
+    optimizer_ = optimizer ? std::move(optimizer) : detail::default_optimizer(unwrap(model_), options_.optimization());
+    if (options_.ema_decay() > 0) ema_.emplace(unwrap(model_), options_.ema_decay());
+  }
+
+  static std::shared_ptr<const Objective> discrete_objective(const NoiseSchedule& schedule, const TrainerOptions& o) {
+    detail::check_trainer_options(o);
+    detail::check_prediction_fits("Trainer", schedule, o.loss().prediction());
+    return std::make_shared<DiscreteObjective>(schedule, o.loss().prediction(), o.loss().min_snr_gamma());
+  }
+
+  /// The backbone as the objective calls it: this batch's labels, the run's precision.
+  NetworkCall network(const torch::Tensor& cond) {
+    return [this, cond](const torch::Tensor& x, const torch::Tensor& c_noise) {
+      return detail::predict("Trainer", model_, x, c_noise, options_.loss().precision(), cond);
+    };
+  }
+
   EMA* ema_ptr() noexcept { return ema_ ? &*ema_ : nullptr; }
 
   /// Lets the hooks save the run, then throws TrainingInterrupted.
@@ -228,7 +289,7 @@ class Trainer final : public TrainingRun {
   B model_;
   TrainerOptions options_;
   torch::Device device_;
-  NoiseSchedule schedule_;
+  std::shared_ptr<const Objective> objective_;
   torch::Generator generator_;
   std::shared_ptr<torch::optim::Optimizer> optimizer_;
   std::optional<EMA> ema_;
