@@ -498,3 +498,30 @@ TEST_CASE("Every sampler and both objectives run on the meta device", "[samplers
     }
   }
 }
+
+TEST_CASE("Image-to-image refusals of both loops: no step run, and zero terminal SNR at strength 1", "[samplers]") {
+  torch::manual_seed(0);
+  MLP model(MLPOptions().channels(1).image_size(4).hidden(16).depth(1).time_dim(8));
+  const auto image = torch::zeros({1, 1, 4, 4});
+  const EDM edm;
+  // floor(0.6 x 1) = 0 steps: refused rather than returning the image as strength 0 does.
+  CHECK_REFUSED(sample(model, edm, {2, 1, 4, 4}, Euler(), make_plan(edm, "karras", 1), SampleOptions().image(image).strength(0.6)),
+                "strength 0.6 of a plan of 1 steps runs none of them");
+  CHECK(torch::equal(sample(model, edm, {2, 1, 4, 4}, Euler(), make_plan(edm, "karras", 1), SampleOptions().image(image).strength(0)),
+                     image.expand({2, 1, 4, 4})));
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(20));
+  CHECK_REFUSED(sample(model, schedule, {2, 1, 4, 4}, DDIM().steps(2), SampleOptions().image(image).strength(0.4)),
+                "strength 0.4 of a plan of 2 steps runs none of them");
+  // Strength 1 starts from pure noise: a zero-terminal-SNR schedule must start there, image or not.
+  const NoiseSchedule ztsnr(NoiseScheduleOptions().num_timesteps(20).zero_terminal_snr(true));
+  const DiscreteFormulation z(ztsnr, Prediction::V);
+  CHECK_REFUSED(sample(model, z, {2, 1, 4, 4}, Euler(), make_plan(z, "leading", 4), SampleOptions().image(image).strength(1)),
+                "must start there");
+  CHECK_REFUSED(sample(model, ztsnr, {2, 1, 4, 4}, DDIM().steps(4), SampleOptions().prediction(Prediction::V).image(image).strength(1)),
+                "must start at t = T-1");
+  CHECK(sample(model, z, {2, 1, 4, 4}, Euler(), make_plan(z, "leading", 4), SampleOptions().image(image).strength(0.5))
+            .isfinite().all().item<bool>());
+  CHECK_REFUSED(make_level_sampler("ddim", {{"eta", 1.5}}), "ddim: eta must be in [0, 1]");
+  CHECK_REFUSED(EulerAncestral().eta(2).start(), "euler-a: eta must be in [0, 1]");
+  CHECK(make_level_sampler("dpmpp-2m-sde", {{"eta", 1.5}})->options().at("eta") == 1.5);  // an SDE's eta may exceed 1
+}

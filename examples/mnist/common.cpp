@@ -151,15 +151,18 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
                                     "every timestep for ddpm, 50 for ddim, 20 for the others")
       ->check(at_least(1));
   auto* plan = cmd->add_option("--plan", args.plan,
-                               "The noise levels visited: leading (the default; ends at t = 0), trailing (starts at "
-                               "t = T-1), linspace (both), karras (Karras et al. 2022, rho 7) or exponential")
+                               "The noise levels visited: leading (ends at t = 0), trailing (starts at t = T-1), "
+                               "linspace (both), karras (Karras et al. 2022, rho 7) or exponential; the first three only "
+                               "for a discrete-schedule checkpoint. Default: the checkpoint's formulation's (leading for "
+                               "ddpm, karras for edm)")
                    ->check(CLI::IsMember({"leading", "trailing", "linspace", "karras", "exponential"}));
   cmd->add_option("--spacing", args.plan, "Synonym of --plan for leading, trailing and linspace")
       ->check(CLI::IsMember({"leading", "trailing", "linspace"}))
       ->excludes(plan);
-  cmd->add_option_function<double>("--eta", [&args](const double& v) { args.sampler_options["eta"] = v; },
-                                   "The fresh noise's share for ddim, euler-a and the dpmpp SDE samplers, in [0, 1]: 0 "
-                                   "deterministic (ddim's default), 1 DDPM-like noise")
+  cmd->add_option_function<double>("--eta", [&args](const double& v) { args.eta = v; },
+                                   "The fresh noise's share, in [0, 1], for the samplers that have one: ddim (default 0), "
+                                   "ddpm, euler-a, dpmpp-2m (default 0: above it is the SDE form), dpmpp-2m-sde and "
+                                   "dpmpp-3m-sde (default 1); 0 deterministic, 1 DDPM-like noise")
       ->check(between(0, 1));
   cmd->add_option_function<std::string>(
       "--sampler-options",

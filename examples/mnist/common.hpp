@@ -60,10 +60,12 @@ struct SampleArgs {
   double clip_x0 = 1.0;
   bool no_ema = false;
   /// Model-call steps of the plan (unset: ddpm's every timestep, ddim's 50, the others' 20), the plan's
-  /// name (empty: the formulation's default), and the method's own options (JSON; --eta sets "eta").
+  /// name (empty: the formulation's default), the method's own options (JSON), and --eta (its "eta",
+  /// which the JSON must then leave out).
   std::optional<int64_t> steps;
   std::string plan;
   nlohmann::json sampler_options = nlohmann::json::object();
+  std::optional<double> eta;
   /// Autoguidance: a second, weaker checkpoint and its weight.
   std::string guide;
   double guidance = 2.0;

@@ -80,7 +80,13 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
   set_threads(a.threads);
   const auto device = parse_device(a.device);
   const auto precision = resolve_precision(a.precision, device);
-  const auto sampler = make_level_sampler(a.sampler, a.sampler_options);
+  auto sampler_options = a.sampler_options;
+  if (a.eta) {
+    TORCH_CHECK(!sampler_options.contains("eta"), "sample: eta is given twice, by --eta (", *a.eta,
+                ") and by --sampler-options (", sampler_options.at("eta").dump(), "); give one");
+    sampler_options["eta"] = *a.eta;
+  }
+  const auto sampler = make_level_sampler(a.sampler, sampler_options);
   auto source = open_source(a, device);
   AnyBackbone model = source.model;
   const auto& source_file = a.checkpoint.empty() ? a.weights : a.checkpoint;

@@ -74,7 +74,8 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
       ->check(CLI::Range(0, 1024))
       ->capture_default_str();
   cmd->add_option("--grid-steps", t.grid_steps,
-                  "Sample each epoch's grid with DDIM in this many steps at eta 1, trailing spacing (0: DDPM over all T steps, the seed's)")
+                  "Sample each epoch's grid with DDIM in this many steps at eta 1, trailing spacing (0: DDPM over all T "
+                  "steps, the seed's); with --formulation edm, over Karras levels (0: Heun over 18)")
       ->check(at_least(0))->capture_default_str();
   cmd->add_option("--keep", t.keep, "Checkpoints to keep")->check(at_least(1))->capture_default_str();
   cmd->add_option("--keep-epochs", t.keep_epochs,
@@ -123,6 +124,8 @@ int run_train(const TrainCommand& t) {
   TORCH_CHECK(discrete || (t.schedule == "linear" && t.prediction == "epsilon" && t.min_snr_gamma == 0 && !t.zero_terminal_snr),
               "train: --schedule, --prediction, --min-snr-gamma and --zero-terminal-snr shape --formulation ddpm; "
               "--formulation ", t.formulation, " has its own preconditioning and noise levels");
+  TORCH_CHECK(t.formulation == "edm" || t.sigma_data == 0.5, "train: --sigma-data shapes --formulation edm, not ",
+              t.formulation);
   // Checked here, not after the first epoch has trained: the grid's plan must fit the schedule.
   TORCH_CHECK(!discrete || t.grid_steps <= schedule.num_timesteps(), "train: --grid-steps must be at most the schedule's ",
               schedule.num_timesteps(), " timesteps, got ", t.grid_steps);

@@ -18,7 +18,8 @@ namespace diffusion {
 /// carried to the formulation's scale by alpha_next. eta = 1 adds DDPM's posterior noise between the two
 /// levels (Ho et al. 2020, eq. 7: with every timestep of the schedule it is DDPM's sampler), eta = 0 is
 /// Euler (DDIM at eta 0); in a variance-preserving formulation eta is DDIM's (Song et al. 2021, eq. 16).
-/// No noise is drawn when eta or the next level is 0. Refused: eta or s_noise negative or not finite.
+/// No noise is drawn when eta or the next level is 0. Refused: eta outside [0, 1] (above 1 it would ask for
+/// more fresh noise than the step has, which ancestral_split caps), s_noise negative or not finite.
 ///
 /// Example:
 ///   auto images = sample(model, f, {16, 1, 28, 28}, EulerAncestral().eta(1), make_plan(f, "karras", 30));
@@ -41,6 +42,7 @@ class EulerAncestral final : public LevelSampler {
   nlohmann::json options() const override { return {{"eta", eta()}, {"s_noise", s_noise()}}; }
   Step start() const override {
     detail::check_nonnegative("EulerAncestral", "eta", eta());
+    TORCH_CHECK(eta() <= 1.0, name_, ": eta must be in [0, 1], got ", eta());
     detail::check_nonnegative("EulerAncestral", "s_noise", s_noise());
     return [eta = eta(), s_noise = s_noise()](const SamplerStep& s) {
       const auto d = s.denoiser(s.x, s.sigma);
@@ -61,7 +63,9 @@ namespace detail {
 inline std::shared_ptr<const LevelSampler> make_euler_ancestral(const char* name, double eta, const nlohmann::json& j) {
   auto sampler = std::make_shared<EulerAncestral>(name);
   sampler->eta(eta);
-  return with_noise_options(name, sampler, j);
+  auto made = with_noise_options(name, sampler, j);
+  TORCH_CHECK(sampler->eta() <= 1.0, name, ": eta must be in [0, 1], got ", sampler->eta());
+  return made;
 }
 inline const bool euler_ancestral_registered =
     (register_level_sampler("euler-a", [](const nlohmann::json& j) { return make_euler_ancestral("euler-a", 1.0, j); }),

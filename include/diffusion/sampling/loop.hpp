@@ -270,9 +270,14 @@ inline SampleInputs sample_inputs(const char* fn, const std::vector<int64_t>& sh
 }
 
 /// The first plan entry a run starts at: 0 from noise; with an image, the last floor(strength S) of the S
-/// steps run (the floor taken with a little slack, so that 0.6 x 50 is 30, not 29).
-inline int64_t first_step(const SampleOptions& options, bool has_image, int64_t S) {
-  return has_image ? S - static_cast<int64_t>(std::floor(options.strength() * static_cast<double>(S) + 1e-9)) : 0;
+/// steps run (the floor taken with a little slack, so that 0.6 x 50 is 30, not 29). Refused: a strength
+/// above 0 that runs no step of this plan (it would return the image as strength 0 does, unasked).
+inline int64_t first_step(const char* fn, const SampleOptions& options, bool has_image, int64_t S) {
+  if (!has_image) return 0;
+  const auto run = static_cast<int64_t>(std::floor(options.strength() * static_cast<double>(S) + 1e-9));
+  TORCH_CHECK(run > 0 || options.strength() == 0.0, fn, ": strength ", options.strength(), " of a plan of ", S,
+              " steps runs none of them (floor(strength x steps) = 0); give more steps, or strength 0 to return the image");
+  return S - run;
 }
 
 }  // namespace detail
@@ -310,12 +315,13 @@ torch::Tensor sample(B& model, const NoiseSchedule& schedule, const std::vector<
     TORCH_CHECK(plan[i] >= 0 && plan[i] < T && (i == 0 || plan[i] < plan[i - 1]), fn, ": ", method.name(),
                 "'s plan must be strictly descending in [0, ", T, "), got ", torch::IntArrayRef(plan));
   }
-  // From pure noise, a zero-terminal-SNR model has learned to start only at T-1 (where x_T is N(0, I)).
-  TORCH_CHECK(!schedule.options().zero_terminal_snr() || image.defined() || plan.front() == T - 1, fn,
+  const auto S = static_cast<int64_t>(plan.size());
+  const auto first = detail::first_step(fn, options, image.defined(), S);
+  // From pure noise (no image, or strength 1), a zero-terminal-SNR model has learned to start only at T-1
+  // (where x_T is N(0, I)).
+  TORCH_CHECK(!schedule.options().zero_terminal_snr() || first > 0 || plan.front() == T - 1, fn,
               ": the schedule has zero terminal SNR, so sampling from noise must start at t = T-1 = ", T - 1, ", but ",
               method.name(), "'s plan starts at ", plan.front(), "; use trailing or linspace spacing (Lin et al. 2024)");
-  const auto S = static_cast<int64_t>(plan.size());
-  const auto first = detail::first_step(options, image.defined(), S);
 
   std::optional<torch::Generator> gen = options.generator();
   if (!gen && options.seed()) gen = make_generator(*options.seed());

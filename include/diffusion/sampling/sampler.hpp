@@ -232,9 +232,10 @@ torch::Tensor sample(B& model, const Formulation& formulation, const std::vector
   const auto x_options = torch::TensorOptions().dtype(options.dtype()).device(device);
   const auto [cond, image, mask] = detail::sample_inputs(fn, shape, options, x_options);
   const auto S = static_cast<int64_t>(sigmas.size()) - 1;
-  const auto first = detail::first_step(options, image.defined(), S);
+  const auto first = detail::first_step(fn, options, image.defined(), S);
   (void)formulation.level(sigmas.front());  // refuses a level the formulation does not have
-  TORCH_CHECK(image.defined() || !std::isinf(formulation.sigma_max()) || std::isinf(sigmas.front()), fn, ": ",
+  // From pure noise (no image, or strength 1).
+  TORCH_CHECK(first > 0 || !std::isinf(formulation.sigma_max()) || std::isinf(sigmas.front()), fn, ": ",
               formulation.describe(), " reaches pure noise only at sigma = +inf, so sampling from noise must start "
               "there, but the plan starts at ", sigmas.front(), " (prepend +inf, or use a trailing or linspace plan)");
 
