@@ -49,6 +49,20 @@ class Objective {
                                    const torch::Tensor& noise, bool weighted) const = 0;
 };
 
+namespace detail {
+/// The discrete schedule's per-sample loss (DiscreteObjective and diffusion_loss): x_t = q_sample, the
+/// prediction type's target, Min-SNR weights when min_snr_gamma > 0.
+inline torch::Tensor discrete_loss(const NoiseSchedule& s, Prediction prediction, double min_snr_gamma,
+                                   const NetworkCall& network, const torch::Tensor& x0, const torch::Tensor& t,
+                                   const torch::Tensor& noise) {
+  const auto x_t = extract(s.sqrt_alphas_cumprod, t, x0) * x0 + extract(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise;
+  const auto output = network(x_t, t);
+  const auto loss = (output - training_target(s, prediction, x0, noise, t)).pow(2).flatten(1).mean(1);
+  if (min_snr_gamma <= 0) return loss;
+  return loss * detail::min_snr_weights(s, t, min_snr_gamma, prediction).to(loss.scalar_type());
+}
+}  // namespace detail
+
 /// The discrete schedule's objective (Ho et al. 2020, Algorithm 1): t ~ U{0, ..., T-1}, x_t = q_sample,
 /// the target of the prediction type (training_target), optionally weighted by Min-SNR-gamma (Hang et al.
 /// 2023; min_snr_weights). The Trainer's objective when it is given a NoiseSchedule. Refused: an epsilon
@@ -85,12 +99,7 @@ class DiscreteObjective final : public Objective {
   }
   torch::Tensor per_sample(const NetworkCall& network, const torch::Tensor& x0, const torch::Tensor& t,
                            const torch::Tensor& noise, bool weighted) const override {
-    const auto& s = schedule();
-    const auto x_t = extract(s.sqrt_alphas_cumprod, t, x0) * x0 + extract(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise;
-    const auto output = network(x_t, t);
-    const auto loss = (output - training_target(s, prediction(), x0, noise, t)).pow(2).flatten(1).mean(1);
-    if (!weighted || min_snr_gamma_ <= 0) return loss;
-    return loss * detail::min_snr_weights(s, t, min_snr_gamma_, prediction()).to(loss.scalar_type());
+    return detail::discrete_loss(schedule(), prediction(), weighted ? min_snr_gamma_ : 0.0, network, x0, t, noise);
   }
 
  private:
@@ -156,7 +165,7 @@ torch::Tensor diffusion_loss(B& model, const NoiseSchedule& schedule, const torc
   const NetworkCall network = [&](const torch::Tensor& x, const torch::Tensor& c_noise) {
     return predict("diffusion_loss", model, x, c_noise, options.precision(), cond);
   };
-  return DiscreteObjective(schedule, options.prediction(), options.min_snr_gamma()).per_sample(network, x0, t, noise, true);
+  return discrete_loss(schedule, options.prediction(), options.min_snr_gamma(), network, x0, t, noise);
 }
 
 }  // namespace detail
