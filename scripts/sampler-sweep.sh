@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The samplers over noise levels on one checkpoint, at equal model-call budgets: each row is
 # `mnist evaluate` on 1,000 samples (seed 0, x_0 clamped to [-1, 1]) and prints a markdown table row
-# (sampler, plan, budget, steps, FD, digit rate), unguided and autoguided by GUIDE (w = 2, two calls a step).
+# (sampler, plan, budget, steps, FD, KID +- its standard error, digit rate), unguided and autoguided by GUIDE
+# (w = 2, two calls a step). N sets the sample count (1,000 by default; 10,000 where a row decides something).
 # A budget of C calls is C steps unguided and C/2 guided; Heun's S steps cost 2S - 1 calls.
 #
 #   scripts/sampler-sweep.sh runs/mnist/checkpoints/checkpoint_epoch_008.pt runs/mnist/checkpoints/checkpoint_epoch_002.pt
@@ -24,11 +25,12 @@ row() {  # SAMPLER PLAN BUDGET STEPS GUIDED
   [ "$5" = yes ] && extra=(--guide "$guide" --guidance 2)
   "$mnist" evaluate --checkpoint "$checkpoint" --classifier runs/classifier.pt --data data/mnist --n "$n" --seed 0 \
     --sampler "$1" --plan "$2" --steps "$4" "${extra[@]}" >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
-  printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$5" \
-    "$(grep -oP 'Frechet distance: +\K[0-9.]+' "$log")" "$(grep -oP 'digit rate: +\K[0-9.]+' "$log")"
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$5" \
+    "$(grep -oP 'Frechet distance: +\K[0-9.]+' "$log")" "$(grep -oP 'kernel distance: +\K-?[0-9.]+ \+- [0-9.]+' "$log")" \
+    "$(grep -oP 'digit rate: +\K[0-9.]+' "$log")"
 }
-echo "| sampler | plan | calls | steps | autoguided | FD | digit rate |"
-echo "|---|---|---:|---:|---|---:|---:|"
+echo "| sampler | plan | calls | steps | autoguided | FD | KID | digit rate |"
+echo "|---|---|---:|---:|---|---:|---:|---:|"
 for sampler in $samplers; do
   for budget in $budgets; do
     for guided in no yes; do

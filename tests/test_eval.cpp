@@ -43,6 +43,90 @@ TEST_CASE("Frechet distance of two Gaussians equals its closed form", "[eval]") 
   CHECK_REFUSED(frechet_distance(a, stats(torch::zeros({2}), torch::eye(2))), "must have the same dimension");
 }
 
+TEST_CASE("kernel distance equals its pair sums, and its jackknife the leave-one-out recomputation", "[eval]") {
+  auto gen = make_generator(5);
+  const auto a = torch::randn({4, 3}, gen, torch::kFloat64), b = torch::randn({5, 3}, gen, torch::kFloat64) + 0.5;
+  const auto k = [](const torch::Tensor& p, int64_t i, const torch::Tensor& q, int64_t j) {
+    return std::pow(p[i].dot(q[j]).item<double>() / 3 + 1, 3);
+  };
+  // The U-statistic written out pair by pair, over the rows kept.
+  const auto u = [&](const std::vector<int64_t>& ia, const std::vector<int64_t>& ib) {
+    double xx = 0, yy = 0, xy = 0;
+    for (auto i : ia) for (auto j : ia) if (i != j) xx += k(a, i, a, j);
+    for (auto i : ib) for (auto j : ib) if (i != j) yy += k(b, i, b, j);
+    for (auto i : ia) for (auto j : ib) xy += k(a, i, b, j);
+    const double n = static_cast<double>(ia.size()), m = static_cast<double>(ib.size());
+    return xx / (n * (n - 1)) + yy / (m * (m - 1)) - 2 * xy / (n * m);
+  };
+  const std::vector<int64_t> all_a{0, 1, 2, 3}, all_b{0, 1, 2, 3, 4};
+  const auto jack = [&](bool drop_a) {
+    std::vector<double> loo;
+    const auto& all = drop_a ? all_a : all_b;
+    for (auto skip : all) {
+      std::vector<int64_t> kept;
+      for (auto i : all) if (i != skip) kept.push_back(i);
+      loo.push_back(drop_a ? u(kept, all_b) : u(all_a, kept));
+    }
+    double mean = 0, var = 0;
+    for (auto v : loo) mean += v / static_cast<double>(loo.size());
+    for (auto v : loo) var += (v - mean) * (v - mean);
+    return var * static_cast<double>(loo.size() - 1) / static_cast<double>(loo.size());
+  };
+  const auto kd = kernel_distance(a, b);
+  CHECK_THAT(kd.value, WithinAbs(u(all_a, all_b), 1e-12));
+  CHECK_THAT(kd.standard_error, WithinAbs(std::sqrt(jack(true) + jack(false)), 1e-12));
+  const auto blocked = kernel_distance(a, b, 1);  // one row at a time: the same sums
+  CHECK_THAT(blocked.value, WithinAbs(kd.value, 1e-12));
+  CHECK_THAT(blocked.standard_error, WithinAbs(kd.standard_error, 1e-12));
+  CHECK_REFUSED(kernel_distance(a.slice(0, 0, 2), b), "need at least 3 rows in each set");
+  CHECK_REFUSED(kernel_distance(a, b.slice(1, 0, 2)), "with the same D >= 1, got [4, 3] and [5, 2]");
+  CHECK_REFUSED(kernel_distance(a.flatten(), b), "features must be (N, D) and (M, D)");
+  CHECK_REFUSED(kernel_distance(a, b, 0), "block must be >= 1, got 0");
+}
+
+TEST_CASE("kernel distance is unbiased at 5 samples, and its standard error is the spread over draws", "[eval]") {
+  // D = 1: k(x, y) = (x y + 1)^3 = x^3 y^3 + 3 x^2 y^2 + 3 x y + 1, so MMD^2 in closed form from the first
+  // three moments: (m3 - m3')^2 + 3 (m2 - m2')^2 + 3 (m1 - m1')^2. N(0, 1) against N(1/2, 1): m1' = 1/2,
+  // m2' = 5/4, m3' = 1/8 + 3/2; MMD^2 = (13/8)^2 + 3 / 16 + 3 / 4.
+  const double exact = 169.0 / 64 + 3.0 / 16 + 3.0 / 4;
+  auto gen = make_generator(11);
+  const int reps = 4000;
+  std::vector<double> values;
+  for (int r = 0; r < reps; ++r) {
+    values.push_back(kernel_distance(torch::randn({5, 1}, gen, torch::kFloat64),
+                                     torch::randn({5, 1}, gen, torch::kFloat64) + 0.5).value);
+  }
+  const auto v = torch::tensor(values, torch::kFloat64);
+  const double mean = v.mean().item<double>(), se = v.std().item<double>() / std::sqrt(double(reps));
+  // The biased (all-pairs, diagonal kept) estimate would sit about (E k(x,x) - E k(x,x')) / 5 = 4.8 higher.
+  INFO("mean over draws " << mean << " +- " << se << ", exact " << exact);
+  CHECK(std::abs(mean - exact) < 4 * se);
+
+  // The jackknife's standard error against the spread of the estimate over 300 independent draws of
+  // 100 against 100 in D = 4 (the spread's own relative standard error is about 1/sqrt(600) = 4%).
+  const auto calibration = [&](double shift) {
+    std::vector<double> draws, errors;
+    for (int r = 0; r < 300; ++r) {
+      const auto kd = kernel_distance(torch::randn({100, 4}, gen, torch::kFloat64),
+                                      torch::randn({100, 4}, gen, torch::kFloat64) + shift);
+      draws.push_back(kd.value);
+      errors.push_back(kd.standard_error);
+    }
+    return std::pair{torch::tensor(draws, torch::kFloat64).std().item<double>(),
+                     torch::tensor(errors, torch::kFloat64).mean().item<double>()};
+  };
+  const auto [spread, claimed] = calibration(0.3);
+  INFO("distinct distributions: spread over draws " << spread << ", mean jackknife standard error " << claimed);
+  CHECK(claimed > 0.8 * spread);
+  CHECK(claimed < 1.25 * spread);
+  // Where the two distributions are equal the U-statistic is degenerate and the jackknife errs on the
+  // safe side (Efron & Stein 1981): its standard error is larger than the spread, never smaller.
+  const auto [null_spread, null_claimed] = calibration(0.0);
+  INFO("equal distributions: spread over draws " << null_spread << ", mean jackknife standard error " << null_claimed);
+  CHECK(null_claimed > 0.95 * null_spread);
+  CHECK(null_claimed < 2.5 * null_spread);
+}
+
 TEST_CASE("a trained feature classifier separates data from noise", "[eval]") {
   torch::manual_seed(1);
   const auto [train_x, train_y] = bars(2000, 1);

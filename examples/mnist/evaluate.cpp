@@ -45,14 +45,15 @@ int run_classifier(const ClassifierCommand& c) {
 
 CLI::App* add_evaluate(CLI::App& app, EvaluateCommand& e) {
   e.sample.n = 10000;  // the usual size for FID-style scores; --n 1000 for a quick run
-  auto* cmd = app.add_subcommand("evaluate", "Score samples: Frechet distance in the classifier's features (with "
-                                             "its floor and ceiling), digit rate, class histogram and entropy");
+  auto* cmd = app.add_subcommand("evaluate", "Score samples: Frechet and kernel distances in the classifier's "
+                                             "features (with their floor from held-out test images), digit rate, "
+                                             "class histogram and entropy");
   cmd->add_option("--checkpoint", e.sample.checkpoint, "Checkpoint to sample from")->check(CLI::ExistingFile);
   cmd->add_option("--images", e.images, "Or: a tensor file (torch::save) of (N, 1, 28, 28) images in [-1, 1]")
       ->check(CLI::ExistingFile);
   cmd->add_option("--classifier", e.classifier, "Classifier from the classifier subcommand")->capture_default_str();
-  cmd->add_option("--data", e.data, "MNIST directory (the reference is its test set)")->capture_default_str();
-  cmd->add_option("--n", e.sample.n, "Samples to draw")->check(at_least(2))->capture_default_str();
+  cmd->add_option("--data", e.data, "MNIST directory (its test set, split in two, gives the reference and the floor)")->capture_default_str();
+  cmd->add_option("--n", e.sample.n, "Samples to draw")->check(at_least(3))->capture_default_str();
   cmd->add_flag("--unconditional", e.unconditional,
                 "For a class-conditional checkpoint: sample without labels (by default the classes are requested "
                 "in turn, and the classifier's agreement with them is scored)");
@@ -62,11 +63,36 @@ CLI::App* add_evaluate(CLI::App& app, EvaluateCommand& e) {
 
 namespace {
 
+/// The test set in two parts, split by a fixed permutation (seed 0, so every run scores against the same
+/// images): `held_out`, as many images as the samples (at most half the test set), gives the floor;
+/// `reference` is the rest. Neither the classifier nor the diffusion model saw either part: training
+/// images make no floor, since the classifier, trained on them, maps their features differently.
+struct TestSplit {
+  data::MnistSplit held_out, reference;
+};
+
+TestSplit split_test_set(const data::MnistSplit& test, int64_t samples, const std::string& data_dir) {
+  const int64_t n = test.images.size(0);
+  const int64_t held = std::min(samples, n / 2);
+  TORCH_CHECK(held >= 3, "evaluate: the test set in ", data_dir, " holds ", n, " images; at least 6 are needed (3 for ",
+              "the floor, 3 for the reference)");
+  const auto order = torch::randperm(n, make_generator(0), torch::kLong);
+  const auto part = [&](int64_t from, int64_t to) {
+    const auto idx = order.slice(0, from, to);
+    return data::MnistSplit{test.images.index_select(0, idx), test.labels.index_select(0, idx)};
+  };
+  return {part(0, held), part(held, n)};
+}
+
+std::string kernel_str(const eval::KernelDistance& k) {
+  return fmt::format("{:.5f} +- {:.5f}", k.value, k.standard_error);
+}
+
 /// For samples drawn with requested classes: how often the classifier names the requested class (overall
-/// and per class), and the Frechet distance of each class's samples to the test images of that class,
-/// beside its floor (as many training images of the class).
+/// and per class), and the Frechet distance of each class's samples to the reference images of that class,
+/// beside its floor (as many held-out test images of the class).
 void report_requested_classes(eval::LeNet& net, const torch::Tensor& samples, const torch::Tensor& labels, int64_t classes,
-                              const data::MnistSplit& test, const data::MnistSplit& train) {
+                              const TestSplit& split) {
   const auto x = samples.clamp(-1, 1);
   const auto predicted = eval::batched(net, x, 1000, [&](const torch::Tensor& b) { return net(b).argmax(1); });
   const auto agree = predicted.eq(labels);
@@ -83,8 +109,8 @@ void report_requested_classes(eval::LeNet& net, const torch::Tensor& samples, co
     const double acc = agree.masked_select(mine).to(torch::kDouble).mean().item<double>();
     worst = std::min(worst.value_or(1.0), acc);
     per_class.push_back(fmt::format("{:.3f}", acc));
-    const auto references = test.images.index({test.labels.eq(k)});
-    const auto real = train.images.index({train.labels.eq(k)}).slice(0, 0, n);
+    const auto references = split.reference.images.index({split.reference.labels.eq(k)});
+    const auto real = split.held_out.images.index({split.held_out.labels.eq(k)}).slice(0, 0, n);
     if (references.size(0) < 2 || real.size(0) < 2) {
       per_class_fd.push_back("n/a");  // too few real images of the class to fit a Gaussian to
       continue;
@@ -98,8 +124,8 @@ void report_requested_classes(eval::LeNet& net, const torch::Tensor& samples, co
   fmt::print("requested class:  {:.4f}   (share the classifier assigns to the class asked for; worst class {})\n",
              agree.to(torch::kDouble).mean().item<double>(), worst ? fmt::format("{:.3f}", *worst) : "-");
   fmt::print("per class:        {}   (class 0 first; -: fewer than 2 samples of it)\n", fmt::join(per_class, " "));
-  fmt::print("per-class FD:     {}   (each class's samples vs its test images; floor in brackets)\n",
-             fmt::join(per_class_fd, " "));
+  fmt::print("per-class FD:     {}   (each class's samples vs its reference images; floor, held-out images, in "
+             "brackets)\n", fmt::join(per_class_fd, " "));
 }
 
 }  // namespace
@@ -111,8 +137,6 @@ int run_evaluate(const EvaluateCommand& e) {
   load_module_file(e.classifier, net, "classifier");  // refuses a damaged file, or one of another network
   net->eval();
   const auto test = data::load_mnist(e.data, data::Split::Test);
-  const auto train = data::load_mnist(e.data, data::Split::Train);
-  const auto reference = eval::feature_statistics(eval::features_of(net, test.images));
   torch::Tensor samples;
   auto args = e.sample;
   int64_t classes = 0;
@@ -128,33 +152,41 @@ int run_evaluate(const EvaluateCommand& e) {
                     samples.size(3) == 28,
                 "evaluate: ", e.images, " must hold an (N, 1, 28, 28) floating-point tensor in [-1, 1], got ",
                 samples.scalar_type(), " of shape ", samples.sizes());
-    TORCH_CHECK(samples.size(0) >= 2, "evaluate: ", e.images, " holds ", samples.size(0),
-                " image(s); the Frechet distance needs at least 2");
+    TORCH_CHECK(samples.size(0) >= 3, "evaluate: ", e.images, " holds ", samples.size(0),
+                " image(s); the kernel distance needs at least 3");
     TORCH_CHECK(samples.isfinite().all().item<bool>() && samples.abs().max().item<double>() <= 1.0 + 1e-3,
                 "evaluate: ", e.images, " must hold images in [-1, 1], "
                 "got values from ", samples.min().item<double>(), " to ", samples.max().item<double>());
-  } else {
+  }
+  // The floor: held-out test images, as many as the samples (at most half the test set), against the
+  // rest; the ceiling: as many images of uniform noise. The held-out images' digit rate gives the scale:
+  // the classifier is not certain of every real digit either. Split before sampling: a test set too
+  // small for it is refused before the minutes of sampling.
+  const auto split = split_test_set(test, e.images.empty() ? args.n : samples.size(0), e.data);
+  const auto reference = eval::reference_features(net, split.reference.images);
+  if (e.images.empty()) {
     TORCH_CHECK(!args.cfg || classes > 0, "evaluate: --cfg needs a class-conditional checkpoint; ", args.checkpoint,
                 " was trained without --conditional");
     samples = generate(args, true);
   }
-  // The bounds, on as many images as the samples: train vs test (the floor) and uniform noise vs test.
-  // The real images' scores also give the digit rate for scale: the classifier is not certain of every
-  // real digit either.
-  const int64_t m = std::min<int64_t>(samples.size(0), train.images.size(0));
-  const auto real = eval::evaluate_samples(net, train.images.slice(0, 0, m), reference);
-  const auto noise = torch::rand({m, 1, 28, 28}, make_generator(e.sample.seed + 1)) * 2 - 1;
-  const double ceiling = eval::frechet_distance(eval::feature_statistics(eval::features_of(net, noise)), reference);
+  const int64_t m = split.held_out.images.size(0);
+  const auto real = eval::evaluate_samples(net, split.held_out.images, reference);
+  const auto noise = torch::rand({samples.size(0), 1, 28, 28}, make_generator(e.sample.seed + 1)) * 2 - 1;
+  const double ceiling =
+      eval::frechet_distance(eval::feature_statistics(eval::features_of(net, noise)), reference.statistics);
   const auto q = eval::evaluate_samples(net, samples, reference);
-  fmt::print("samples:          {}\n", samples.size(0));
-  fmt::print("Frechet distance: {:.3f}   (floor, {} train images vs test: {:.3f}; ceiling, noise vs test: {:.3f})\n",
-             q.frechet, m, real.frechet, ceiling);
-  fmt::print("digit rate:       {:.3f}   (share classified with probability >= 0.9; {} train images: {:.3f})\n",
+  fmt::print("samples:          {}   (scored against {} test images; {} other test images held out for the floor)\n",
+             samples.size(0), split.reference.images.size(0), m);
+  fmt::print("Frechet distance: {:.3f}   (floor, {} held-out test images: {:.3f}; ceiling, noise: {:.3f})\n", q.frechet, m,
+             real.frechet, ceiling);
+  fmt::print("kernel distance:  {}   (KID, unbiased at any count; floor {})\n", kernel_str(*q.kernel),
+             kernel_str(*real.kernel));
+  fmt::print("digit rate:       {:.3f}   (share classified with probability >= 0.9; {} held-out test images: {:.3f})\n",
              q.digit_rate, m, real.digit_rate);
   fmt::print("class histogram:  {}\n", fmt::join(q.histogram, " "));
   fmt::print("class entropy:    {:.3f} nats (uniform: {:.3f}); smallest class share {:.3f}\n", q.class_entropy,
              std::log(10.0), q.min_class_share);
-  if (classes > 0) report_requested_classes(net, samples, args.labels, classes, test, train);
+  if (classes > 0) report_requested_classes(net, samples, args.labels, classes, split);
   return 0;
 }
 

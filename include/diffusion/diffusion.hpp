@@ -52,4 +52,5 @@
 #include <diffusion/data/mnist.hpp>
 #include <diffusion/eval/frechet.hpp>
 #include <diffusion/eval/classifier.hpp>
+#include <diffusion/eval/kernel.hpp>
 #include <diffusion/eval/quality.hpp>
