@@ -14,6 +14,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
@@ -202,4 +203,38 @@ inline double max_difference(const std::map<std::string, torch::Tensor>& a, cons
   double worst = 0;
   for (const auto& [name, value] : a) worst = std::max(worst, (value - b.at(name)).abs().max().item<double>());
   return worst;
+}
+
+/// A run of a fresh `objective()` trains one epoch of tiny_dataset(32) with a grid and validation, and a
+/// second run of it resumes from the checkpoint for a second epoch; the checkpoint then samples with
+/// every sampler over the formulation's `plan` (4 steps). Returns the first epoch's checkpoint.
+inline fs::path check_objective_run(const std::string& name, const std::function<std::shared_ptr<const Objective>()>& objective,
+                                    const std::string& plan) {
+  const auto dir = scratch(name);
+  const auto data = tiny_dataset(32);
+  const auto opts = quiet().epochs(1).batch_size(8);
+  torch::manual_seed(0);
+  Trainer trainer(tiny_net(), objective(), opts);
+  auto outputs = std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(4));
+  trainer.add_hook(outputs);
+  double last_loss = std::nan("");
+  trainer.on_epoch = [&](const TrainEpoch& e) { last_loss = e.train_loss; };
+  trainer.fit(data, data.slice(0, 0, 8));
+  CHECK(std::isfinite(last_loss));
+  CHECK(fs::exists(dir / "samples" / "epoch_001.png"));  // the grid: Heun over the formulation's default plan
+  const auto checkpoint = *outputs->latest_checkpoint();
+  Trainer again(tiny_net(), objective(), TrainerOptions(opts).epochs(2));
+  again.load_checkpoint(checkpoint);
+  CHECK(again.epoch() == 1);
+  again.fit(data);
+  CHECK(again.epoch() == 2);
+  auto [model, loaded] = load_model(checkpoint);
+  const auto f = make_formulation(loaded.formulation);
+  for (const auto& sampler : level_sampler_names()) {
+    INFO(sampler);
+    const auto x = sample(model, *f, {2, 1, 28, 28}, *make_level_sampler(sampler), make_plan(*f, plan, 4),
+                          SampleOptions().seed(0));
+    CHECK(torch::isfinite(x).all().item<bool>());
+  }
+  return checkpoint;
 }

@@ -152,10 +152,11 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
       ->check(at_least(1));
   auto* plan = cmd->add_option("--plan", args.plan,
                                "The noise levels visited: leading (ends at t = 0), trailing (starts at t = T-1), "
-                               "linspace (both), karras (Karras et al. 2022, rho 7) or exponential; the first three only "
-                               "for a discrete-schedule checkpoint. Default: the checkpoint's formulation's (leading for "
-                               "ddpm, karras for edm)")
-                   ->check(CLI::IsMember({"leading", "trailing", "linspace", "karras", "exponential"}));
+                               "linspace (both), karras (Karras et al. 2022, rho 7), exponential, or uniform (t from 1 "
+                               "to 0, shifted by the checkpoint's shift); the first three only for a discrete-schedule "
+                               "checkpoint, uniform only for a flow one. Default: the checkpoint's formulation's "
+                               "(leading for ddpm, karras for edm, uniform for flow)")
+                   ->check(CLI::IsMember({"leading", "trailing", "linspace", "karras", "exponential", "uniform"}));
   cmd->add_option("--spacing", args.plan, "Synonym of --plan for leading, trailing and linspace")
       ->check(CLI::IsMember({"leading", "trailing", "linspace"}))
       ->excludes(plan);

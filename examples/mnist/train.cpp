@@ -51,10 +51,18 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
   cmd->add_option("--formulation", t.formulation,
                   "ddpm: the discrete schedule of Ho et al. 2020 (the seed's; --schedule, --prediction, --min-snr-gamma "
                   "and --zero-terminal-snr shape it); edm: Karras et al. 2022's preconditioned denoiser, trained at "
-                  "log-normal noise levels")
+                  "log-normal noise levels (--sigma-data); flow: rectified flow matching, the network predicting the "
+                  "velocity (--shift, --t-distribution)")
       ->check(CLI::IsMember(formulation_names()))->capture_default_str();
   cmd->add_option("--sigma-data", t.sigma_data, "With --formulation edm: the data's standard deviation")
       ->check(positive())->capture_default_str();
+  cmd->add_option("--shift", t.shift,
+                  "With --formulation flow: the timestep shift s of Esser et al. 2024, t' = s t / (1 + (s - 1) t), for "
+                  "training and sampling (1: none)")
+      ->check(positive())->capture_default_str();
+  cmd->add_option("--t-distribution", t.t_distribution,
+                  "With --formulation flow: the training times, uniform or logit-normal (Esser et al. 2024: m 0, s 1)")
+      ->check(CLI::IsMember({"uniform", "logit-normal"}))->capture_default_str();
   cmd->add_option("--schedule", t.schedule, "Noise schedule")->check(CLI::IsMember({"linear", "cosine"}))->capture_default_str();
   cmd->add_flag("--zero-terminal-snr", t.zero_terminal_snr,
                 "Rescale the schedule so its last timestep is pure noise (Lin et al. 2024); needs --prediction v or "
@@ -75,7 +83,8 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
       ->capture_default_str();
   cmd->add_option("--grid-steps", t.grid_steps,
                   "Sample each epoch's grid with DDIM in this many steps at eta 1, trailing spacing (0: DDPM over all T "
-                  "steps, the seed's); with --formulation edm, over Karras levels (0: Heun over 18)")
+                  "steps, the seed's); with --formulation edm or flow, over its default plan (Karras levels; uniform t) "
+                  "(0: Heun over 18)")
       ->check(at_least(0))->capture_default_str();
   cmd->add_option("--keep", t.keep, "Checkpoints to keep")->check(at_least(1))->capture_default_str();
   cmd->add_option("--keep-epochs", t.keep_epochs,
@@ -126,6 +135,8 @@ int run_train(const TrainCommand& t) {
               "--formulation ", t.formulation, " has its own preconditioning and noise levels");
   TORCH_CHECK(t.formulation == "edm" || t.sigma_data == 0.5, "train: --sigma-data shapes --formulation edm, not ",
               t.formulation);
+  TORCH_CHECK(t.formulation == "flow" || (t.shift == 1.0 && t.t_distribution == "uniform"),
+              "train: --shift and --t-distribution shape --formulation flow, not ", t.formulation);
   // Checked here, not after the first epoch has trained: the grid's plan must fit the schedule.
   TORCH_CHECK(!discrete || t.grid_steps <= schedule.num_timesteps(), "train: --grid-steps must be at most the schedule's ",
               schedule.num_timesteps(), " timesteps, got ", t.grid_steps);
@@ -157,8 +168,13 @@ int run_train(const TrainCommand& t) {
   auto trainer = [&] {
     if (discrete) return Trainer(backbone, schedule, options);
     // The objective carries the prediction and weighting that LossOptions gives the discrete schedule.
-    auto edm = TrainerOptions(options).loss(LossOptions().precision(options.loss().precision()));
-    return Trainer(backbone, std::make_shared<EDMObjective>(EDM(EDMOptions().sigma_data(t.sigma_data))), edm);
+    auto own = TrainerOptions(options).loss(LossOptions().precision(options.loss().precision()));
+    if (t.formulation == "flow") {
+      const auto times = t.t_distribution == "uniform" ? TimeDistribution::Uniform : TimeDistribution::LogitNormal;
+      return Trainer(backbone, std::make_shared<FlowObjective>(Flow(FlowOptions().shift(t.shift)),
+                                                               FlowObjectiveOptions().distribution(times)), own);
+    }
+    return Trainer(backbone, std::make_shared<EDMObjective>(EDM(EDMOptions().sigma_data(t.sigma_data))), own);
   }();
   // Only rank 0 writes (and locks the directory); the others train alongside.
   const auto outputs = !main_rank ? nullptr : std::make_shared<RunOutputs>(

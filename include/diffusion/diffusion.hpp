@@ -25,6 +25,7 @@
 #include <diffusion/formulation/formulation.hpp>
 #include <diffusion/formulation/discrete.hpp>
 #include <diffusion/formulation/edm.hpp>
+#include <diffusion/formulation/flow.hpp>
 #include <diffusion/precondition.hpp>
 #include <diffusion/sampling/sampler.hpp>
 #include <diffusion/sampling/euler.hpp>
@@ -51,6 +52,6 @@
 #include <diffusion/training/run_outputs.hpp>
 #include <diffusion/data/mnist.hpp>
 #include <diffusion/eval/frechet.hpp>
-#include <diffusion/eval/classifier.hpp>
 #include <diffusion/eval/kernel.hpp>
+#include <diffusion/eval/classifier.hpp>
 #include <diffusion/eval/quality.hpp>

@@ -44,7 +44,8 @@ inline void check_plan_range(std::string_view who, int64_t steps, double sigma_m
   TORCH_CHECK(std::isfinite(sigma_min) && sigma_min > 0.0, who, ": sigma_min must be positive and finite, got ",
               sigma_min);
   TORCH_CHECK(std::isfinite(sigma_max), who, ": sigma_max must be finite, got ", sigma_max,
-              " (a zero-terminal-SNR schedule's sigma_max is +inf: use a timestep spacing, which starts there)");
+              " (a formulation whose pure noise is at sigma = +inf, a zero-terminal-SNR schedule or flow matching, "
+              "needs a plan that starts there: a trailing or linspace timestep spacing, flow's uniform plan)");
   TORCH_CHECK(sigma_min < sigma_max || (steps == 1 && sigma_min == sigma_max), who,
               ": sigma_min must be below sigma_max, got sigma_min = ", sigma_min, ", sigma_max = ", sigma_max);
 }
