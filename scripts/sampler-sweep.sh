@@ -8,6 +8,7 @@
 #   scripts/sampler-sweep.sh runs/mnist/checkpoints/checkpoint_epoch_008.pt runs/mnist/checkpoints/checkpoint_epoch_002.pt
 #   SAMPLERS="heun dpmpp-2m" BUDGETS="10 30" PLAN=karras scripts/sampler-sweep.sh CK GUIDE
 #
+# THREADS=N sets evaluate's --threads (0, the default: all cores).
 # Needs data/mnist and runs/classifier.pt (scripts/run-example.sh makes both) and build/examples/mnist/mnist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ row() {  # SAMPLER PLAN BUDGET STEPS GUIDED
   local extra=()
   [ "$5" = yes ] && extra=(--guide "$guide" --guidance 2)
   "$mnist" evaluate --checkpoint "$checkpoint" --classifier runs/classifier.pt --data data/mnist --n "$n" --seed 0 \
-    --sampler "$1" --plan "$2" --steps "$4" "${extra[@]}" >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
+    --sampler "$1" --plan "$2" --steps "$4" --threads "${THREADS:-0}" "${extra[@]}" >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
   printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$5" \
     "$(grep -oP 'Frechet distance: +\K[0-9.]+' "$log")" "$(grep -oP 'kernel distance: +\K-?[0-9.]+ \+- [0-9.]+' "$log")" \
     "$(grep -oP 'digit rate: +\K[0-9.]+' "$log")"

@@ -56,8 +56,11 @@ TEST_CASE("Flow's levels, preconditioning and conditioning are the rectified pat
   CHECK(f.prior_std(inf) == 1.0);
   CHECK_REFUSED(f.level(-1.0), "Flow::level: the noise level must be in [0, inf], got -1");
   CHECK_REFUSED(f.precondition(0.0), "Flow::precondition: the noise level must be positive, got 0");
-  CHECK_REFUSED(Flow(FlowOptions().shift(0)), "Flow: the shift must be positive and finite, got 0");
-  CHECK_REFUSED(Flow(FlowOptions().shift(std::nan(""))), "Flow: the shift must be positive and finite");
+  CHECK_REFUSED(Flow(FlowOptions().shift(0)), "Flow: the shift must be in [0.001, 1000], got 0");
+  CHECK_REFUSED(Flow(FlowOptions().shift(1e30)), "Flow: the shift must be in [0.001, 1000], got 1e+30");
+  CHECK_REFUSED(Flow(FlowOptions().shift(std::nan(""))), "Flow: the shift must be in [0.001, 1000]");
+  // The extremes still give a valid plan.
+  for (const double shift : {1e-3, 1e3}) CHECK(make_plan(Flow(FlowOptions().shift(shift)), "uniform", 1000).size() == 1001);
   // Rebuilt by name from its options, as a checkpoint records it.
   const Flow shifted(FlowOptions().shift(3));
   const auto rebuilt = make_formulation(formulation_config(shifted));
@@ -90,8 +93,12 @@ TEST_CASE("The shift is applied once: to the uniform plan and to the training ti
     }
   }
   CHECK(make_plan(Flow(), "uniform", 5) == make_plan(Flow(), Flow().default_plan(), 5));
-  CHECK_REFUSED(make_plan(Flow(), "karras", 5), "sigma_max must be finite, got inf");
-  CHECK_REFUSED(make_plan(Flow(), "trailing", 5), "unknown plan 'trailing' for rectified flow");
+  CHECK_REFUSED(make_plan(Flow(), "karras", 5), "make_plan: 'karras' spans [sigma_min, sigma_max], but rectified flow "
+                "(velocity prediction) reaches pure noise only at sigma = +inf; use a plan of its own that starts there "
+                "(its plans: uniform)");
+  CHECK_REFUSED(make_plan(Flow(), "exponential", 5), "'exponential' spans [sigma_min, sigma_max]");
+  CHECK_REFUSED(make_plan(Flow(), "trailing", 5), "unknown plan 'trailing' for rectified flow (velocity prediction) "
+                "(known: uniform)");
   // Training times: the same draws as the unshifted objective's, shifted once.
   auto g1 = make_generator(4), g2 = make_generator(4);
   const auto t = FlowObjective().draw_levels(1000, g1);

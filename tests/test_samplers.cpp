@@ -117,6 +117,8 @@ TEST_CASE("The discrete formulation equals the schedule's tables at its own leve
   CHECK((l_inf.alpha_t == 0.0 && l_inf.sigma_t == 1.0));
   CHECK(DiscreteFormulation(ztsnr, Prediction::V).noise_conditioning(inf, 1, torch::kCPU).item<int64_t>() == 999);
   CHECK_REFUSED(DiscreteFormulation(ztsnr).precondition(inf), "determines no x_0");
+  CHECK_REFUSED(make_plan(DiscreteFormulation(ztsnr, Prediction::V), "karras", 5), "reaches pure noise only at sigma = "
+                "+inf; use a plan of its own that starts there (its plans: leading, linspace, trailing)");
 }
 
 TEST_CASE("Formulations are rebuilt by name from their JSON options", "[formulation]") {

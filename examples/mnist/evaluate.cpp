@@ -154,8 +154,10 @@ int run_evaluate(const EvaluateCommand& e) {
                 samples.scalar_type(), " of shape ", samples.sizes());
     TORCH_CHECK(samples.size(0) >= 3, "evaluate: ", e.images, " holds ", samples.size(0),
                 " image(s); the kernel distance needs at least 3");
-    TORCH_CHECK(samples.isfinite().all().item<bool>() && samples.abs().max().item<double>() <= 1.0 + 1e-3,
-                "evaluate: ", e.images, " must hold images in [-1, 1], "
+    const auto nonfinite = samples.isfinite().logical_not().sum().item<int64_t>();
+    TORCH_CHECK(nonfinite == 0, "evaluate: ", e.images, " holds ", nonfinite, " NaN or infinite value(s); images must be "
+                "in [-1, 1]");
+    TORCH_CHECK(samples.abs().max().item<double>() <= 1.0 + 1e-3, "evaluate: ", e.images, " must hold images in [-1, 1], "
                 "got values from ", samples.min().item<double>(), " to ", samples.max().item<double>());
   }
   // The floor: held-out test images, as many as the samples (at most half the test set), against the

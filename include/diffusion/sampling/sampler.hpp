@@ -193,11 +193,18 @@ inline std::vector<std::string> level_sampler_names() { return detail::level_sam
 /// Refused: an unknown name (the known ones are listed), and what the plan function refuses.
 inline std::vector<double> make_plan(const Formulation& formulation, std::string_view name, int64_t steps,
                                      double rho = 7.0) {
-  if (name == "karras") return karras_sigmas(steps, formulation.sigma_min(), formulation.sigma_max(), rho);
-  if (name == "exponential") return exponential_sigmas(steps, formulation.sigma_min(), formulation.sigma_max());
+  // Karras and exponential plans span [sigma_min, sigma_max]: a formulation whose pure noise is at +inf
+  // (zero terminal SNR, flow matching) has only its own plans, which start there.
+  const bool spans = std::isfinite(formulation.sigma_max());
+  std::string known = spans ? "exponential, karras" : "";
+  for (const auto& n : formulation.plan_names()) known += (known.empty() ? "" : ", ") + n;
+  if (name == "karras" || name == "exponential") {
+    TORCH_CHECK(spans, "make_plan: '", std::string(name), "' spans [sigma_min, sigma_max], but ", formulation.describe(),
+                " reaches pure noise only at sigma = +inf; use a plan of its own that starts there (its plans: ", known, ")");
+    return name == "karras" ? karras_sigmas(steps, formulation.sigma_min(), formulation.sigma_max(), rho)
+                            : exponential_sigmas(steps, formulation.sigma_min(), formulation.sigma_max());
+  }
   if (auto plan = formulation.plan(name, steps)) return *plan;
-  std::string known = "exponential, karras";
-  for (const auto& n : formulation.plan_names()) known += ", " + n;
   TORCH_CHECK(false, "make_plan: unknown plan '", std::string(name), "' for ", formulation.describe(), " (known: ", known,
               ")");
   return {};
