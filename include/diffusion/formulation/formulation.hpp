@@ -98,7 +98,7 @@ inline void check_level(std::string_view who, double sigma, double sigma_max) {
 }  // namespace detail
 
 /// Makes `name` known to make_formulation; the library's formulations register themselves ("ddpm",
-/// "edm"). A name registered twice is refused.
+/// "edm", "flow"). A name registered twice is refused.
 inline void register_formulation(const std::string& name, detail::FormulationFactory factory) {
   detail::formulations().add(name, std::move(factory));
 }
