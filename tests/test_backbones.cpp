@@ -288,3 +288,143 @@ TEST_CASE("a subclassed backbone trains and samples", "[backbones][subclass]") {
 
 // --- Mixed precision -----------------------------------------------------------------------------------
 
+
+// --- DiT ----------------------------------------------------------------------------------------------
+
+namespace backbone_helpers {
+
+/// A DiT with its zero-initialized layers (modulations, final Linear) drawn at random, as after training.
+DiT trained_looking_dit(DiTOptions o) {
+  DiT net(o);
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(11);
+  for (auto& p : net->named_parameters()) {
+    if (p.key().find("modulation") != std::string::npos || p.key().rfind("final_linear", 0) == 0) p.value().normal_(0, 0.1);
+  }
+  return net;
+}
+
+}  // namespace backbone_helpers
+
+static_assert(Backbone<DiT> && ConditionalBackbone<DiT>);
+
+TEST_CASE("DiT's parameter count is the closed form of its layers", "[backbones][dit]") {
+  // Per block: qkv 3w^2 + 3w, proj w^2 + w, MLP 2 w h + h + w, adaLN modulation 6w^2 + 6w.
+  const auto expected = [](int64_t c, int64_t p, int64_t w, int64_t h, int64_t td, int64_t depth, int64_t classes) {
+    const int64_t patch = c * p * p * w + w, time = td * w + w + w * w + w, labels = classes > 0 ? (classes + 1) * w : 0;
+    const int64_t block = 3 * w * w + 3 * w + w * w + w + 2 * w * h + h + w + 6 * w * w + 6 * w;
+    const int64_t final = 2 * w * w + 2 * w + w * p * p * c + p * p * c;
+    return patch + time + labels + depth * block + final;
+  };
+  CHECK(parameter_count(*DiT()) == 1864580);
+  CHECK(parameter_count(*DiT()) == expected(1, 2, 128, 512, 256, 6, 0));
+  CHECK(parameter_count(*DiT(DiTOptions().channels(3).patch(4).depth(3).width(96).heads(3).mlp_ratio(2.5).num_classes(7))) ==
+        expected(3, 4, 96, 240, 256, 3, 7));
+}
+
+TEST_CASE("DiT outputs exactly zero at initialization: adaLN-Zero gates and the final layer", "[backbones][dit]") {
+  torch::manual_seed(0);
+  DiT net(DiTOptions().channels(3).patch(4).depth(3).width(32).heads(4).num_classes(5));
+  for (auto& p : net->named_parameters()) {
+    INFO(p.key());
+    // Biases start at zero everywhere (as in the paper's code); weights only in adaLN-Zero's layers.
+    const bool zero = p.key().find("bias") != std::string::npos || p.key().find("modulation") != std::string::npos ||
+                      p.key().rfind("final_linear", 0) == 0;
+    CHECK((p.value().abs().max().item<double>() == 0) == zero);
+  }
+  const auto x = torch::randn({4, 3, 16, 20});
+  const auto y = net(x, torch::tensor({0, 10, 500, 999}), torch::tensor({0, 4, -1, 2}));
+  CHECK(y.sizes() == x.sizes());
+  CHECK(y.abs().max().item<double>() == 0);
+  // The final Linear is the only parameter with a gradient at initialization (every gate is zero), and
+  // one optimizer step makes the output depend on the input.
+  net->zero_grad();
+  (net(x, torch::tensor({0, 10, 500, 999})) - x).pow(2).mean().backward();
+  CHECK(net->final_linear->weight.grad().abs().sum().item<double>() > 0);
+  CHECK(net->blocks[0]->as<DiTBlock>()->qkv->weight.grad().abs().sum().item<double>() == 0);
+  torch::optim::SGD(net->parameters(), 0.1).step();
+  CHECK(net(x, torch::tensor({0, 10, 500, 999})).abs().max().item<double>() > 0);
+}
+
+TEST_CASE("DiT keeps the shape, depends on t and on the class, and trains every parameter", "[backbones][dit]") {
+  auto net = trained_looking_dit(DiTOptions().patch(4).depth(2).width(32).heads(2));
+  check_backbone_behaviour(net, 1, 28);
+  auto rgb = trained_looking_dit(DiTOptions().channels(3).patch(2).depth(1).width(16).heads(4).mlp_ratio(2));
+  check_backbone_behaviour(rgb, 3, 8);
+  auto conditional = trained_looking_dit(DiTOptions().patch(4).depth(2).width(32).heads(2).num_classes(3));
+  const auto x = torch::randn({3, 1, 8, 12});  // not square: a 2x3 grid of patches
+  const auto t = torch::tensor({5, 5, 5});
+  const auto by_class = conditional(x, t, torch::tensor({0, 1, -1}));
+  CHECK(by_class.sizes() == x.sizes());
+  CHECK((by_class - conditional(x, t, torch::tensor({2, 1, -1}))).abs()[0].max().item<double>() > 1e-4);
+  // Undefined labels mean the null class for every sample.
+  CHECK(torch::allclose(conditional(x, t), conditional(x, t, torch::full({3}, null_class, torch::kLong))));
+  CHECK_REFUSED(net(x, t, torch::tensor({0, 1, 2})), "DiT: class labels given to an unconditional model");
+  CHECK_REFUSED(conditional(x, t, torch::tensor({0, 3, 1})), "DiT: class labels must be in [0, 3) or null_class (-1)");
+}
+
+TEST_CASE("DiT maps each patch's token back to that patch", "[backbones][dit]") {
+  // With every gate at zero the blocks are the identity, so no token sees another: a change of one pixel
+  // moves the output of its own patch only (patchify and unpatchify agree on where a patch is).
+  DiT net(DiTOptions().channels(2).patch(4).depth(2).width(16).heads(2));
+  {
+    torch::NoGradGuard no_grad;
+    net->final_linear->weight.normal_(0, 0.3);
+  }
+  const auto x = torch::randn({1, 2, 12, 8});
+  auto moved = x.clone();
+  moved[0][1][6][5] += 1;  // patch row 1, column 1
+  const auto changed = (net(moved, torch::tensor({7})) - net(x, torch::tensor({7}))).abs().sum(1)[0] > 0;  // (12, 8)
+  auto expected = torch::zeros({12, 8}, torch::kBool);
+  expected.slice(0, 4, 8).slice(1, 4, 8).fill_(true);
+  CHECK(torch::equal(changed, expected));
+}
+
+TEST_CASE("a DiT block is equivariant to permuting its tokens", "[backbones][dit]") {
+  torch::manual_seed(2);
+  DiTBlock block(16, 4, 40);
+  {
+    torch::NoGradGuard no_grad;
+    block->modulation->weight.normal_(0, 0.2);
+    block->modulation->bias.normal_(0, 0.2);
+  }
+  const auto x = torch::randn({2, 9, 16}), c = torch::randn({2, 16});
+  const auto perm = torch::randperm(9, torch::kLong);
+  const auto y = block(x, c);
+  CHECK(torch::allclose(block(x.index_select(1, perm), c), y.index_select(1, perm), 1e-5, 1e-6));
+  CHECK((y - x).abs().max().item<double>() > 1e-3);  // and it is not the identity once its gates open
+}
+
+TEST_CASE("2-D sin-cos positions are the closed form per axis", "[backbones][dit]") {
+  const auto e = sincos_positions_2d(3, 4, 8, torch::kFloat64);  // k = 2, w = {1, 1/100}
+  REQUIRE(e.sizes() == torch::IntArrayRef({12, 8}));
+  const int64_t r = 1, c = 2;
+  const std::vector<double> expected{std::sin(r), std::sin(r / 100.0), std::cos(r), std::cos(r / 100.0),
+                                     std::sin(c), std::sin(c / 100.0), std::cos(c), std::cos(c / 100.0)};
+  for (int64_t i = 0; i < 8; ++i) CHECK_THAT(e[r * 4 + c][i].item<double>(), WithinAbs(expected[i], 1e-15));
+  CHECK(e[0].slice(0, 0, 2).abs().max().item<double>() == 0);  // position (0, 0): sin 0
+  CHECK_REFUSED(sincos_positions_2d(2, 2, 6), "width must be a positive multiple of 4, got 6");
+}
+
+TEST_CASE("DiT refuses options and inputs it cannot take", "[backbones][dit][errors]") {
+  CHECK_REFUSED(DiT(DiTOptions().width(130)), "width must be a positive multiple of 4 and of heads, got width 130 and heads 4");
+  CHECK_REFUSED(DiT(DiTOptions().width(64).heads(5)), "width must be a positive multiple of 4 and of heads");
+  CHECK_REFUSED(DiT(DiTOptions().patch(0)), "DiT: channels, patch and depth must be >= 1, got 1, 0 and 6");
+  CHECK_REFUSED(DiT(DiTOptions().depth(0)), "DiT: channels, patch and depth must be >= 1");
+  CHECK_REFUSED(DiT(DiTOptions().mlp_ratio(0)), "DiT: mlp_ratio must make an MLP width in [1, 2^24], got 0");
+  CHECK_REFUSED(DiT(DiTOptions().mlp_ratio(std::nan(""))), "DiT: mlp_ratio must make an MLP width");
+  CHECK_REFUSED(DiT(DiTOptions().time_dim(5)), "DiT: time_dim must be even and >= 4, got 5");
+  CHECK_REFUSED(DiT(DiTOptions().num_classes(-1)), "DiT: num_classes must be >= 0");
+  DiT net(DiTOptions().patch(4).depth(1).width(16).heads(2));
+  CHECK_REFUSED(net(torch::zeros({2, 1, 28, 30}), torch::tensor({1, 2})), "DiT: height and width must be divisible by the patch (4), got 28x30");
+  CHECK_REFUSED(net(torch::zeros({2, 3, 28, 28}), torch::tensor({1, 2})), "DiT: expected 1 channel(s), got 3");
+  CHECK_REFUSED(make_backbone(BackboneConfig{"dit", {{"blocks", 3}}}), "DiTOptions: unknown field \"blocks\"");
+  // Its options round-trip through JSON, as a checkpoint records them.
+  const auto o = DiTOptions().channels(3).patch(4).depth(3).width(48).heads(3).mlp_ratio(2.5).time_dim(64).num_classes(9);
+  auto rebuilt = make_backbone(BackboneConfig{"dit", nlohmann::json(o)});
+  const auto config = backbone_config(*rebuilt);
+  REQUIRE(config);
+  CHECK(config->name == "dit");
+  CHECK(config->options == nlohmann::json(o));
+  CHECK(rebuilt->conditional());
+}

@@ -55,7 +55,8 @@ TEST_CASE("load_model rebuilds the model a checkpoint was written for, without k
   const auto dir = scratch("load_model");
   for (const auto& [name, path] :
        {std::pair{std::string("unet"), trained_checkpoint(UNet(UNetOptions().widths({8, 16}).blocks({1, 2}).time_dim(16)), dir / "unet")},
-        std::pair{std::string("convnet"), trained_checkpoint(tiny_net(), dir / "conv")}}) {
+        std::pair{std::string("convnet"), trained_checkpoint(tiny_net(), dir / "conv")},
+        std::pair{std::string("dit"), trained_checkpoint(DiT(DiTOptions().patch(2).depth(2).width(16).heads(2).time_dim(16)), dir / "dit")}}) {
     INFO(name);
     auto [model, info] = load_model(path);
     REQUIRE(info.backbone);
@@ -68,6 +69,10 @@ TEST_CASE("load_model rebuilds the model a checkpoint was written for, without k
       UNet by_hand(UNetOptions().widths({8, 16}).blocks({1, 2}).time_dim(16));
       load_weights(path, by_hand);
       CHECK(torch::equal(x, sample(by_hand, schedule, {2, 1, 8, 8}, DDIM().steps(5), SampleOptions().seed(1))));
+    } else if (name == "dit") {
+      DiT by_hand(DiTOptions().patch(2).depth(2).width(16).heads(2).time_dim(16));
+      load_weights(path, by_hand);
+      CHECK(torch::equal(x, sample(by_hand, schedule, {2, 1, 8, 8}, DDIM().steps(5), SampleOptions().seed(1))));
     } else {
       auto by_hand = tiny_net();
       load_weights(path, by_hand);
@@ -78,7 +83,7 @@ TEST_CASE("load_model rebuilds the model a checkpoint was written for, without k
   const auto unregistered = trained_checkpoint(ScaleNet(), dir / "scale");
   CHECK_FALSE(read_checkpoint_info(unregistered).backbone);
   CHECK_REFUSED(load_model(unregistered), "records no backbone (its type was not registered");
-  CHECK_REFUSED(make_backbone(BackboneConfig{"resnet", {}}), "unknown backbone 'resnet' (known: chunky_mlp, convnet, mlp, smol_mlp, unet)");
+  CHECK_REFUSED(make_backbone(BackboneConfig{"resnet", {}}), "unknown backbone 'resnet' (known: chunky_mlp, convnet, dit, mlp, smol_mlp, unet)");
   CHECK_REFUSED(make_backbone(BackboneConfig{"unet", {{"widths", "wide"}}}), "make_backbone: the options of 'unet' are malformed");
   CHECK_REFUSED(make_backbone(BackboneConfig{"unet", {{"depth", 3}}}), "UNetOptions: unknown field \"depth\"");
   // `{}` in braces is a JSON null, not an empty object: the defaults, as with no options at all.

@@ -99,8 +99,15 @@ std::vector<int64_t> parse_ints(const std::string& s) {
   return out;
 }
 
-const std::vector<std::string>& backbone_names() {
-  static const std::vector<std::string> names = {"conv", "conv-small", "smol", "chunky", "unet"};
+namespace {
+const std::vector<std::string> presets = {"conv", "conv-small", "smol", "chunky", "unet"};
+}  // namespace
+
+std::vector<std::string> backbone_names() {
+  auto names = presets;
+  for (const auto& name : diffusion::backbone_names()) {
+    if (std::find(names.begin(), names.end(), name) == names.end()) names.push_back(name);
+  }
   return names;
 }
 
@@ -108,7 +115,39 @@ int64_t num_classes_of(const diffusion::CheckpointInfo& info) {
   return info.backbone ? info.backbone->options.value("num_classes", int64_t{0}) : 0;
 }
 
-diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape, int64_t num_classes) {
+namespace {
+
+/// --options as a JSON object (empty: none).
+nlohmann::json parse_options(const std::string& text) {
+  if (text.empty()) return nlohmann::json::object();
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw std::invalid_argument(fmt::format("--options must be a JSON object such as '{{\"depth\": 4}}': {}", e.what()));
+  }
+  if (!j.is_object()) throw std::invalid_argument(fmt::format("--options must be a JSON object, got {}", j.dump()));
+  return j;
+}
+
+/// A registered backbone by its own name: its options are --options's, with --conditional's classes.
+diffusion::BackboneConfig registered_config(const std::string& name, const Shape& shape, int64_t num_classes) {
+  TORCH_CHECK(shape.widths.empty() && shape.blocks.empty() && shape.patch == 0, "--widths, --blocks and --patch apply to "
+              "this program's conv and unet backbones; give '", name, "' its options with --options");
+  auto options = parse_options(shape.options);
+  if (num_classes > 0) {
+    const auto defaults = diffusion::backbone_config(diffusion::make_backbone({name, {}})->module());
+    TORCH_CHECK(defaults && defaults->options.contains("num_classes"), "--conditional needs a backbone with a "
+                "num_classes option; '", name, "' has none");
+    TORCH_CHECK(!options.contains("num_classes") || options["num_classes"] == num_classes, "--options gives num_classes ",
+                options["num_classes"].dump(), " but --conditional trains on the data's ", num_classes, " classes");
+    options["num_classes"] = num_classes;
+  }
+  return {name, options};
+}
+
+/// One of this program's own names, with the shape flags.
+diffusion::BackboneConfig preset_config(const std::string& name, const Shape& shape, int64_t num_classes) {
   TORCH_CHECK(shape.widths.empty() || name == "conv" || name == "conv-small" || name == "unet",
               "--widths applies to the conv and unet backbones only");
   TORCH_CHECK(shape.blocks.empty() || name == "unet", "--blocks applies to the unet backbone only, got --backbone ", name);
@@ -134,6 +173,15 @@ diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& 
   options["blocks"] = shape.blocks.empty() ? std::vector<int64_t>(widths.size(), 1) : parse_ints(shape.blocks);
   if (shape.patch > 0) options["patch"] = shape.patch;
   return {"unet", options};
+}
+
+}  // namespace
+
+diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape, int64_t num_classes) {
+  if (std::find(presets.begin(), presets.end(), name) == presets.end()) return registered_config(name, shape, num_classes);
+  auto config = preset_config(name, shape, num_classes);
+  config.options.update(parse_options(shape.options));
+  return config;
 }
 
 void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {

@@ -35,18 +35,22 @@ void check_output_dir(const std::string& flag, const std::string& dir, const std
 /// "1,2,3" -> {1, 2, 3}; anything else is refused.
 std::vector<int64_t> parse_ints(const std::string& s);
 
-/// The backbones this program trains, by its own short names: conv (the seed's ConvNet), conv-small (its
-/// widths 32, 64: about a tenth of the parameters), smol and chunky (the seed's MLPs) and unet.
-const std::vector<std::string>& backbone_names();
+/// The backbones this program trains: its own short names, conv (the seed's ConvNet), conv-small (its
+/// widths 32, 64: about a tenth of the parameters), smol and chunky (the seed's MLPs) and unet, then
+/// every other backbone registered with the library by its registered name (dit, mlp, ...).
+std::vector<std::string> backbone_names();
 
 /// The shape of a backbone beyond its name (empty: the backbone's defaults).
 struct Shape {
   std::string widths, blocks;
   int64_t patch = 0;
+  /// --options: a JSON object of the backbone's options, over the name's and the other flags' defaults.
+  std::string options;
 };
 
 /// The library's registered backbone for one of this program's names and shape flags, class-conditional
-/// with `num_classes` > 0; the library refuses options that do not make a network.
+/// with `num_classes` > 0; the library refuses options that do not make a network. A registered name
+/// takes its options from --options alone (and the classes from --conditional).
 diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape, int64_t num_classes = 0);
 
 /// The number of classes a checkpoint's model is conditioned on (0: unconditional).

@@ -178,6 +178,8 @@ CLI::App* add_sample(CLI::App& app, SampleCommand& s) {
       ->needs(weights);
   cmd->add_option("--widths", s.args.shape.widths, "With --weights not written by export: the network's widths, comma-separated")
       ->needs(weights);
+  cmd->add_option("--options", s.args.shape.options, "With --weights not written by export: the network's options as JSON")
+      ->needs(weights);
   cmd->add_option("--blocks", s.args.shape.blocks, "With --weights not written by export: the unet's blocks per level")
       ->needs(weights);
   cmd->add_option("--patch", s.args.shape.patch, "With --weights not written by export: the unet's patch size")

@@ -18,9 +18,14 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
                                           "OUT/checkpoints/checkpoint_epoch_NNN.pt and OUT/metrics.jsonl every epoch");
   // A flag given twice takes its last value: scripts/run-example.sh passes its recipe, then the user's flags.
   cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-  cmd->add_option("--backbone", t.backbone, "Backbone: conv (the seed's), conv-small (widths 32,64), smol, chunky, unet")
+  cmd->add_option("--backbone", t.backbone,
+                  "Backbone: conv (the seed's), conv-small (widths 32,64), smol, chunky, unet, or any registered "
+                  "backbone by name (dit, mlp, convnet, ...) with --options")
       ->check(CLI::IsMember(backbone_names()))
       ->capture_default_str();
+  cmd->add_option("--options", t.shape.options,
+                  "The backbone's options as a JSON object, e.g. '{\"patch\": 4, \"depth\": 6}' for dit (over the "
+                  "defaults and the other shape flags; the names are the options' JSON fields in docs/api.md)");
   cmd->add_option("--widths", t.shape.widths,
                   "ConvNet encoder widths, or the UNet's widths per level (each level halves the resolution), "
                   "comma-separated (default: the backbone's)");

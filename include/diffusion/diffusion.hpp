@@ -38,6 +38,7 @@
 #include <diffusion/guidance/classifier_free.hpp>
 #include <diffusion/backbones/embedding.hpp>
 #include <diffusion/backbones/conv_net.hpp>
+#include <diffusion/backbones/dit.hpp>
 #include <diffusion/backbones/mlp.hpp>
 #include <diffusion/backbones/unet.hpp>
 #include <diffusion/image.hpp>
