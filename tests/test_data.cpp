@@ -45,3 +45,270 @@ TEST_CASE("the idx loader reads good files, plain and gzipped, and names the fau
                 "t10k-labels-idx1-ubyte: label 200 at index 1 is outside the dataset's 10 classes [0, 10)");
   CHECK_NOTHROW(data::load_mnist(dir, data::Split::Test, 201));
 }
+
+// --- Image folders --------------------------------------------------------------------------------------
+
+namespace folder_helpers {
+
+/// Writes (H, W, C) uint8 pixels as PNG, BMP or JPEG (by the extension) with stb_image_write.
+void write_image(const fs::path& path, const torch::Tensor& hwc, int jpeg_quality = 100) {
+  fs::create_directories(path.parent_path());
+  const auto p = hwc.contiguous();
+  const int h = static_cast<int>(p.size(0)), w = static_cast<int>(p.size(1)), c = static_cast<int>(p.size(2));
+  const auto ext = path.extension().string();
+  int ok = 0;
+  if (ext == ".png") ok = stbi_write_png(path.string().c_str(), w, h, c, p.data_ptr<uint8_t>(), w * c);
+  else if (ext == ".bmp") ok = stbi_write_bmp(path.string().c_str(), w, h, c, p.data_ptr<uint8_t>());
+  else ok = stbi_write_jpg(path.string().c_str(), w, h, c, p.data_ptr<uint8_t>(), jpeg_quality);
+  REQUIRE(ok != 0);
+}
+
+/// A uniform (h, w, c) image.
+torch::Tensor uniform(int64_t h, int64_t w, std::vector<int64_t> colour) {
+  return torch::tensor(colour, torch::kLong).to(torch::kUInt8).view({1, 1, -1}).expand({h, w, -1}).contiguous();
+}
+
+#if !defined(DIFFUSION_NO_ZLIB)
+/// A 16-bit greyscale PNG (stb_image_write writes 8 bits only): signature, IHDR, one zlib IDAT, IEND.
+void write_png16(const fs::path& path, int w, int h, const std::vector<uint16_t>& values) {
+  const auto be32 = [](std::string& s, uint32_t v) {
+    for (int k = 24; k >= 0; k -= 8) s.push_back(static_cast<char>(v >> k));
+  };
+  const auto chunk = [&](std::string& out, const char* type, const std::string& data) {
+    be32(out, static_cast<uint32_t>(data.size()));
+    const std::string body = std::string(type, 4) + data;
+    out += body;
+    be32(out, static_cast<uint32_t>(crc32(0, reinterpret_cast<const Bytef*>(body.data()), static_cast<uInt>(body.size()))));
+  };
+  std::string ihdr;
+  be32(ihdr, static_cast<uint32_t>(w));
+  be32(ihdr, static_cast<uint32_t>(h));
+  ihdr += std::string{16, 0, 0, 0, 0};  // bit depth 16, grey, deflate, no filter, no interlace
+  std::string raw;
+  for (int y = 0; y < h; ++y) {
+    raw.push_back(0);  // filter: none
+    for (int x = 0; x < w; ++x) {
+      raw.push_back(static_cast<char>(values[static_cast<size_t>(y * w + x)] >> 8));
+      raw.push_back(static_cast<char>(values[static_cast<size_t>(y * w + x)] & 0xFF));
+    }
+  }
+  std::string packed(compressBound(static_cast<uLong>(raw.size())), '\0');
+  uLongf size = static_cast<uLongf>(packed.size());
+  REQUIRE(compress(reinterpret_cast<Bytef*>(packed.data()), &size, reinterpret_cast<const Bytef*>(raw.data()),
+                   static_cast<uLong>(raw.size())) == Z_OK);
+  packed.resize(size);
+  std::string png = "\x89PNG\r\n\x1a\n";
+  chunk(png, "IHDR", ihdr);
+  chunk(png, "IDAT", packed);
+  chunk(png, "IEND", "");
+  std::ofstream(path, std::ios::binary).write(png.data(), static_cast<std::streamsize>(png.size()));
+}
+#endif
+
+}  // namespace folder_helpers
+using namespace folder_helpers;
+
+TEST_CASE("load_image cuts the centre square and averages each area, as computed by hand", "[data][images]") {
+  const auto dir = scratch("load_image");
+  // 8 wide, 4 high, RGB: pixel (y, x) = (10 x + y, 2 x, 255 - 3 y). The centre square is columns 2..5;
+  // at size 2 each output pixel is the mean of a 2x2 block of it.
+  auto pixels = torch::empty({4, 8, 3}, torch::kUInt8);
+  for (int64_t y = 0; y < 4; ++y) {
+    for (int64_t x = 0; x < 8; ++x) {
+      pixels[y][x][0] = 10 * x + y;
+      pixels[y][x][1] = 2 * x;
+      pixels[y][x][2] = 255 - 3 * y;
+    }
+  }
+  write_image(dir / "wide.png", pixels);
+  const auto out = data::load_image(dir / "wide.png", data::ImageFolderOptions(2));
+  REQUIRE(out.sizes() == torch::IntArrayRef({3, 2, 2}));
+  REQUIRE(out.scalar_type() == torch::kUInt8);
+  for (int64_t oy = 0; oy < 2; ++oy) {
+    for (int64_t ox = 0; ox < 2; ++ox) {
+      for (int64_t c = 0; c < 3; ++c) {
+        double sum = 0;
+        for (int64_t dy = 0; dy < 2; ++dy) {
+          for (int64_t dx = 0; dx < 2; ++dx) sum += pixels[2 * oy + dy][2 + 2 * ox + dx][c].item<double>();
+        }
+        INFO("pixel " << oy << "," << ox << " channel " << c);
+        CHECK(out[c][oy][ox].item<int64_t>() == static_cast<int64_t>(std::nearbyint(sum / 4)));
+      }
+    }
+  }
+  // At its own size (a 4x4 crop of it) nothing is resampled: the centre square exactly.
+  CHECK(torch::equal(data::load_image(dir / "wide.png", data::ImageFolderOptions(4)), pixels.slice(1, 2, 6).permute({2, 0, 1})));
+  // Grey is BT.601 luma of the composited colour; transparency goes on the background.
+  write_image(dir / "rgba.png", uniform(3, 3, {200, 100, 50, 128}));
+  const double a = 128.0 / 255.0;
+  const auto over = [&](double c, double bg) { return a * c + (1 - a) * bg; };
+  const auto grey = data::load_image(dir / "rgba.png", data::ImageFolderOptions(3).channels(1));
+  const double luma = 0.299 * over(200, 255) + 0.587 * over(100, 255) + 0.114 * over(50, 255);
+  CHECK(grey.sizes() == torch::IntArrayRef({1, 3, 3}));
+  CHECK(grey.eq(static_cast<int64_t>(std::nearbyint(luma))).all().item<bool>());
+  const auto on_black = data::load_image(dir / "rgba.png", data::ImageFolderOptions(3).background({0, 0, 0}));
+  CHECK(on_black[0][1][1].item<int64_t>() == std::lround(over(200, 0)));
+  CHECK(on_black[2][1][1].item<int64_t>() == std::lround(over(50, 0)));
+  // Upscaling a uniform image keeps it uniform; a grey file read as RGB repeats its value.
+  write_image(dir / "grey.png", uniform(2, 2, {77}));
+  CHECK(data::load_image(dir / "grey.png", data::ImageFolderOptions(5)).eq(77).all().item<bool>());
+  CHECK_REFUSED(data::load_image(dir / "missing.png", data::ImageFolderOptions(2)), "missing.png is not a readable image");
+  CHECK_REFUSED(data::load_image(dir / "grey.png", data::ImageFolderOptions(2).channels(4)), "channels must be 1 (grey) or 3 (RGB), got 4");
+  CHECK_REFUSED(data::load_image(dir / "grey.png", data::ImageFolderOptions(0)), "size must be in [1, 16384] pixels, got 0");
+  CHECK_REFUSED(data::load_image(dir / "grey.png", data::ImageFolderOptions(2).background({0, 300, 0})),
+                "background must be 3 values (RGB) in [0, 255]");
+}
+
+TEST_CASE("load_image reads PNG (grey, RGB, RGBA, 16-bit), JPEG and BMP", "[data][images]") {
+  const auto dir = scratch("formats");
+  write_image(dir / "grey.png", uniform(6, 4, {90}));
+  write_image(dir / "rgb.png", uniform(4, 6, {10, 20, 30}));
+  write_image(dir / "rgba.png", uniform(4, 4, {10, 20, 30, 255}));
+  write_image(dir / "rgb.bmp", uniform(5, 5, {40, 50, 60}));
+  write_image(dir / "rgb.jpg", uniform(16, 16, {120, 60, 200}));
+  const auto colour = [&](const std::string& name) { return data::load_image(dir / name, data::ImageFolderOptions(4)); };
+  CHECK(colour("grey.png").eq(90).all().item<bool>());
+  for (const auto* name : {"rgb.png", "rgba.png"}) {
+    INFO(name);
+    CHECK(torch::equal(colour(name), uniform(4, 4, {10, 20, 30}).permute({2, 0, 1})));
+  }
+  CHECK(torch::equal(colour("rgb.bmp"), uniform(4, 4, {40, 50, 60}).permute({2, 0, 1})));
+  // JPEG is lossy: a uniform colour comes back within a few levels.
+  CHECK((colour("rgb.jpg").to(torch::kInt) - uniform(4, 4, {120, 60, 200}).permute({2, 0, 1}).to(torch::kInt)).abs().max().item<int>() <= 3);
+#if !defined(DIFFUSION_NO_ZLIB)
+  write_png16(dir / "deep.png", 2, 2, {0x1234, 0x1234, 0xFFFF, 0x0000});
+  const auto deep = data::load_image(dir / "deep.png", data::ImageFolderOptions(2).channels(1));
+  CHECK(deep[0][0][0].item<int64_t>() == 0x12);  // 16 bits read at 8: the high byte
+  CHECK(deep[0][1][0].item<int64_t>() == 0xFF);
+  CHECK(deep[0][1][1].item<int64_t>() == 0);
+#endif
+}
+
+TEST_CASE("scan_images walks nested folders, labels by folder, and names what it skips or refuses", "[data][images]") {
+  const auto root = scratch("scan");
+  write_image(root / "cats" / "a.png", uniform(8, 8, {1, 2, 3}));
+  write_image(root / "cats" / "deep" / "nested" / "b.jpg", uniform(8, 8, {4, 5, 6}));
+  write_image(root / "dogs" / "c.bmp", uniform(9, 12, {7, 8, 9}));
+  write_image(root / "Birds" / "d.PNG", uniform(8, 8, {7, 8, 9}));
+  write_bytes(root / "dogs" / "notes.txt", {'h', 'i'});
+  write_bytes(root / "dogs" / "broken.png", {0x89, 'P', 'N', 'G', 1, 2, 3});
+  write_image(root / ".hidden" / "e.png", uniform(8, 8, {1, 1, 1}));
+  fs::create_directories(root / "empty");
+  fs::create_directory_symlink(root, root / "cats" / "loop");  // a link back to the root: walked once
+  const auto index = data::scan_images(root, data::ImageFolderOptions(8).folder_labels(true));
+  REQUIRE(index.files.size() == 4);
+  CHECK(index.files[0] == root / "Birds" / "d.PNG");
+  CHECK(index.files[1] == root / "cats" / "a.png");
+  CHECK(index.files[2] == root / "cats" / "deep" / "nested" / "b.jpg");
+  CHECK(index.files[3] == root / "dogs" / "c.bmp");
+  CHECK(index.classes == std::vector<std::string>{"Birds", "cats", "dogs"});
+  CHECK(index.labels == std::vector<int64_t>{0, 1, 1, 2});
+  CHECK(index.other_files == 1);
+  REQUIRE(index.skipped.size() == 1);
+  CHECK(index.skipped[0].path == root / "dogs" / "broken.png");
+  CHECK(index.cache_bytes(8, 3) == 4 * 3 * 64);
+  CHECK_REFUSED(data::scan_images(root, data::ImageFolderOptions(8).strict(true)), "broken.png is not a readable image");
+  CHECK_REFUSED(data::scan_images(root, data::ImageFolderOptions(9).upscale(false)),
+                "d.PNG is 8x8, smaller than the crop (9x9) and upscaling is off");
+  write_image(root / "loose.png", uniform(8, 8, {1, 2, 3}));
+  CHECK_REFUSED(data::scan_images(root, data::ImageFolderOptions(8).folder_labels(true)),
+                "loose.png lies directly in");
+  CHECK(data::scan_images(root, data::ImageFolderOptions(8)).files.size() == 5);  // without labels it is one more image
+  CHECK_REFUSED(data::scan_images(root / "empty", data::ImageFolderOptions(8)), "empty holds no readable PNG, JPEG or BMP image");
+  const auto only_broken = scratch("scan_broken");
+  write_bytes(only_broken / "x.jpg", {1, 2, 3});
+  CHECK_REFUSED(data::scan_images(only_broken, data::ImageFolderOptions(8)), "holds no readable PNG, JPEG or BMP image; unreadable: ");
+  CHECK_REFUSED(data::scan_images(root / "nowhere", data::ImageFolderOptions(8)), "nowhere: no such directory");
+  CHECK_REFUSED(data::scan_images(root / "loose.png", data::ImageFolderOptions(8)), "loose.png is not a directory");
+  CHECK_REFUSED(data::scan_images(root, data::ImageFolderOptions(0)), "size must be in [1, 16384] pixels, got 0");
+}
+
+TEST_CASE("ImageFolder gives the same batches cached and decoded on the fly, flips by its draw, and skips bad bodies", "[data][images]") {
+  const auto root = scratch("folder");
+  torch::manual_seed(4);
+  for (int i = 0; i < 7; ++i) {
+    write_image(root / (i < 4 ? "a" : "b") / c10::str("img", i, ".png"), torch::randint(0, 256, {6, 5, 3}).to(torch::kUInt8));
+  }
+  const auto o = data::ImageFolderOptions(4).folder_labels(true).flip(true).workers(2);
+  data::ImageFolder cached(root, o);
+  data::ImageFolder streamed(root, data::ImageFolderOptions(o).cache_limit(0));
+  REQUIRE(cached.cached());
+  REQUIRE_FALSE(streamed.cached());
+  CHECK(cached.size() == 7);
+  CHECK(cached.shape() == std::vector<int64_t>{3, 4, 4});
+  CHECK(cached.num_classes() == 2);
+  const auto idx = torch::tensor({6, 0, 3, 3}, torch::kLong);
+  CHECK(torch::equal(cached.labels(idx), torch::tensor({1, 0, 0, 0}, torch::kLong)));
+  // Unaugmented: each image is load_image's, mapped to [-1, 1].
+  const auto plain = cached.batch(idx, std::nullopt);
+  for (int64_t k = 0; k < 4; ++k) {
+    const auto expected = data::load_image(cached.index().files[static_cast<size_t>(idx[k].item<int64_t>())], o);
+    CHECK(torch::allclose(plain[k], expected.to(torch::kFloat32) / 127.5 - 1));
+  }
+  CHECK(plain.min().item<double>() >= -1);
+  CHECK(plain.max().item<double>() <= 1);
+  CHECK(torch::equal(streamed.batch(idx, std::nullopt), plain));
+  // Flips follow augmentation_bits of (seed, epoch, index): the same image in any batch, another per epoch.
+  int flips_seen = 0;
+  for (int64_t epoch = 0; epoch < 6; ++epoch) {
+    const data::AugmentationDraw draw{9, epoch};
+    const auto x = cached.batch(idx, draw);
+    streamed.prefetch(idx, draw);
+    CHECK(torch::equal(streamed.batch(idx, draw), x));  // the prefetched batch is the same
+    for (int64_t k = 0; k < 4; ++k) {
+      const bool flip = data::augmentation_bits(draw, idx[k].item<int64_t>(), 1) & 1;
+      flips_seen += flip;
+      CHECK(torch::equal(x[k], flip ? plain[k].flip({2}) : plain[k]));
+    }
+  }
+  CHECK(flips_seen > 0);
+  CHECK(flips_seen < 24);
+  CHECK(streamed.wait_seconds() >= 0);
+  // A prefetch for other indices is dropped; the batch asked for is decoded then.
+  streamed.prefetch(torch::tensor({1, 2}, torch::kLong), std::nullopt);
+  CHECK(torch::equal(streamed.batch(idx, std::nullopt), plain));
+  CHECK_REFUSED(cached.batch(torch::tensor({7}, torch::kLong), std::nullopt), "indices must be in [0, 7)");
+  // A file whose header reads but whose body does not: the cache skips it, or strict refuses it.
+  std::ifstream in(root / "b" / "img6.png", std::ios::binary);
+  auto bytes = std::string(std::istreambuf_iterator<char>(in), {});
+  in.close();
+  bytes.resize(bytes.size() / 2);
+  std::ofstream(root / "b" / "img6.png", std::ios::binary | std::ios::trunc).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  data::ImageFolder skipping(root, o);
+  CHECK(skipping.size() == 6);
+  REQUIRE(skipping.index().skipped.size() == 1);
+  CHECK(skipping.index().skipped[0].path == root / "b" / "img6.png");
+  CHECK(torch::equal(skipping.labels(torch::arange(6)), torch::tensor({0, 0, 0, 0, 1, 1}, torch::kLong)));
+  CHECK_REFUSED(data::ImageFolder(root, data::ImageFolderOptions(o).strict(true)), "img6.png is not a readable image");
+  // On the fly, the damaged body surfaces when its batch is read, naming the file.
+  data::ImageFolder streaming_damaged(root, data::ImageFolderOptions(o).cache_limit(0));
+  CHECK_REFUSED(streaming_damaged.batch(torch::tensor({0, 6}, torch::kLong), std::nullopt), "img6.png is not a readable image");
+}
+
+TEST_CASE("TensorDataset checks its examples and labels", "[data]") {
+  const data::TensorDataset set(torch::zeros({3, 1, 2, 2}), torch::tensor({0, 2, 1}));
+  CHECK(set.num_classes() == 3);
+  CHECK(set.shape() == std::vector<int64_t>{1, 2, 2});
+  CHECK(data::TensorDataset(torch::zeros({3, 4}), torch::tensor({0, 2, 1}), 5).num_classes() == 5);
+  CHECK(data::TensorDataset(torch::zeros({3, 4})).num_classes() == 0);
+  CHECK_REFUSED(data::TensorDataset(torch::zeros({0, 4})), "examples must be a non-empty floating-point (N, ...) tensor");
+  CHECK_REFUSED(data::TensorDataset(torch::zeros({3, 4}, torch::kLong)), "examples must be a non-empty floating-point");
+  CHECK_REFUSED(data::TensorDataset(torch::zeros({3, 4}), torch::tensor({0, 1})), "labels must be 1-D integers, one per example (3)");
+  CHECK_REFUSED(data::TensorDataset(torch::zeros({3, 4}), torch::tensor({0, 1, 5}), 3), "labels must be in [0, 3), got values in [0, 5]");
+  CHECK_REFUSED(data::TensorDataset(torch::zeros({3, 4}), torch::tensor({0, -1, 1})), "labels must be in");
+}
+
+TEST_CASE("Subset reads the examples it names, with their labels and augmentation indices", "[data]") {
+  const auto examples = torch::arange(10, torch::kFloat32).view({10, 1, 1, 1});
+  auto all = std::make_shared<data::TensorDataset>(examples, torch::arange(10).remainder(3));
+  const data::Subset odd(all, torch::tensor({9, 7, 5, 3, 1}));
+  CHECK(odd.size() == 5);
+  CHECK(odd.shape() == std::vector<int64_t>{1, 1, 1});
+  CHECK(odd.num_classes() == 3);
+  CHECK(torch::equal(odd.batch(torch::tensor({0, 4}, torch::kLong), std::nullopt).flatten(), torch::tensor({9.0f, 1.0f})));
+  CHECK(torch::equal(odd.labels(torch::tensor({0, 1}, torch::kLong)), torch::tensor({0, 1}, torch::kLong)));
+  CHECK_REFUSED(data::Subset(all, torch::tensor({0, 10})), "Subset: indices must be in [0, 10), got values in [0, 10]");
+  CHECK_REFUSED(data::Subset(all, torch::tensor(std::vector<int64_t>{})), "Subset: indices must be a non-empty 1-D integer tensor");
+  CHECK_REFUSED(data::Subset(all, torch::tensor({0.5})), "Subset: indices must be a non-empty 1-D integer tensor");
+  CHECK_REFUSED(data::Subset(nullptr, torch::tensor({0})), "Subset: the dataset must be given");
+}

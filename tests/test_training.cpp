@@ -736,3 +736,94 @@ TEST_CASE("a class-conditional UNet trains with labels, its checkpoint rebuilds 
   CHECK_REFUSED(trainer.fit(data, {}, Labels{labels.slice(0, 0, 5), {}}), "train labels must be 1-D integers, one per image (128)");
   CHECK_REFUSED(Trainer(tiny_net(), NoiseSchedule(), quiet().cond_dropout(1.5)), "cond_dropout must be in [0, 1], got 1.5");
 }
+
+namespace dataset_helpers {
+
+/// A dataset over tensors that records every call: which batches were read and which were announced.
+struct RecordingDataset : data::TensorDataset {
+  using data::TensorDataset::TensorDataset;
+  mutable std::vector<torch::Tensor> read, announced;
+  mutable std::vector<int64_t> epochs;
+  torch::Tensor batch(const torch::Tensor& idx, const std::optional<data::AugmentationDraw>& draw) const override {
+    read.push_back(idx.clone());
+    epochs.push_back(draw ? draw->epoch : -1);
+    return data::TensorDataset::batch(idx, draw);
+  }
+  void prefetch(const torch::Tensor& idx, const std::optional<data::AugmentationDraw>&) const override {
+    announced.push_back(idx.clone());
+  }
+};
+
+}  // namespace dataset_helpers
+
+TEST_CASE("training on a dataset equals training on its tensors, and each step announces the next batch", "[trainer][data]") {
+  using dataset_helpers::RecordingDataset;
+  const auto data = tiny_dataset(40);
+  const auto labels = torch::arange(40).remainder(2);
+  const auto net = [] { return UNet(UNetOptions().widths({8, 16}).blocks({1, 1}).time_dim(16).num_classes(2)); };
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(30));
+  torch::manual_seed(5);
+  Trainer from_tensors(net(), schedule, quiet().epochs(2).ema_decay(0.9).batch_size(16));
+  from_tensors.fit(data, data.slice(0, 0, 8), Labels{labels, labels.slice(0, 0, 8)});
+  torch::manual_seed(5);
+  Trainer from_dataset(net(), schedule, quiet().epochs(2).ema_decay(0.9).batch_size(16));
+  auto recorder = std::make_shared<RecordingDataset>(data, labels);
+  std::vector<double> val;
+  from_dataset.on_epoch = [&](const TrainEpoch& e) { val.push_back(*e.val_loss); };
+  from_dataset.fit(recorder, std::make_shared<data::TensorDataset>(data.slice(0, 0, 8), labels.slice(0, 0, 8)));
+  CHECK(max_difference(snapshot(*from_tensors.model()), snapshot(*from_dataset.model())) == 0.0);
+  CHECK(from_dataset.image_shape() == std::vector<int64_t>{1, 8, 8});
+  // 3 steps an epoch: every step but an epoch's last announces the batch the next step reads.
+  REQUIRE(recorder->read.size() == 6);
+  REQUIRE(recorder->announced.size() == 4);
+  CHECK(torch::equal(recorder->announced[0], recorder->read[1]));
+  CHECK(torch::equal(recorder->announced[1], recorder->read[2]));
+  CHECK(torch::equal(recorder->announced[2], recorder->read[4]));
+  CHECK(torch::equal(recorder->announced[3], recorder->read[5]));
+  CHECK(recorder->epochs == std::vector<int64_t>{0, 0, 0, 1, 1, 1});
+  // An unconditional backbone trains on a labelled dataset without its labels; a conditional one on an
+  // unlabelled dataset without labels (the null class); validation of a labelled run needs labels.
+  Trainer unconditional(tiny_net(), schedule, quiet().epochs(1));
+  CHECK_NOTHROW(unconditional.fit(std::make_shared<data::TensorDataset>(data, labels)));
+  Trainer conditional(net(), schedule, quiet().epochs(1));
+  CHECK_REFUSED(conditional.fit(std::make_shared<data::TensorDataset>(data, labels), std::make_shared<data::TensorDataset>(data)),
+                "training labels but no validation labels");
+  CHECK_REFUSED(conditional.fit(std::make_shared<data::TensorDataset>(data, labels),
+                                std::make_shared<data::TensorDataset>(torch::zeros({4, 1, 4, 4}), torch::zeros({4}, torch::kLong))),
+                "validation images are [1, 4, 4], training images [1, 8, 8]");
+  CHECK_REFUSED(conditional.fit(std::make_shared<data::TensorDataset>(torch::zeros({4, 8}))),
+                "the training set must hold images (C, H, W), got 4 examples of shape [8]");
+  CHECK_REFUSED(conditional.fit(std::shared_ptr<const data::Dataset>()), "the training set must be given");
+}
+
+TEST_CASE("a class-conditional model trains on a folder of images, labelled by folder and flipped", "[trainer][data][images]") {
+  const auto root = scratch("trainer_folder");
+  // Class "left": a dark left half; class "right": a dark right half. Flips would swap them, so this
+  // set is trained without flips first, then with them (which must still run and learn something).
+  for (int i = 0; i < 12; ++i) {
+    auto img = torch::full({8, 8, 1}, 255, torch::kUInt8);
+    const bool left = i % 2 == 0;
+    img.slice(1, left ? 0 : 4, left ? 4 : 8).fill_(i * 10);
+    const auto path = root / (left ? "left" : "right") / c10::str("i", i, ".png");
+    fs::create_directories(path.parent_path());
+    REQUIRE(stbi_write_png(path.string().c_str(), 8, 8, 1, img.data_ptr<uint8_t>(), 8) != 0);
+  }
+  auto train = std::make_shared<data::ImageFolder>(root, data::ImageFolderOptions(8).channels(1).folder_labels(true));
+  REQUIRE(train->num_classes() == 2);
+  const auto dir = scratch("trainer_folder_run");
+  Trainer trainer(UNet(UNetOptions().widths({8, 16}).blocks({1, 1}).time_dim(16).num_classes(2)),
+                  NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet(3e-3).epochs(2).batch_size(4));
+  trainer.add_hook(std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(0)));
+  std::vector<double> losses;
+  trainer.on_epoch = [&](const TrainEpoch& e) { losses.push_back(e.train_loss); };
+  trainer.fit(train, train);
+  REQUIRE(losses.size() == 2);
+  CHECK(std::isfinite(losses.back()));
+  const auto info = read_checkpoint_info(list_checkpoints(dir / "checkpoints").back());
+  CHECK(info.training.at("train_size") == 12);
+  CHECK(info.data_shape == std::vector<int64_t>{1, 8, 8});  // what a program samples
+  auto flipped = std::make_shared<data::ImageFolder>(root, data::ImageFolderOptions(8).channels(1).folder_labels(true).flip(true).cache_limit(0));
+  Trainer streamed(UNet(UNetOptions().widths({8, 16}).blocks({1, 1}).time_dim(16).num_classes(2)),
+                   NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet(3e-3).epochs(1).batch_size(4));
+  CHECK_NOTHROW(streamed.fit(flipped));
+}

@@ -11,9 +11,10 @@ namespace mnist {
 struct TrainCommand {
   std::string backbone = "conv";
   Shape shape;
-  std::string data = "data/mnist", out = "runs/mnist", device = "auto", schedule = "linear", lr_schedule = "constant",
+  DataFlags data;
+  std::string out = "runs/mnist", device = "auto", schedule = "linear", lr_schedule = "constant",
               precision = "auto", prediction = "epsilon", keep_epochs, formulation = "ddpm", t_distribution = "uniform";
-  int64_t epochs = 100, batch_size = 128, micro_batch = 0, threads = 0, limit = 0, val_size = 1000, max_steps = 0,
+  int64_t epochs = 100, batch_size = 128, micro_batch = 0, threads = 0, max_steps = 0,
           grid = 25, grid_steps = 0, keep = 1, warmup = 0, checkpoint_every = 0, skip_nonfinite = 0;
   double lr = 1e-3, ema = 0.0, grad_clip = 0.0, min_snr_gamma = 0.0, checkpoint_minutes = 0.0, sigma_data = 0.5,
          shift = 1.0;

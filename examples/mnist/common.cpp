@@ -177,11 +177,100 @@ diffusion::BackboneConfig preset_config(const std::string& name, const Shape& sh
 
 }  // namespace
 
-diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape, int64_t num_classes) {
-  if (std::find(presets.begin(), presets.end(), name) == presets.end()) return registered_config(name, shape, num_classes);
-  auto config = preset_config(name, shape, num_classes);
-  config.options.update(parse_options(shape.options));
+diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape, int64_t num_classes,
+                                          const std::vector<int64_t>& data_shape) {
+  auto config = std::find(presets.begin(), presets.end(), name) == presets.end() ? registered_config(name, shape, num_classes)
+                                                                                 : preset_config(name, shape, num_classes);
+  const auto given = parse_options(shape.options);
+  config.options.update(given);
+  if (data_shape.size() == 3) {
+    // Options named as the library's backbones name them take the data's values (MNIST's are their defaults).
+    const auto defaults = diffusion::backbone_config(diffusion::make_backbone({config.name, {}})->module());
+    const auto fit = [&](const char* field, int64_t value) {
+      if (!defaults || !defaults->options.contains(field)) return;
+      TORCH_CHECK(!given.contains(field) || given.at(field) == value, "--options gives ", field, " ", given.at(field).dump(),
+                  " but the data's images have ", value);
+      config.options[field] = value;
+    };
+    fit("channels", data_shape[0]);
+    if (data_shape[1] == data_shape[2]) fit("image_size", data_shape[1]);
+  }
   return config;
+}
+
+DataPlan plan_data(const DataFlags& flags, bool labels) {
+  namespace fs = std::filesystem;
+  DataPlan plan;
+  const fs::path dir(flags.data);
+  TORCH_CHECK(fs::exists(dir), "train: --data ", flags.data, ": no such directory (give the directory of MNIST's idx files, "
+              "which scripts/fetch-mnist.sh fetches, or a folder of images)");
+  plan.idx = fs::exists(dir / "train-images-idx3-ubyte") || fs::exists(dir / "train-images-idx3-ubyte.gz");
+  if (plan.idx) {
+    plan.num_classes = 10;  // MNIST's digits, Fashion-MNIST's garments
+    plan.description = flags.data;
+    return plan;  // shape and count once read (load_data): the files are small
+  }
+  plan.folder = diffusion::data::ImageFolderOptions(flags.size)
+                    .channels(flags.channels)
+                    .flip(flags.flip)
+                    .strict(flags.strict)
+                    .folder_labels(labels);
+  plan.index = diffusion::data::scan_images(dir, plan.folder);
+  const auto& index = *plan.index;
+  plan.shape = {flags.channels, flags.size, flags.size};
+  plan.count = static_cast<int64_t>(index.files.size());
+  plan.classes = index.classes;
+  plan.num_classes = static_cast<int64_t>(index.classes.size());
+  TORCH_CHECK(flags.val_size < plan.count, "train: --val-size ", flags.val_size, " leaves no training images of the ",
+              plan.count, " in ", flags.data, "; give a smaller one (0: no validation)");
+  const auto bytes = index.cache_bytes(flags.size, flags.channels);
+  std::vector<std::string> named;
+  for (size_t i = 0; i < plan.classes.size(); ++i) named.push_back(fmt::format("{} {}", i, plan.classes[i]));
+  plan.description = fmt::format("{}: {} images at {}x{}x{}{}{}{}; {}", flags.data, plan.count, flags.channels, flags.size,
+                                 flags.size, labels ? fmt::format(", classes {}", fmt::join(named, ", ")) : std::string(),
+                                 index.skipped.empty() ? std::string() : fmt::format("; {} unreadable skipped: {}",
+                                     index.skipped.size(), diffusion::data::detail::first_names(index.skipped)),
+                                 index.other_files > 0 ? fmt::format("; {} other files ignored", index.other_files) : std::string(),
+                                 bytes <= plan.folder.cache_limit() ? fmt::format("decoding into {} of memory", human_bytes(bytes))
+                                                                    : fmt::format("{} would not fit the cache: decoded on the "
+                                                                                  "fly by background threads", human_bytes(bytes)));
+  return plan;
+}
+
+std::string human_bytes(int64_t bytes) {
+  return bytes >= (int64_t{1} << 30) ? fmt::format("{:.1f} GiB", static_cast<double>(bytes) / (1 << 30))
+         : bytes >= (1 << 20)        ? fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1 << 20))
+                                     : fmt::format("{:.1f} KiB", static_cast<double>(bytes) / (1 << 10));
+}
+
+LoadedData load_data(const DataPlan& plan, const DataFlags& flags) {
+  using namespace diffusion::data;
+  if (plan.idx) {
+    auto train = load_mnist(flags.data, Split::Train, plan.num_classes);
+    auto images = train.images, labels = train.labels;
+    if (flags.limit > 0) {
+      images = images.slice(0, 0, std::min<int64_t>(flags.limit, images.size(0)));
+      labels = labels.slice(0, 0, images.size(0));
+    }
+    std::shared_ptr<const Dataset> val;
+    if (flags.val_size > 0) {
+      const auto test = load_mnist(flags.data, Split::Test, plan.num_classes);
+      const auto n = std::min<int64_t>(flags.val_size, test.images.size(0));
+      val = std::make_shared<TensorDataset>(test.images.slice(0, 0, n), test.labels.slice(0, 0, n), plan.num_classes);
+    }
+    return {std::make_shared<TensorDataset>(images, labels, plan.num_classes), val, {}};
+  }
+  auto folder = std::make_shared<ImageFolder>(*plan.index, plan.folder);
+  // Held-out images: a fixed random choice, the same whatever --limit says.
+  const auto perm = torch::randperm(folder->size(), diffusion::make_generator(0));
+  const auto held = std::min(flags.val_size, folder->size() - 1);
+  auto rest = perm.slice(0, held);
+  if (flags.limit > 0) rest = rest.slice(0, 0, std::min<int64_t>(flags.limit, rest.size(0)));
+  // Files whose body failed to decode (their headers read at the scan).
+  std::vector<SkippedFile> skipped(folder->index().skipped.begin() + static_cast<std::ptrdiff_t>(plan.index->skipped.size()),
+                                   folder->index().skipped.end());
+  return {std::make_shared<Subset>(folder, rest), held > 0 ? std::make_shared<Subset>(folder, perm.slice(0, 0, held)) : nullptr,
+          std::move(skipped)};
 }
 
 void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {

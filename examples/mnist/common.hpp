@@ -50,8 +50,51 @@ struct Shape {
 
 /// The library's registered backbone for one of this program's names and shape flags, class-conditional
 /// with `num_classes` > 0; the library refuses options that do not make a network. A registered name
-/// takes its options from --options alone (and the classes from --conditional).
-diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape, int64_t num_classes = 0);
+/// takes its options from --options alone (and the classes from --conditional). With `data_shape`
+/// (C, H, W), a backbone whose options have "channels" (and "image_size", for square images) takes them
+/// from the data unless --options sets them, which must then agree.
+diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape, int64_t num_classes = 0,
+                                          const std::vector<int64_t>& data_shape = {});
+
+/// The training data's flags: an MNIST-format directory (the four idx files) or a folder of images.
+struct DataFlags {
+  std::string data = "data/mnist";
+  /// Image folders: side and channels of the images, random horizontal flips, refusing unreadable files.
+  int64_t size = 32, channels = 3;
+  bool flip = false, strict = false;
+  /// Train on the first N images only (0: all); hold out N for validation (0: none).
+  int64_t limit = 0, val_size = 1000;
+};
+
+/// What --data holds, scanned but not yet decoded: enough to build the backbone and to say what the run
+/// trains on before the long work.
+struct DataPlan {
+  bool idx = false;
+  /// One example's shape (C, H, W), the classes (0: none) and their names, the examples in all.
+  std::vector<int64_t> shape;
+  int64_t num_classes = 0, count = 0;
+  std::vector<std::string> classes;
+  /// For a folder: the scan, and the bytes its cache takes (0 when decoded on the fly).
+  std::optional<diffusion::data::ImageIndex> index;
+  diffusion::data::ImageFolderOptions folder;
+  std::string description;
+};
+/// Scans --data: a directory holding train-images-idx3-ubyte (plain or .gz) is MNIST-format (10 classes,
+/// its test split for validation); any other directory is a folder of images (classes: its subfolders,
+/// with --conditional). Refused as the library refuses it, naming the path.
+DataPlan plan_data(const DataFlags& flags, bool labels);
+
+/// The training and validation sets of a plan, and the files decoding skipped (a folder's cache is filled
+/// now): the folder's validation images are a fixed random choice of val_size (seed 0), left out of
+/// training.
+struct LoadedData {
+  std::shared_ptr<const diffusion::data::Dataset> train, val;
+  std::vector<diffusion::data::SkippedFile> skipped;
+};
+LoadedData load_data(const DataPlan& plan, const DataFlags& flags);
+
+/// "12.3 MiB", "4.0 KiB": a byte count for people.
+std::string human_bytes(int64_t bytes);
 
 /// The number of classes a checkpoint's model is conditioned on (0: unconditional).
 int64_t num_classes_of(const diffusion::CheckpointInfo& info);

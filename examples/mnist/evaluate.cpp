@@ -132,6 +132,11 @@ void report_requested_classes(eval::LeNet& net, const torch::Tensor& samples, co
 
 int run_evaluate(const EvaluateCommand& e) {
   TORCH_CHECK(e.sample.checkpoint.empty() != e.images.empty(), "evaluate: give exactly one of --checkpoint or --images");
+  if (!e.sample.checkpoint.empty()) {
+    const auto shape = read_checkpoint_info(e.sample.checkpoint).data_shape;
+    TORCH_CHECK((shape.empty() || shape == std::vector<int64_t>{1, 28, 28}), "evaluate: the MNIST classifier scores 1x28x28 "
+                "images, but ", e.sample.checkpoint, " was trained on ", fmt::format("{}", fmt::join(shape, "x")), " images");
+  }
   set_threads(e.sample.threads);
   eval::LeNet net;
   load_module_file(e.classifier, net, "classifier");  // refuses a damaged file, or one of another network

@@ -12,11 +12,11 @@ using namespace diffusion;
 
 namespace {
 
-/// A 28x28 PNG as a (1, 1, 28, 28) tensor on `device`, in [0, 1].
-torch::Tensor read_mnist_png(const std::string& path, const torch::Device& device) {
-  const auto image = read_png(path, 1);
-  TORCH_CHECK(image.size(1) == 28 && image.size(2) == 28, path, " is ", image.size(2), "x", image.size(1),
-              "; this program's models take 28x28 images");
+/// A PNG of the model's image shape (C, H, W) as a (1, C, H, W) tensor on `device`, in [0, 1].
+torch::Tensor read_input_png(const std::string& path, const std::vector<int64_t>& shape, const torch::Device& device) {
+  const auto image = read_png(path, static_cast<int>(shape[0]));
+  TORCH_CHECK(image.size(1) == shape[1] && image.size(2) == shape[2], path, " is ", image.size(2), "x", image.size(1),
+              "; the model takes ", shape[2], "x", shape[1], " images");
   return image.unsqueeze(0).to(device);
 }
 
@@ -25,6 +25,8 @@ struct Source {
   AnyBackbone model{nullptr};
   FormulationConfig formulation = formulation_config(DiscreteFormulation());
   std::string description;
+  /// One image's shape (C, H, W): the checkpoint's data, or MNIST's where nothing records it.
+  std::vector<int64_t> shape{1, 28, 28};
 };
 
 Source open_source(const SampleArgs& a, const torch::Device& device) {
@@ -40,6 +42,9 @@ Source open_source(const SampleArgs& a, const torch::Device& device) {
                   "); drop --backbone, --widths, --blocks, --patch and --num-classes");
       try {
         config = {metadata.at("backbone"), nlohmann::json::parse(metadata.at("options"))};
+        if (metadata.count("data_shape")) source.shape = nlohmann::json::parse(metadata.at("data_shape")).get<std::vector<int64_t>>();
+        TORCH_CHECK(source.shape.size() == 3 && std::all_of(source.shape.begin(), source.shape.end(), [](int64_t d) { return d >= 1; }),
+                    "sample: ", a.weights, " records a data shape that is not (C, H, W)");
         if (metadata.count("formulation")) {
           const auto f = nlohmann::json::parse(metadata.at("formulation"));
           source.formulation = {f.at("name").get<std::string>(), f.at("options")};
@@ -71,7 +76,8 @@ Source open_source(const SampleArgs& a, const torch::Device& device) {
                       info.step_in_epoch > 0 ? fmt::format(" and {} steps of the next", info.step_in_epoch) : std::string(),
                       info.has_ema && !a.no_ema ? "EMA" : "trained",
                       info.formulation.name == "ddpm" ? fmt::format("{} prediction", to_string(info.prediction))
-                                                      : make_formulation(info.formulation)->describe())};
+                                                      : make_formulation(info.formulation)->describe()),
+          info.data_shape.empty() ? std::vector<int64_t>{1, 28, 28} : info.data_shape};
 }
 
 }  // namespace
@@ -112,9 +118,9 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
     model = AnyBackbone(Autoguidance(source.model, guide, a.guidance));
   }
   auto base = SampleOptions().clip_x0(a.clip_x0).precision(precision);
-  if (!a.init.empty()) base.image(read_mnist_png(a.init, device) * 2 - 1);  // the data are in [-1, 1]
+  if (!a.init.empty()) base.image(read_input_png(a.init, source.shape, device) * 2 - 1);  // the data are in [-1, 1]
   if (a.strength) base.strength(*a.strength);
-  if (!a.mask.empty()) base.mask(read_mnist_png(a.mask, device));
+  if (!a.mask.empty()) base.mask(read_input_png(a.mask, {1, source.shape[1], source.shape[2]}, device));
   const auto formulation_ptr = make_formulation(source.formulation);
   const Formulation& formulation = *formulation_ptr;
   const auto* discrete = dynamic_cast<const DiscreteFormulation*>(&formulation);
@@ -124,7 +130,8 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
                                                                       : 20);
   const auto sigmas = make_plan(formulation, plan_name, steps);
   if (verbose) {
-    fmt::print("sampling {} images from {} with {}, {} steps ({}; {} model calls) on {}, {}\n", a.n, source.description,
+    fmt::print("sampling {} images ({}) from {} with {}, {} steps ({}; {} model calls) on {}, {}\n", a.n,
+               fmt::join(source.shape, "x"), source.description,
                sampler->describe(), steps, plan_name, sampler->model_calls(sigmas), device.str(), to_string(precision));
     if (!a.guide.empty()) fmt::print("autoguidance: weight {} against {} (two model calls per step)\n", a.guidance, a.guide);
     if (a.cfg) fmt::print("classifier-free guidance: weight {}{}\n", *a.cfg, a.cfg_rescale > 0 ? fmt::format(", rescale {}", a.cfg_rescale) : "");
@@ -148,7 +155,8 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
   // Chunk k is seeded with seed + k, so a run is reproducible from its seed.
   std::vector<torch::Tensor> chunks;
   for (int64_t done = 0, k = 0; done < a.n; done += 100, ++k) {
-    const std::vector<int64_t> shape{std::min<int64_t>(100, a.n - done), 1, 28, 28};
+    std::vector<int64_t> shape{std::min<int64_t>(100, a.n - done)};
+    shape.insert(shape.end(), source.shape.begin(), source.shape.end());
     auto options = SampleOptions(base).seed(a.seed + static_cast<uint64_t>(k));
     if (a.labels.defined()) options.cond(a.labels.slice(0, done, done + shape[0]).to(device));
     chunks.push_back(sample(model, formulation, shape, *sampler, sigmas, options).cpu());
@@ -276,14 +284,15 @@ CLI::App* add_export(CLI::App& app, ExportCommand& e) {
 int run_export(const ExportCommand& e) {
   check_output("--out", e.out, ".safetensors", {e.checkpoint});
   auto [model, info] = diffusion::load_model(e.checkpoint, !e.no_ema);
-  diffusion::export_weights(model->module(), e.out,
-                            {{"format", "pt"},
+  std::map<std::string, std::string> metadata{{"format", "pt"},
                              {"backbone", info.backbone->name},
                              {"options", info.backbone->options.dump()},
                              {"formulation", nlohmann::json{{"name", info.formulation.name},
                                                             {"options", info.formulation.options}}.dump()},
                              {"prediction", std::string(diffusion::to_string(info.prediction))},
-                             {"schedule", nlohmann::json(info.schedule).dump()}});
+                             {"schedule", nlohmann::json(info.schedule).dump()}};
+  if (!info.data_shape.empty()) metadata["data_shape"] = nlohmann::json(info.data_shape).dump();
+  diffusion::export_weights(model->module(), e.out, metadata);
   fmt::print("wrote the {} weights of {} ({}) to {}\n", info.has_ema && !e.no_ema ? "EMA" : "trained", e.checkpoint,
              info.backbone->name, e.out);
   return 0;

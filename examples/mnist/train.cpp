@@ -34,8 +34,19 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
                   "UNet patch size: fold PxP pixels into channels first, e.g. 2 runs the levels at 14x14 and 7x7 "
                   "with --widths 32,128 (default: 1, none)")
       ->check(CLI::Range(1, 28));
-  cmd->add_option("--data", t.data, "Directory with the four idx files (plain or .gz), e.g. /usr/share/datasets/fashion-mnist")
+  cmd->add_option("--data", t.data.data,
+                  "Directory with the four idx files (plain or .gz), e.g. /usr/share/datasets/fashion-mnist, or any "
+                  "folder of PNG, JPEG and BMP images (searched through its subfolders; with --conditional each image's "
+                  "class is the subfolder of --data it lies in)")
       ->capture_default_str();
+  cmd->add_option("--size", t.data.size,
+                  "Image folders: the side of the square images trained on (the centre square of each image, resized "
+                  "by area)")
+      ->check(CLI::Range(1, 4096))->capture_default_str();
+  cmd->add_option("--channels", t.data.channels, "Image folders: 1 (grey) or 3 (RGB; transparency on white)")
+      ->check(CLI::IsMember({1, 3}))->capture_default_str();
+  cmd->add_flag("--flip", t.data.flip, "Image folders: flip each image horizontally at random, anew every epoch");
+  cmd->add_flag("--strict", t.data.strict, "Image folders: refuse an unreadable image file instead of skipping it");
   cmd->add_option("--out", t.out, "Output directory")->capture_default_str();
   cmd->add_option("--epochs", t.epochs, "Epochs to train (in total, counting resumed ones)")->check(at_least(1))->capture_default_str();
   cmd->add_option("--batch-size", t.batch_size, "Batch size")->check(at_least(1))->capture_default_str();
@@ -79,8 +90,9 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
                   "AMX/AVX512-BF16, else fp32")
       ->check(CLI::IsMember({"auto", "fp32", "bf16"}))->capture_default_str();
   cmd->add_option("--seed", t.seed, "Seed for the weights' initialization, shuffling, timesteps and noise")->capture_default_str();
-  cmd->add_option("--limit", t.limit, "Train on the first N images only (0: all)")->check(at_least(0))->capture_default_str();
-  cmd->add_option("--val-size", t.val_size, "Validation images from the test split (0: no validation)")
+  cmd->add_option("--limit", t.data.limit, "Train on the first N images only (0: all)")->check(at_least(0))->capture_default_str();
+  cmd->add_option("--val-size", t.data.val_size,
+                  "Validation images: from the test split, or held out of an image folder at random (0: none)")
       ->check(at_least(0))->capture_default_str();
   cmd->add_option("--max-steps", t.max_steps, "Stop each epoch after N steps (0: whole epochs)")->check(at_least(0))->capture_default_str();
   cmd->add_option("--grid", t.grid, "Images in each epoch's sample grid (0: none; at most 1024, sampled in one batch)")
@@ -104,7 +116,8 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
                   "Skip up to N steps whose loss or gradients are not finite before stopping (0: stop at the first)")
       ->check(at_least(0))->capture_default_str();
   cmd->add_flag("--conditional", t.conditional,
-                "Class-conditional: the network learns each image's label (10 classes) and, with --cond-dropout, "
+                "Class-conditional: the network learns each image's label (MNIST's 10 classes, or the subfolder of an "
+                "image folder) and, with --cond-dropout, "
                 "the unconditional prediction too, for classifier-free guidance (sample --class / --classes, --cfg)");
   cmd->add_option("--cond-dropout", t.cond_dropout, "With --conditional: share of labels dropped to the null class")
       ->needs("--conditional")
@@ -165,11 +178,15 @@ int run_train(const TrainCommand& t) {
           .cond_dropout(t.cond_dropout)
           .skip_nonfinite(t.skip_nonfinite)
           .device(device);
-  constexpr int64_t classes = 10;  // MNIST's digits, Fashion-MNIST's garments
+  // The backbone's flags are checked first (a network of them is built and dropped), then the data are
+  // scanned, before any long work: the backbone takes the images' channels and classes from them.
+  make_backbone(backbone_config(t.backbone, t.shape));
+  const auto data_plan = plan_data(t.data, t.conditional);
+  const int64_t classes = data_plan.num_classes;
   // LibTorch seeds its default generator differently in every process: without this the same flags would
   // start from other weights each time. (A resumed run's weights come from its checkpoint.)
   torch::manual_seed(t.seed);
-  auto backbone = make_backbone(backbone_config(t.backbone, t.shape, t.conditional ? classes : 0));
+  auto backbone = make_backbone(backbone_config(t.backbone, t.shape, t.conditional ? classes : 0, data_plan.shape));
   auto trainer = [&] {
     if (discrete) return Trainer(backbone, schedule, options);
     // The objective carries the prediction and weighting that LossOptions gives the discrete schedule.
@@ -233,21 +250,16 @@ int run_train(const TrainCommand& t) {
       }
     }
   }
-  // Loaded before any long work, so that a missing dataset is reported at once.
-  auto train = data::load_mnist(t.data, data::Split::Train, classes);
-  auto images = train.images;
-  Labels labels;
-  if (t.conditional) labels.train = train.labels;
-  if (t.limit > 0) {
-    images = images.slice(0, 0, std::min<int64_t>(t.limit, images.size(0)));
-    if (t.conditional) labels.train = labels.train.slice(0, 0, images.size(0));
+  if (main_rank && !data_plan.idx) {
+    fmt::print("data {}\n", data_plan.description);
+    std::fflush(stdout);
   }
-  torch::Tensor val;
-  if (t.val_size > 0) {
-    const auto test = data::load_mnist(t.data, data::Split::Test, classes);
-    val = test.images.slice(0, 0, std::min<int64_t>(t.val_size, test.images.size(0)));
-    if (t.conditional) labels.val = test.labels.slice(0, 0, val.size(0));
+  const auto [train_set, val_set, skipped] = load_data(data_plan, t.data);
+  if (main_rank && !skipped.empty()) {
+    fmt::print("skipped {} image(s) that did not decode: {}\n", skipped.size(), data::detail::first_names(skipped));
   }
+  // What a sampler needs to name the classes (the checkpoint records the data's shape itself).
+  if (!data_plan.classes.empty()) trainer.metadata["classes"] = nlohmann::json(data_plan.classes).dump();
   int64_t params = 0;
   for (const auto& p : unwrap(trainer.model()).parameters()) params += p.numel();
   if (main_rank && env) {
@@ -257,7 +269,7 @@ int run_train(const TrainCommand& t) {
   if (main_rank) fmt::print("training {} ({} parameters, {}{}) on {} images from {} for {} epochs on {} with {} threads, {}\n",
              t.backbone, params, discrete ? fmt::format("{} prediction", t.prediction) : trainer.objective().describe(),
              t.conditional ? fmt::format(", conditional on {} classes, label dropout {}", classes, t.cond_dropout) : "",
-             images.size(0), t.data, t.epochs, trainer.device().str(),
+             train_set->size(), t.data.data, t.epochs, trainer.device().str(),
              at::get_num_threads(), to_string(options.loss().precision()));
   std::fflush(stdout);  // before the progress bar starts on stderr
   trainer.on_epoch = [main_rank](const TrainEpoch& e) {
@@ -272,7 +284,7 @@ int run_train(const TrainCommand& t) {
   };
   install_stop_signals();
   try {
-    trainer.fit(images, val, labels);
+    trainer.fit(train_set, val_set);
   } catch (const TrainingInterrupted& e) {
     if (main_rank) fmt::print(stderr, "\n{}\nresume with: {}{}\n", e.what(), t.command_line, t.resume ? "" : " --resume");
     return 130;

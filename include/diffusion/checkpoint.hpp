@@ -72,6 +72,9 @@ struct CheckpointInfo {
   std::optional<BackboneConfig> backbone;
   /// The trainer's options, as JSON.
   nlohmann::json training = nlohmann::json::object();
+  /// The shape of one training example, (C, H, W) for images, as the Trainer recorded it: what a program
+  /// samples. Empty in files written before it was recorded.
+  std::vector<int64_t> data_shape;
   /// Free-form strings the trainer's user attached.
   std::map<std::string, std::string> metadata;
 };
@@ -107,6 +110,9 @@ struct CheckpointContents {
 };
 
 namespace detail {
+
+/// The key of CheckpointInfo::data_shape in the training record (written by the Trainer).
+inline constexpr const char* data_shape_key = "data_shape";
 
 /// The archive's keys, in one place.
 namespace key {
@@ -430,6 +436,13 @@ inline CheckpointInfo read_info(torch::serialize::InputArchive& a, int64_t forma
     info.backbone = BackboneConfig{config.at("backbone").at("name").get<std::string>(), config.at("backbone").at("options")};
   }
   info.training = config.value("training", nlohmann::json::object());
+  if (info.training.contains(data_shape_key)) {
+    const auto& shape = info.training.at(data_shape_key);
+    TORCH_CHECK(shape.is_array() && !shape.empty() &&
+                    std::all_of(shape.begin(), shape.end(), [](const auto& d) { return d.is_number_integer() && d.template get<int64_t>() >= 1; }),
+                path.string(), ": the recorded data shape is malformed (", shape.dump(), ")");
+    info.data_shape = shape.get<std::vector<int64_t>>();
+  }
   info.metadata = config.value("metadata", std::map<std::string, std::string>{});
   return info;
 }

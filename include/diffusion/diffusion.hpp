@@ -51,6 +51,8 @@
 #include <diffusion/training/hooks.hpp>
 #include <diffusion/training/trainer.hpp>
 #include <diffusion/training/run_outputs.hpp>
+#include <diffusion/data/dataset.hpp>
+#include <diffusion/data/image_folder.hpp>
 #include <diffusion/data/mnist.hpp>
 #include <diffusion/eval/frechet.hpp>
 #include <diffusion/eval/kernel.hpp>

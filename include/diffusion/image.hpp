@@ -5,28 +5,7 @@
 
 #include <torch/torch.h>
 
-// stb_image_write (Debian's libstb-dev) with every function static, so any number of translation
-// units can include this header-only library.
-#ifndef STB_IMAGE_WRITE_IMPLEMENTATION
-#define STB_IMAGE_WRITE_IMPLEMENTATION
-#define STB_IMAGE_WRITE_STATIC
-#if __has_include(<stb/stb_image_write.h>)
-#include <stb/stb_image_write.h>
-#else
-#include <stb_image_write.h>
-#endif
-#endif
-// stb_image, PNG only, static likewise, for read_png.
-#ifndef STBI_INCLUDE_STB_IMAGE_H
-#define STB_IMAGE_IMPLEMENTATION
-#define STB_IMAGE_STATIC
-#define STBI_ONLY_PNG
-#if __has_include(<stb/stb_image.h>)
-#include <stb/stb_image.h>
-#else
-#include <stb_image.h>
-#endif
-#endif
+#include <diffusion/detail/stb.hpp>
 
 #include <cmath>
 #include <cstdint>

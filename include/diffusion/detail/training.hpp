@@ -1,6 +1,7 @@
 #pragma once
 
 #include <diffusion/backbone.hpp>
+#include <diffusion/data/dataset.hpp>
 #include <diffusion/detail/random.hpp>
 #include <diffusion/random.hpp>
 #include <diffusion/sampling/loop.hpp>
@@ -84,7 +85,8 @@ inline torch::Tensor take_share(const torch::Tensor& global, int64_t world, int6
   return world == 1 ? global : global.slice(0, rank, global.size(0), world);
 }
 
-/// Trainer::fit's inputs: images, their labels (for a model that takes them), validation alike.
+/// Trainer::fit's tensors: images, their labels (for a model that takes them), validation alike (the rest is
+/// check_fit_dataset's).
 template <Backbone B>
 void check_fit_inputs(const torch::Tensor& train, const torch::Tensor& val, const torch::Tensor& train_labels,
                       const torch::Tensor& val_labels, B& model) {
@@ -93,11 +95,32 @@ void check_fit_inputs(const torch::Tensor& train, const torch::Tensor& val, cons
   check_labels("train", train_labels, train);
   check_labels("val", val_labels, val);
   TORCH_CHECK(!val_labels.defined() || train_labels.defined(), "Trainer::fit: validation labels without training labels");
-  TORCH_CHECK(!train_labels.defined() || !val.defined() || val_labels.defined(),
-              "Trainer::fit: training labels but no validation labels: give the validation images' classes too "
-              "(validation scores the class-conditional prediction)");
   TORCH_CHECK(!train_labels.defined() || takes_class_labels(model), "Trainer::fit: labels given for a backbone that "
               "takes none (num_classes 0, or not a ConditionalBackbone)");
+}
+
+/// A validation set read whole, without augmentation: its examples, and its labels when `use_labels`
+/// (both undefined without a set).
+inline std::pair<torch::Tensor, torch::Tensor> whole_validation_set(const data::Dataset* val, bool use_labels) {
+  if (val == nullptr) return {};
+  const auto all = torch::arange(val->size(), torch::kLong);
+  return {val->batch(all, std::nullopt), use_labels ? val->labels(all) : torch::Tensor()};
+}
+
+/// Trainer::fit's dataset: images (C, H, W), and validation images of the same shape with labels when the
+/// training uses them.
+inline void check_fit_dataset(const data::Dataset& train, const torch::Tensor& val, const torch::Tensor& val_labels,
+                              bool use_labels) {
+  const auto shape = train.shape();
+  TORCH_CHECK(train.size() >= 1 && shape.size() == 3, "Trainer::fit: the training set must hold images (C, H, W), got ",
+              train.size(), " examples of shape ", c10::IntArrayRef(shape));
+  if (!val.defined()) return;
+  check_images("val", val);
+  TORCH_CHECK(val.sizes().slice(1) == c10::IntArrayRef(shape), "Trainer::fit: validation images are ",
+              val.sizes().slice(1), ", training images ", c10::IntArrayRef(shape));
+  TORCH_CHECK(!use_labels || val_labels.defined(), "Trainer::fit: training labels but no validation labels: give the "
+              "validation images' classes too (validation scores the class-conditional prediction)");
+  check_labels("val", val_labels, val);
 }
 
 /// What a checkpoint written mid-epoch recorded about its run (-1: not recorded, as in format 1): a
@@ -135,13 +158,13 @@ inline torch::Tensor epoch_permutation(int64_t n, torch::Generator& generator, t
   return perm;
 }
 
-/// The labels of the batch `idx` on `device`, each dropped to null_class with probability `dropout`
-/// (drawn from `generator` for the whole global batch of `world` ranks, and only when there are labels;
-/// rank `rank` takes its share).
-inline torch::Tensor batch_labels(const torch::Tensor& labels, const torch::Tensor& idx, double dropout,
-                                  torch::Generator& generator, int64_t world, int64_t rank, torch::Device device) {
+/// A batch's labels on `device`, each dropped to null_class with probability `dropout` (drawn from
+/// `generator` for the whole global batch of `world` ranks, and only when there are labels; rank `rank`
+/// takes its share).
+inline torch::Tensor batch_labels(const torch::Tensor& labels, double dropout, torch::Generator& generator, int64_t world,
+                                  int64_t rank, torch::Device device) {
   if (!labels.defined()) return {};
-  auto cond = labels.index_select(0, idx).to(torch::kLong);
+  auto cond = labels.to(torch::kLong);
   if (dropout > 0) {
     const auto drop = take_share(torch::rand({cond.size(0) * world}, generator), world, rank) < dropout;
     cond = torch::where(drop, torch::full_like(cond, null_class), cond);
@@ -174,16 +197,19 @@ struct EpochLayout {
 struct Batch {
   torch::Tensor x0, t, noise, cond;
 };
-inline Batch draw_batch(const torch::Tensor& images, const torch::Tensor& labels, const torch::Tensor& idx,
-                        const Objective& objective, double dropout, torch::Generator& generator,
-                        const EpochLayout& layout, torch::Device device) {
+inline Batch draw_batch(const data::Dataset& dataset, bool use_labels, const torch::Tensor& idx,
+                        const data::AugmentationDraw& augmentation, const Objective& objective, double dropout,
+                        torch::Generator& generator, const EpochLayout& layout, torch::Device device) {
   const auto [world, rank] = std::pair(layout.world, layout.rank);
-  auto x0 = images.index_select(0, idx).to(device, objective.dtype());
+  auto x0 = dataset.batch(idx, augmentation);
+  TORCH_CHECK(x0.defined() && x0.dim() >= 1 && x0.size(0) == idx.size(0), "Trainer::fit: the dataset returned ",
+              x0.defined() ? c10::str(x0.sizes()) : "an undefined tensor", " for a batch of ", idx.size(0), " examples");
+  x0 = x0.to(device, objective.dtype());
   auto global_shape = x0.sizes().vec();
   global_shape[0] *= world;
   auto t = take_share(objective.draw_levels(global_shape[0], generator), world, rank);
   auto noise = take_share(detail::randn(global_shape, x0.options(), generator), world, rank).contiguous();
-  auto cond = batch_labels(labels, idx, dropout, generator, world, rank, device);
+  auto cond = batch_labels(use_labels ? dataset.labels(idx) : torch::Tensor(), dropout, generator, world, rank, device);
   return {std::move(x0), t.to(device), std::move(noise), std::move(cond)};
 }
 

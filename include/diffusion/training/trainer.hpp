@@ -2,6 +2,7 @@
 
 #include <diffusion/backbone.hpp>
 #include <diffusion/checkpoint.hpp>
+#include <diffusion/data/dataset.hpp>
 #include <diffusion/forward.hpp>
 #include <diffusion/progress.hpp>
 #include <diffusion/random.hpp>
@@ -85,15 +86,30 @@ class Trainer final : public TrainingRun {
   /// Trains until options().epochs() epochs are done (counting those restored by load_checkpoint, and
   /// continuing mid-epoch where it stopped). `train` and `val` are (N, C, H, W) images on the CPU; `val`
   /// may be undefined. `labels` (for a ConditionalBackbone) hold their classes; each batch's are dropped to
-  /// null_class with probability options().cond_dropout(), the validation ones never.
+  /// null_class with probability options().cond_dropout(), the validation ones never. Labels for a backbone
+  /// that takes none are refused.
   void fit(const torch::Tensor& train, const torch::Tensor& val = {}, const Labels& labels = {}) {
     detail::check_fit_inputs(train, val, labels.train, labels.val, model_);
+    fit(std::make_shared<data::TensorDataset>(train, labels.train),
+        val.defined() ? std::make_shared<data::TensorDataset>(val, labels.val) : nullptr);
+  }
+
+  /// The same over any dataset (data::Dataset: an ImageFolder, a TensorDataset, a user's): each step reads
+  /// its batch with dataset->batch (augmented with the run's seed and the epoch) and names the next one
+  /// with prefetch. The examples must be images (C, H, W). The labels are used when the backbone takes
+  /// them (takes_class_labels) and the dataset has them; an unconditional backbone trains on a labelled
+  /// dataset without them. `val` (optional) is read once, whole and without augmentation.
+  void fit(std::shared_ptr<const data::Dataset> train, std::shared_ptr<const data::Dataset> val = nullptr) {
+    TORCH_CHECK(train != nullptr, "Trainer::fit: the training set must be given");
+    const bool use_labels = takes_class_labels(model_) && train->num_classes() > 0;
+    const auto [val_images, val_labels] = detail::whole_validation_set(val.get(), use_labels);
+    detail::check_fit_dataset(*train, val_images, val_labels, use_labels);
     train_ = train;
-    const detail::EpochLayout layout(group_.get(), train.size(0), options_.batch_size(), options_.max_steps_per_epoch());
+    const detail::EpochLayout layout(group_.get(), train->size(), options_.batch_size(), options_.max_steps_per_epoch());
     auto& p = progress_;
     detail::ResumePoint::recorded_in(p.training).check(p.step_in_epoch, layout.world, layout.n, layout.batch);
     if (group_) detail::broadcast_from_rank0(*group_, unwrap(model_), ema_ptr());
-    const auto val_draws = detail::fixed_validation_draws(val, *objective_, options_.seed());
+    const auto val_draws = detail::fixed_validation_draws(val_images, *objective_, options_.seed());
     auto& guard = guard_.emplace(device_, options_.skip_nonfinite(), layout.steps);
     guard.set_skipped(p.skipped_steps);
     while (p.epoch < options_.epochs()) {
@@ -102,13 +118,16 @@ class Trainer final : public TrainingRun {
                       layout.rank == 0 ? options_.progress() : ProgressMode::Off, options_.progress_interval());
       const auto perm = detail::shard(detail::epoch_permutation(layout.n, generator_, p.epoch_rng_state, p.step_in_epoch > 0),
                                       layout.world, layout.rank);
+      const data::AugmentationDraw augmentation{options_.seed(), p.epoch};
       auto running = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
       int64_t skipped_here = 0;  // skipped steps' losses are not finite: the epoch's loss leaves them out
       unwrap(model_).train();
       bool stop_at_epoch_end = false;
       for (int64_t step = p.step_in_epoch; step < layout.steps; ++step) {
         const auto idx = layout.batch_indices(perm, step);
-        const auto b = detail::draw_batch(train, labels.train, idx, *objective_, options_.cond_dropout(), generator_, layout, device_);
+        const auto b = detail::draw_batch(*train, use_labels, idx, augmentation, *objective_, options_.cond_dropout(), generator_,
+                                          layout, device_);
+        if (step + 1 < layout.steps) train->prefetch(layout.batch_indices(perm, step + 1), augmentation);
         const double lr = learning_rate_at(options_.optimization(), p.global_step, options_.epochs() * layout.steps);
         for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
         optimizer_->zero_grad();
@@ -142,8 +161,8 @@ class Trainer final : public TrainingRun {
       const auto done = layout.steps - resumed_at_;
       TrainEpoch info{p.epoch + 1, options_.epochs(), p.global_step,
                       running.item<double>() / static_cast<double>(done - skipped_here),  // NaN when all were skipped
-                      val.defined() ? std::optional<double>(detail::validation_loss(unwrap(model_), *objective_,
-                          [this](const torch::Tensor& cond) { return network(cond); }, val, labels.val, val_draws,
+                      val_images.defined() ? std::optional<double>(detail::validation_loss(unwrap(model_), *objective_,
+                          [this](const torch::Tensor& cond) { return network(cond); }, val_images, val_labels, val_draws,
                           options_.batch_size(), device_, group_.get())) : std::nullopt, seconds,
                       static_cast<double>(layout.images_in(done)) / seconds, guard.skipped(), {}, {}};
       ++p.epoch;
@@ -184,7 +203,10 @@ class Trainer final : public TrainingRun {
     c.progress.training = options_;
     c.progress.training["device"] = device_.str();
     c.progress.training["world_size"] = group_ ? group_->world_size() : 1;
-    if (train_.defined()) c.progress.training["train_size"] = train_.size(0);
+    if (train_) {
+      c.progress.training["train_size"] = train_->size();
+      c.progress.training[detail::data_shape_key] = train_->shape();
+    }
     diffusion::save_checkpoint(path, c);
   }
 
@@ -216,8 +238,8 @@ class Trainer final : public TrainingRun {
   /// The objective trained (on the run's device).
   const Objective& objective() const noexcept { return *objective_; }
   std::vector<int64_t> image_shape() const override {
-    TORCH_CHECK(train_.defined(), "Trainer: the image shape is known once fit has been called");
-    return train_.sizes().slice(1).vec();
+    TORCH_CHECK(train_ != nullptr, "Trainer: the image shape is known once fit has been called");
+    return train_->shape();
   }
   B& model() noexcept { return model_; }
   /// (n, image shape...).
@@ -297,7 +319,7 @@ class Trainer final : public TrainingRun {
   std::optional<detail::NonFiniteGuard> guard_;
   std::shared_ptr<Collective> group_;
   TrainingProgress progress_;
-  torch::Tensor train_;
+  std::shared_ptr<const data::Dataset> train_;
   int64_t resumed_at_ = 0;  // the step in the epoch that fit started from (a resume mid-epoch)
 };
 
