@@ -822,6 +822,12 @@ TEST_CASE("a class-conditional model trains on a folder of images, labelled by f
   const auto info = read_checkpoint_info(list_checkpoints(dir / "checkpoints").back());
   CHECK(info.training.at("train_size") == 12);
   CHECK(info.data_shape == std::vector<int64_t>{1, 8, 8});  // what a program samples
+  // A resume must train on examples of that shape.
+  Trainer resumed(UNet(UNetOptions().widths({8, 16}).blocks({1, 1}).time_dim(16).num_classes(2)),
+                  NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet(3e-3).epochs(3).batch_size(4));
+  resumed.load_checkpoint(list_checkpoints(dir / "checkpoints").back());
+  CHECK_REFUSED(resumed.fit(std::make_shared<data::TensorDataset>(torch::zeros({8, 1, 4, 4}), torch::zeros({8}, torch::kLong))),
+                "the checkpoint was trained on examples of shape [1, 8, 8], this training set's are [1, 4, 4]");
   auto flipped = std::make_shared<data::ImageFolder>(root, data::ImageFolderOptions(8).channels(1).folder_labels(true).flip(true).cache_limit(0));
   Trainer streamed(UNet(UNetOptions().widths({8, 16}).blocks({1, 1}).time_dim(16).num_classes(2)),
                    NoiseSchedule(NoiseScheduleOptions().num_timesteps(30)), quiet(3e-3).epochs(1).batch_size(4));

@@ -214,7 +214,8 @@ DataPlan plan_data(const DataFlags& flags, bool labels) {
                     .channels(flags.channels)
                     .flip(flags.flip)
                     .strict(flags.strict)
-                    .folder_labels(labels);
+                    .folder_labels(labels)
+                    .cache_limit(flags.cache_mib << 20);
   plan.index = diffusion::data::scan_images(dir, plan.folder);
   const auto& index = *plan.index;
   plan.shape = {flags.channels, flags.size, flags.size};
@@ -258,7 +259,7 @@ LoadedData load_data(const DataPlan& plan, const DataFlags& flags) {
       const auto n = std::min<int64_t>(flags.val_size, test.images.size(0));
       val = std::make_shared<TensorDataset>(test.images.slice(0, 0, n), test.labels.slice(0, 0, n), plan.num_classes);
     }
-    return {std::make_shared<TensorDataset>(images, labels, plan.num_classes), val, {}};
+    return {std::make_shared<TensorDataset>(images, labels, plan.num_classes), val, {}, nullptr};
   }
   auto folder = std::make_shared<ImageFolder>(*plan.index, plan.folder);
   // Held-out images: a fixed random choice, the same whatever --limit says.
@@ -270,7 +271,7 @@ LoadedData load_data(const DataPlan& plan, const DataFlags& flags) {
   std::vector<SkippedFile> skipped(folder->index().skipped.begin() + static_cast<std::ptrdiff_t>(plan.index->skipped.size()),
                                    folder->index().skipped.end());
   return {std::make_shared<Subset>(folder, rest), held > 0 ? std::make_shared<Subset>(folder, perm.slice(0, 0, held)) : nullptr,
-          std::move(skipped)};
+          std::move(skipped), folder};
 }
 
 void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {

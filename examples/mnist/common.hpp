@@ -62,6 +62,8 @@ struct DataFlags {
   /// Image folders: side and channels of the images, random horizontal flips, refusing unreadable files.
   int64_t size = 32, channels = 3;
   bool flip = false, strict = false;
+  /// Image folders: decode once into memory when the images take at most this many MiB, else on the fly.
+  int64_t cache_mib = 4096;
   /// Train on the first N images only (0: all); hold out N for validation (0: none).
   int64_t limit = 0, val_size = 1000;
 };
@@ -90,6 +92,8 @@ DataPlan plan_data(const DataFlags& flags, bool labels);
 struct LoadedData {
   std::shared_ptr<const diffusion::data::Dataset> train, val;
   std::vector<diffusion::data::SkippedFile> skipped;
+  /// The folder both come from (null for MNIST files).
+  std::shared_ptr<const diffusion::data::ImageFolder> folder;
 };
 LoadedData load_data(const DataPlan& plan, const DataFlags& flags);
 

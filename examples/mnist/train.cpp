@@ -47,6 +47,10 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
       ->check(CLI::IsMember({1, 3}))->capture_default_str();
   cmd->add_flag("--flip", t.data.flip, "Image folders: flip each image horizontally at random, anew every epoch");
   cmd->add_flag("--strict", t.data.strict, "Image folders: refuse an unreadable image file instead of skipping it");
+  cmd->add_option("--cache-mib", t.data.cache_mib,
+                  "Image folders: decode every image once into memory when they take at most this many MiB; larger "
+                  "sets (or 0) are decoded on the fly by background threads, a batch ahead")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30))->capture_default_str();
   cmd->add_option("--out", t.out, "Output directory")->capture_default_str();
   cmd->add_option("--epochs", t.epochs, "Epochs to train (in total, counting resumed ones)")->check(at_least(1))->capture_default_str();
   cmd->add_option("--batch-size", t.batch_size, "Batch size")->check(at_least(1))->capture_default_str();
@@ -254,7 +258,7 @@ int run_train(const TrainCommand& t) {
     fmt::print("data {}\n", data_plan.description);
     std::fflush(stdout);
   }
-  const auto [train_set, val_set, skipped] = load_data(data_plan, t.data);
+  const auto [train_set, val_set, skipped, folder] = load_data(data_plan, t.data);
   if (main_rank && !skipped.empty()) {
     fmt::print("skipped {} image(s) that did not decode: {}\n", skipped.size(), data::detail::first_names(skipped));
   }
@@ -285,6 +289,10 @@ int run_train(const TrainCommand& t) {
   install_stop_signals();
   try {
     trainer.fit(train_set, val_set);
+    if (main_rank && folder && !folder->cached()) {
+      fmt::print("decoded on the fly: the steps waited {:.2f} s in all for prefetched images; {} batches were decoded "
+                 "when read (each epoch's first, validation)\n", folder->wait_seconds(), folder->unannounced_batches());
+    }
   } catch (const TrainingInterrupted& e) {
     if (main_rank) fmt::print(stderr, "\n{}\nresume with: {}{}\n", e.what(), t.command_line, t.resume ? "" : " --resume");
     return 130;

@@ -303,9 +303,14 @@ class ImageFolder : public Dataset {
         if (pending_ && torch::equal(pending_->idx, idx)) ready.emplace(std::move(*pending_));
         pending_.reset();
       }
-      const auto start = std::chrono::steady_clock::now();
-      bytes = ready ? ready->images.get() : decode(index_.files, idx, options_, workers_);
-      wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (ready) {
+        const auto start = std::chrono::steady_clock::now();
+        bytes = ready->images.get();
+        wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      } else {
+        bytes = decode(index_.files, idx, options_, workers_);
+        ++unannounced_;
+      }
     }
     auto x = bytes.to(torch::kFloat32).div_(127.5).sub_(1);
     if (options_.flip() && draw) {
@@ -343,8 +348,11 @@ class ImageFolder : public Dataset {
   const ImageFolderOptions& options() const noexcept { return options_; }
   /// Whether the images sit decoded in memory.
   bool cached() const noexcept { return cache_.defined(); }
-  /// Seconds batch() has waited for images decoded on the fly (0 when cached).
+  /// Decoding on the fly: the seconds batch() waited for prefetched batches still being decoded (0 when
+  /// the background threads kept ahead), and the batches read without a prefetch (decoded then: each
+  /// epoch's first, validation).
   double wait_seconds() const noexcept { return wait_seconds_; }
+  int64_t unannounced_batches() const noexcept { return unannounced_; }
 
  private:
   struct Pending {
@@ -369,7 +377,12 @@ class ImageFolder : public Dataset {
     std::atomic<int64_t> next{0};
     const auto work = [&] {
       for (int64_t k = next++; k < n; k = next++) {
-        const auto image = load_image(files[static_cast<size_t>(i[k])], o);
+        const auto& path = files[static_cast<size_t>(i[k])];
+        std::string error;
+        const auto image = detail::decode_image(path, o, error);
+        TORCH_CHECK(image.defined(), "ImageFolder: ", path.string(), " is not a readable image (", error, "); decoding on "
+                    "the fly cannot leave it out mid-run: remove it, or decode into memory (a cache_limit that holds the "
+                    "set), which skips it");
         std::copy(image.data_ptr<uint8_t>(), image.data_ptr<uint8_t>() + each, dst + k * each);
       }
     };
@@ -440,6 +453,7 @@ class ImageFolder : public Dataset {
   mutable std::mutex mutex_;
   mutable std::optional<Pending> pending_;
   mutable double wait_seconds_ = 0;
+  mutable int64_t unannounced_ = 0;
 };
 
 }  // namespace diffusion::data

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <diffusion/backbone.hpp>
+#include <diffusion/checkpoint.hpp>
 #include <diffusion/data/dataset.hpp>
 #include <diffusion/detail/random.hpp>
 #include <diffusion/random.hpp>
@@ -145,6 +146,14 @@ struct ResumePoint {
                 batch_size, ", but this run's is ", batch, "; resume with the same batch size, or from an epoch's end");
   }
 };
+
+/// A resumed run trains on examples of the shape its checkpoint recorded (none recorded: any).
+inline void check_resumed_shape(const nlohmann::json& training, const std::vector<int64_t>& shape) {
+  if (!training.contains(data_shape_key)) return;
+  const auto recorded = training.at(data_shape_key).get<std::vector<int64_t>>();
+  TORCH_CHECK(recorded == shape, "Trainer::fit: the checkpoint was trained on examples of shape ", c10::IntArrayRef(recorded),
+              ", this training set's are ", c10::IntArrayRef(shape), "; resume with the same data, or start a new run");
+}
 
 /// The epoch's shuffle of `n` images, drawn from the generator's state at the epoch's start (kept in
 /// `epoch_state`): a run resumed mid-epoch draws the same one, then continues from where its generator was.

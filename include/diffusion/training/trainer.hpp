@@ -108,6 +108,7 @@ class Trainer final : public TrainingRun {
     const detail::EpochLayout layout(group_.get(), train->size(), options_.batch_size(), options_.max_steps_per_epoch());
     auto& p = progress_;
     detail::ResumePoint::recorded_in(p.training).check(p.step_in_epoch, layout.world, layout.n, layout.batch);
+    detail::check_resumed_shape(p.training, train->shape());
     if (group_) detail::broadcast_from_rank0(*group_, unwrap(model_), ema_ptr());
     const auto val_draws = detail::fixed_validation_draws(val_images, *objective_, options_.seed());
     auto& guard = guard_.emplace(device_, options_.skip_nonfinite(), layout.steps);
