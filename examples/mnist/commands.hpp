@@ -32,7 +32,8 @@ struct SampleCommand {
   SampleArgs args;
   std::string out = "samples.png", singles, classes;
   int64_t nrow = 0;
-  std::optional<int64_t> klass;
+  /// --class: a number, or a name the checkpoint records (an image folder's subfolder).
+  std::string klass;
 };
 CLI::App* add_sample(CLI::App& app, SampleCommand& s);
 int run_sample(const SampleCommand& s);

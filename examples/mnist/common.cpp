@@ -115,6 +115,17 @@ int64_t num_classes_of(const diffusion::CheckpointInfo& info) {
   return info.backbone ? info.backbone->options.value("num_classes", int64_t{0}) : 0;
 }
 
+std::vector<std::string> class_names_of(const diffusion::CheckpointInfo& info) {
+  const auto it = info.metadata.find(class_names_key);
+  if (it == info.metadata.end()) return {};
+  try {
+    return nlohmann::json::parse(it->second).get<std::vector<std::string>>();
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK(false, info.path.string(), ": its class names are malformed (", e.what(), ")");
+  }
+  return {};
+}
+
 namespace {
 
 /// --options as a JSON object (empty: none).

@@ -102,6 +102,11 @@ std::string human_bytes(int64_t bytes);
 
 /// The number of classes a checkpoint's model is conditioned on (0: unconditional).
 int64_t num_classes_of(const diffusion::CheckpointInfo& info);
+/// The class names `train` recorded in a checkpoint's metadata (an image folder's subfolders; empty for
+/// MNIST files). Malformed metadata is refused, naming the file.
+std::vector<std::string> class_names_of(const diffusion::CheckpointInfo& info);
+/// The metadata key they are recorded under.
+inline constexpr const char* class_names_key = "classes";
 
 /// The sampling flags sample and evaluate share.
 struct SampleArgs {

@@ -3,6 +3,7 @@
 #include "commands.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 
@@ -203,21 +204,21 @@ CLI::App* add_sample(CLI::App& app, SampleCommand& s) {
   cmd->add_option("--singles", s.singles, "Also write each image as DIR/sample_NNNNN.png");
   add_sampling_flags(cmd, s.args);
   auto* init = cmd->add_option("--init", s.args.init,
-                               "Image-to-image (SDEdit): start from this 28x28 PNG noised part-way (see --strength), or "
+                               "Image-to-image (SDEdit): start from this PNG (of the model's image size) noised part-way (see --strength), or "
                                "inpaint it with --mask")
                    ->check(CLI::ExistingFile);
   cmd->add_option_function<double>("--strength", [&s](const double& v) { s.args.strength = v; },
                                    "With --init: how much of the sampling to run from it, 0 (return it) to 1 (ignore it)")
       ->check(between(0, 1))
       ->needs(init);
-  cmd->add_option_function<int64_t>("--class", [&s](const int64_t& k) { s.klass = k; },
-                                    "A class-conditional checkpoint's class for every image, e.g. 7")
-      ->check(CLI::Range(0, 100000));
+  cmd->add_option("--class", s.klass,
+                  "A class-conditional checkpoint's class for every image: its number, e.g. 7, or the name of an "
+                  "image folder's subfolder it was trained on");
   cmd->add_option("--classes", s.classes,
                   "'all': a grid with one row per class, --n images each (a class-conditional checkpoint)")
       ->check(CLI::IsMember({"all"}));
   cmd->add_option("--mask", s.args.mask,
-                  "With --init: a 28x28 PNG, white where --init's pixels are kept, black where they are generated "
+                  "With --init: a PNG of the same size, white where --init's pixels are kept, black where they are generated "
                   "(inpainting)")
       ->check(CLI::ExistingFile)
       ->needs(init);
@@ -227,14 +228,30 @@ CLI::App* add_sample(CLI::App& app, SampleCommand& s) {
 int run_sample(const SampleCommand& given) {
   auto s = given;
   auto& a = s.args;
-  TORCH_CHECK(!(s.klass && !s.classes.empty()), "sample: give --class or --classes, not both");
+  TORCH_CHECK(s.klass.empty() || s.classes.empty(), "sample: give --class or --classes, not both");
   int64_t nrow = s.nrow;
-  if (s.klass) {
-    const auto classes = a.checkpoint.empty() ? a.num_classes : num_classes_of(read_checkpoint_info(a.checkpoint));
+  if (!s.klass.empty()) {
     const auto& file = a.checkpoint.empty() ? a.weights : a.checkpoint;
-    TORCH_CHECK(classes == 0 || *s.klass < classes, "sample: --class ", *s.klass, " is not a class of ", file,
-                ", which has ", classes, " (0 to ", classes - 1, ")");
-    a.labels = torch::full({a.n}, *s.klass, torch::kLong);
+    int64_t classes = a.num_classes;
+    std::vector<std::string> names;
+    if (!a.checkpoint.empty()) {
+      const auto info = read_checkpoint_info(a.checkpoint);
+      classes = num_classes_of(info);
+      names = class_names_of(info);
+    }
+    int64_t k = -1;
+    if (std::all_of(s.klass.begin(), s.klass.end(), [](unsigned char c) { return std::isdigit(c); }) && s.klass.size() <= 9) {
+      k = std::stoll(s.klass);
+    } else {
+      const auto it = std::find(names.begin(), names.end(), s.klass);
+      TORCH_CHECK(it != names.end(), "sample: --class '", s.klass, "' is not a class of ", file,
+                  names.empty() ? std::string(", which names none: give its number")
+                                : fmt::format(" (its classes: {})", fmt::join(names, ", ")));
+      k = it - names.begin();
+    }
+    TORCH_CHECK(classes == 0 || k < classes, "sample: --class ", k, " is not a class of ", file, ", which has ", classes,
+                " (0 to ", classes - 1, ")");
+    a.labels = torch::full({a.n}, k, torch::kLong);
   }
   if (!s.classes.empty()) {
     TORCH_CHECK(!a.checkpoint.empty(), "sample: --classes needs a checkpoint, whose class count it reads");

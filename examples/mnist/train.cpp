@@ -263,7 +263,7 @@ int run_train(const TrainCommand& t) {
     fmt::print("skipped {} image(s) that did not decode: {}\n", skipped.size(), data::detail::first_names(skipped));
   }
   // What a sampler needs to name the classes (the checkpoint records the data's shape itself).
-  if (!data_plan.classes.empty()) trainer.metadata["classes"] = nlohmann::json(data_plan.classes).dump();
+  if (!data_plan.classes.empty()) trainer.metadata[class_names_key] = nlohmann::json(data_plan.classes).dump();
   int64_t params = 0;
   for (const auto& p : unwrap(trainer.model()).parameters()) params += p.numel();
   if (main_rank && env) {
