@@ -419,6 +419,10 @@ TEST_CASE("DiT refuses options and inputs it cannot take", "[backbones][dit][err
   CHECK_REFUSED(net(torch::zeros({2, 1, 28, 30}), torch::tensor({1, 2})), "DiT: height and width must be divisible by the patch (4), got 28x30");
   CHECK_REFUSED(net(torch::zeros({2, 3, 28, 28}), torch::tensor({1, 2})), "DiT: expected 1 channel(s), got 3");
   CHECK_REFUSED(make_backbone(BackboneConfig{"dit", {{"blocks", 3}}}), "DiTOptions: unknown field \"blocks\"");
+  CHECK_REFUSED(make_backbone(BackboneConfig{"dit", {{"patch", 4.5}}}), "\"patch\" must be an integer, got 4.5");
+  CHECK_REFUSED(make_backbone(BackboneConfig{"dit", {{"depth", 1e10}}}), "\"depth\" must be an integer");
+  CHECK_REFUSED(make_backbone(BackboneConfig{"unet", {{"widths", {8, 16.5}}}}), "\"widths\" must be an integer, got [8,16.5]");
+  CHECK_REFUSED(DiT(DiTOptions().depth(100000)), "DiT: at most 65536 channels, patch 4096, depth 1024");
   // Its options round-trip through JSON, as a checkpoint records them.
   const auto o = DiTOptions().channels(3).patch(4).depth(3).width(48).heads(3).mlp_ratio(2.5).time_dim(64).num_classes(9);
   auto rebuilt = make_backbone(BackboneConfig{"dit", nlohmann::json(o)});

@@ -123,6 +123,15 @@ TEST_CASE("export_weights and import_weights move a backbone's weights by name, 
   CHECK_REFUSED(import_weights(*mlp, dir / "junk.pt"), "junk.pt is not a file torch.save wrote, or is damaged");
   write_bytes(dir / "legacy.pt", {0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc});  // a pre-1.6 torch.save: a bare pickle
   CHECK_REFUSED(import_weights(*mlp, dir / "legacy.pt"), "legacy.pt is a legacy torch.save file (a bare pickle, not a zip)");
+  // A safetensors file whose header length's low byte is 0x80 (the legacy pickle's first byte) is safetensors.
+  std::string header = R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
+  header.resize(0x80, ' ');
+  std::vector<uint8_t> st{0x80, 0, 0, 0, 0, 0, 0, 0};
+  st.insert(st.end(), header.begin(), header.end());
+  st.insert(st.end(), {0, 0, 0x80, 0x3f});  // 1.0f
+  write_bytes(dir / "low80.safetensors", st);
+  CHECK(weights_metadata(dir / "low80.safetensors").empty());
+  CHECK(load_safetensors(dir / "low80.safetensors").front().second.item<float>() == 1.0f);
   write_bytes(dir / "text.txt", {'h', 'e', 'l', 'l', 'o', ' ', 'w', 'o', 'r', 'l', 'd', '\n'});  // neither format
   CHECK_REFUSED(import_weights(*mlp, dir / "text.txt"), "text.txt is truncated or not safetensors");
   CHECK_REFUSED(import_weights(*mlp, dir / "text.txt"), "; nor is it a torch.save file (a zip), the other format import_weights reads");

@@ -217,35 +217,41 @@ DataPlan plan_data(const DataFlags& flags, bool labels) {
               "which scripts/fetch-mnist.sh fetches, or a folder of images)");
   plan.idx = fs::exists(dir / "train-images-idx3-ubyte") || fs::exists(dir / "train-images-idx3-ubyte.gz");
   if (plan.idx) {
+    TORCH_CHECK(flags.size == 0 && flags.channels == 0 && !flags.flip && !flags.strict && flags.cache_mib < 0,
+                "train: --size, --channels, --flip, --strict and --cache-mib apply to folders of images; ", flags.data,
+                " holds MNIST-format idx files (1x28x28)");
     plan.num_classes = 10;  // MNIST's digits, Fashion-MNIST's garments
+    plan.shape = {1, 28, 28};  // load_data checks the files
     plan.description = flags.data;
-    return plan;  // shape and count once read (load_data): the files are small
+    return plan;
   }
-  plan.folder = diffusion::data::ImageFolderOptions(flags.size)
-                    .channels(flags.channels)
+  const int64_t size = flags.size > 0 ? flags.size : 32, channels = flags.channels > 0 ? flags.channels : 3;
+  const int64_t cache_mib = flags.cache_mib >= 0 ? flags.cache_mib : 4096;
+  plan.folder = diffusion::data::ImageFolderOptions(size)
+                    .channels(channels)
                     .flip(flags.flip)
                     .strict(flags.strict)
                     .folder_labels(labels)
-                    .cache_limit(flags.cache_mib << 20);
+                    .cache_limit(cache_mib << 20);
   plan.index = diffusion::data::scan_images(dir, plan.folder);
   const auto& index = *plan.index;
-  plan.shape = {flags.channels, flags.size, flags.size};
+  plan.shape = {channels, size, size};
   plan.count = static_cast<int64_t>(index.files.size());
   plan.classes = index.classes;
   plan.num_classes = static_cast<int64_t>(index.classes.size());
   TORCH_CHECK(flags.val_size < plan.count, "train: --val-size ", flags.val_size, " leaves no training images of the ",
               plan.count, " in ", flags.data, "; give a smaller one (0: no validation)");
-  const auto bytes = index.cache_bytes(flags.size, flags.channels);
+  const auto bytes = index.cache_bytes(size, channels);
   std::vector<std::string> named;
   for (size_t i = 0; i < plan.classes.size(); ++i) named.push_back(fmt::format("{} {}", i, plan.classes[i]));
-  plan.description = fmt::format("{}: {} images at {}x{}x{}{}{}{}; {}", flags.data, plan.count, flags.channels, flags.size,
-                                 flags.size, labels ? fmt::format(", classes {}", fmt::join(named, ", ")) : std::string(),
+  plan.description = fmt::format("{}: {} images at {}x{}x{}{}{}{}; {}", flags.data, plan.count, channels, size, size, labels ? fmt::format(", classes {}", fmt::join(named, ", ")) : std::string(),
                                  index.skipped.empty() ? std::string() : fmt::format("; {} unreadable skipped: {}",
                                      index.skipped.size(), diffusion::data::detail::first_names(index.skipped)),
                                  index.other_files > 0 ? fmt::format("; {} other files ignored", index.other_files) : std::string(),
                                  bytes <= plan.folder.cache_limit() ? fmt::format("decoding into {} of memory", human_bytes(bytes))
-                                                                    : fmt::format("{} would not fit the cache: decoded on the "
-                                                                                  "fly by background threads", human_bytes(bytes)));
+                                 : cache_mib == 0 ? std::string("decoded on the fly by background threads (--cache-mib 0)")
+                                                  : fmt::format("{} would not fit --cache-mib {}: decoded on the fly by "
+                                                                "background threads", human_bytes(bytes), cache_mib));
   return plan;
 }
 
@@ -259,6 +265,8 @@ LoadedData load_data(const DataPlan& plan, const DataFlags& flags) {
   using namespace diffusion::data;
   if (plan.idx) {
     auto train = load_mnist(flags.data, Split::Train, plan.num_classes);
+    TORCH_CHECK(train.images.sizes().slice(1) == c10::IntArrayRef(plan.shape), "train: ", flags.data, " holds ",
+                train.images.sizes().slice(1), " images; this program reads MNIST-format files of 1x28x28");
     auto images = train.images, labels = train.labels;
     if (flags.limit > 0) {
       images = images.slice(0, 0, std::min<int64_t>(flags.limit, images.size(0)));
@@ -275,7 +283,10 @@ LoadedData load_data(const DataPlan& plan, const DataFlags& flags) {
   auto folder = std::make_shared<ImageFolder>(*plan.index, plan.folder);
   // Held-out images: a fixed random choice, the same whatever --limit says.
   const auto perm = torch::randperm(folder->size(), diffusion::make_generator(0));
-  const auto held = std::min(flags.val_size, folder->size() - 1);
+  // Checked again: files that did not decode have left the set.
+  TORCH_CHECK(flags.val_size < folder->size(), "train: --val-size ", flags.val_size, " leaves no training images of the ",
+              folder->size(), " that decoded in ", flags.data, "; give a smaller one (0: no validation)");
+  const auto held = flags.val_size;
   auto rest = perm.slice(0, held);
   if (flags.limit > 0) rest = rest.slice(0, 0, std::min<int64_t>(flags.limit, rest.size(0)));
   // Files whose body failed to decode (their headers read at the scan).

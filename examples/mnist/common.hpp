@@ -59,11 +59,13 @@ diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& 
 /// The training data's flags: an MNIST-format directory (the four idx files) or a folder of images.
 struct DataFlags {
   std::string data = "data/mnist";
-  /// Image folders: side and channels of the images, random horizontal flips, refusing unreadable files.
-  int64_t size = 32, channels = 3;
+  /// Image folders: side and channels of the images (0: 32 and 3), random horizontal flips, refusing
+  /// unreadable files.
+  int64_t size = 0, channels = 0;
   bool flip = false, strict = false;
-  /// Image folders: decode once into memory when the images take at most this many MiB, else on the fly.
-  int64_t cache_mib = 4096;
+  /// Image folders: decode once into memory when the images take at most this many MiB, else on the fly
+  /// (-1: 4096).
+  int64_t cache_mib = -1;
   /// Train on the first N images only (0: all); hold out N for validation (0: none).
   int64_t limit = 0, val_size = 1000;
 };
@@ -128,8 +130,9 @@ struct SampleArgs {
   /// Classifier-free guidance weight and rescale, for a class-conditional checkpoint.
   std::optional<double> cfg;
   double cfg_rescale = 0.0;
-  /// The class of each of the n images (undefined: unconditional).
+  /// The class of each of the n images (undefined: unconditional), and the one class's name when known.
   torch::Tensor labels;
+  std::string class_name;
   /// Weights from elsewhere (a torch.save state_dict or safetensors) instead of a checkpoint. A file
   /// written by `mnist export` records its network, schedule and prediction; for others, this program's
   /// backbone of that name (empty: conv), shape and class count.

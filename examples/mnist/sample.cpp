@@ -113,6 +113,9 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
                   a.guide, " predicts ", guide_info.formulation.options.at("prediction").get<std::string>(), " but ",
                   source_file, " predicts ", mine.options.at("prediction").get<std::string>());
     }
+    TORCH_CHECK(guide_info.data_shape.empty() || guide_info.data_shape == source.shape, "sample: --guide ", a.guide,
+                " was trained on ", fmt::format("{}", fmt::join(guide_info.data_shape, "x")), " images but ", source_file, " on ",
+                fmt::format("{}", fmt::join(source.shape, "x")), "; autoguidance needs both to take the same images");
     TORCH_CHECK(guide_info.formulation == mine, "sample: --guide ", a.guide, " was trained for ",
                 make_formulation(guide_info.formulation)->describe(), " but ", source_file, " for ",
                 make_formulation(mine)->describe(), "; autoguidance needs both to predict for the same x_t");
@@ -140,7 +143,8 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
       const auto first = a.labels[0].item<int64_t>();
       const auto classes = torch::bincount(a.labels.clamp_min(0)).gt(0).sum().item<int64_t>();
       fmt::print("classes requested: {}\n", a.labels.eq(first).all().item<bool>()
-                                                 ? fmt::format("{} of class {}", a.n, first)
+                                                 ? fmt::format("{} of class {}{}", a.n, first,
+                                                               a.class_name.empty() ? std::string() : " (" + a.class_name + ")")
                                                  : fmt::format("{} images over {} classes", a.n, classes));
     }
     if (a.clip_x0 > 0) fmt::print("predicted x_0 clamped to [-{0}, {0}] at every step\n", a.clip_x0);
@@ -225,6 +229,23 @@ CLI::App* add_sample(CLI::App& app, SampleCommand& s) {
   return cmd;
 }
 
+namespace {
+
+/// The class count of --weights: what `export` recorded in the file, else --num-classes.
+int64_t weights_num_classes(const SampleArgs& a) {
+  if (a.weights.empty()) return 0;
+  const auto metadata = weights_metadata(a.weights);
+  if (!metadata.count("options")) return a.num_classes;
+  try {
+    return nlohmann::json::parse(metadata.at("options")).value("num_classes", int64_t{0});
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK(false, "sample: ", a.weights, " has metadata that is not valid JSON (", e.what(), ")");
+  }
+  return 0;
+}
+
+}  // namespace
+
 int run_sample(const SampleCommand& given) {
   auto s = given;
   auto& a = s.args;
@@ -232,7 +253,7 @@ int run_sample(const SampleCommand& given) {
   int64_t nrow = s.nrow;
   if (!s.klass.empty()) {
     const auto& file = a.checkpoint.empty() ? a.weights : a.checkpoint;
-    int64_t classes = a.num_classes;
+    int64_t classes = a.checkpoint.empty() ? weights_num_classes(a) : 0;
     std::vector<std::string> names;
     if (!a.checkpoint.empty()) {
       const auto info = read_checkpoint_info(a.checkpoint);
@@ -252,11 +273,12 @@ int run_sample(const SampleCommand& given) {
     TORCH_CHECK(classes == 0 || k < classes, "sample: --class ", k, " is not a class of ", file, ", which has ", classes,
                 " (0 to ", classes - 1, ")");
     a.labels = torch::full({a.n}, k, torch::kLong);
+    if (k < static_cast<int64_t>(names.size())) a.class_name = names[static_cast<size_t>(k)];
   }
   if (!s.classes.empty()) {
-    TORCH_CHECK(!a.checkpoint.empty(), "sample: --classes needs a checkpoint, whose class count it reads");
-    const auto classes = num_classes_of(read_checkpoint_info(a.checkpoint));
-    TORCH_CHECK(classes > 0, "sample: ", a.checkpoint, " is not class-conditional (trained without --conditional)");
+    const auto classes = a.checkpoint.empty() ? weights_num_classes(a) : num_classes_of(read_checkpoint_info(a.checkpoint));
+    TORCH_CHECK(classes > 0, "sample: ", a.checkpoint.empty() ? a.weights : a.checkpoint,
+                " is not class-conditional (trained without --conditional), or its class count is not recorded");
     a.labels = torch::arange(classes).repeat_interleave(a.n);  // one row of n per class
     if (nrow == 0) nrow = a.n;
     a.n *= classes;

@@ -41,16 +41,16 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
       ->capture_default_str();
   cmd->add_option("--size", t.data.size,
                   "Image folders: the side of the square images trained on (the centre square of each image, resized "
-                  "by area)")
-      ->check(CLI::Range(1, 4096))->capture_default_str();
-  cmd->add_option("--channels", t.data.channels, "Image folders: 1 (grey) or 3 (RGB; transparency on white)")
-      ->check(CLI::IsMember({1, 3}))->capture_default_str();
+                  "by area; default 32)")
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option("--channels", t.data.channels, "Image folders: 1 (grey) or 3 (RGB; transparency on white; the default)")
+      ->check(CLI::IsMember({1, 3}));
   cmd->add_flag("--flip", t.data.flip, "Image folders: flip each image horizontally at random, anew every epoch");
   cmd->add_flag("--strict", t.data.strict, "Image folders: refuse an unreadable image file instead of skipping it");
   cmd->add_option("--cache-mib", t.data.cache_mib,
                   "Image folders: decode every image once into memory when they take at most this many MiB; larger "
-                  "sets (or 0) are decoded on the fly by background threads, a batch ahead")
-      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30))->capture_default_str();
+                  "sets (or 0) are decoded on the fly by background threads, a batch ahead (default 4096)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   cmd->add_option("--out", t.out, "Output directory")->capture_default_str();
   cmd->add_option("--epochs", t.epochs, "Epochs to train (in total, counting resumed ones)")->check(at_least(1))->capture_default_str();
   cmd->add_option("--batch-size", t.batch_size, "Batch size")->check(at_least(1))->capture_default_str();
@@ -191,6 +191,14 @@ int run_train(const TrainCommand& t) {
   // start from other weights each time. (A resumed run's weights come from its checkpoint.)
   torch::manual_seed(t.seed);
   auto backbone = make_backbone(backbone_config(t.backbone, t.shape, t.conditional ? classes : 0, data_plan.shape));
+  {
+    // One forward of a blank image of the data's shape, before any decoding or training: a network that
+    // cannot take it (a size its levels or patches do not divide, other channels) is refused now.
+    torch::NoGradGuard no_grad;
+    auto blank = data_plan.shape;
+    blank.insert(blank.begin(), 1);
+    backbone->forward(torch::zeros(blank), torch::zeros({1}, torch::kLong));
+  }
   auto trainer = [&] {
     if (discrete) return Trainer(backbone, schedule, options);
     // The objective carries the prediction and weighting that LossOptions gives the discrete schedule.
@@ -236,6 +244,16 @@ int run_train(const TrainCommand& t) {
   if (t.resume) {
     if (!saved.empty()) {
       try {
+        // The same data as the run's, said plainly (the weights would be refused by their shapes): its image
+        // shape, and for a class-conditional run its classes by name, whose order is their labels.
+        const auto info = read_checkpoint_info(saved.back());
+        TORCH_CHECK(info.data_shape.empty() || info.data_shape == data_plan.shape, "train: ", saved.back().string(),
+                    " was trained on ", fmt::format("{}", fmt::join(info.data_shape, "x")), " images; ", t.data.data,
+                    " gives ", fmt::format("{}", fmt::join(data_plan.shape, "x")));
+        const auto trained_on = class_names_of(info);
+        TORCH_CHECK(trained_on.empty() || trained_on == data_plan.classes, "train: ", saved.back().string(),
+                    " was trained on the classes ", fmt::format("{}", fmt::join(trained_on, ", ")), "; ", t.data.data, " has ",
+                    data_plan.classes.empty() ? std::string("none") : fmt::format("{}", fmt::join(data_plan.classes, ", ")));
         trainer.load_checkpoint(saved.back());
       } catch (const c10::Error& e) {
         // A damaged file: the one before may do. A file that does not fit: the flags differ from the run's.

@@ -228,14 +228,18 @@ namespace detail {
 /// Whether a weights file is a torch.save zip (else it is read as safetensors), by its first bytes.
 /// Refused: a missing file, and torch.save's format before PyTorch 1.6 (a bare pickle).
 inline bool is_torch_save_file(const std::filesystem::path& path, const char* fn) {
-  std::string magic(4, '\0');
+  std::string head(9, '\0');
   std::ifstream in(path, std::ios::binary);
   TORCH_CHECK(in.good() && std::filesystem::is_regular_file(path), fn, ": ", path.string(), ": no such file");
-  in.read(magic.data(), 4);
-  // torch.save before PyTorch 1.6 (or with _use_new_zipfile_serialization=False) writes a bare pickle.
-  TORCH_CHECK(magic.compare(0, 1, "\x80") != 0, fn, ": ", path.string(), " is a legacy torch.save file (a bare pickle, "
-              "not a zip); save it again with torch.save in PyTorch 1.6 or later (the default zip format), or as safetensors");
-  return magic == std::string("PK\x03\x04", 4);
+  in.read(head.data(), 9);
+  head.resize(static_cast<size_t>(in.gcount()));
+  // torch.save before PyTorch 1.6 (or with _use_new_zipfile_serialization=False) writes a bare pickle that
+  // opens with protocol 2 and its magic number as a LONG1: 0x80 0x02 0x8a. A safetensors file opens with
+  // its header's length (little-endian, so any first byte), then '{' at byte 8.
+  const bool pickle = head.size() >= 3 && head.compare(0, 3, "\x80\x02\x8a") == 0 && (head.size() < 9 || head[8] != '{');
+  TORCH_CHECK(!pickle, fn, ": ", path.string(), " is a legacy torch.save file (a bare pickle, not a zip); save it again "
+              "with torch.save in PyTorch 1.6 or later (the default zip format), or as safetensors");
+  return head.size() >= 4 && head.compare(0, 4, std::string("PK\x03\x04", 4)) == 0;
 }
 
 /// load_safetensors for a file is_torch_save_file found not to be a zip: a file that is not safetensors

@@ -148,6 +148,9 @@ class DiTImpl : public torch::nn::Cloneable<DiTImpl> {
     const auto& o = options;
     TORCH_CHECK(o.channels() >= 1 && o.patch() >= 1 && o.depth() >= 1, "DiT: channels, patch and depth must be >= 1, got ",
                 o.channels(), ", ", o.patch(), " and ", o.depth());
+    TORCH_CHECK(o.channels() <= 65536 && o.patch() <= 4096 && o.depth() <= 1024 && o.width() <= 65536 && o.time_dim() <= 65536,
+                "DiT: at most 65536 channels, patch 4096, depth 1024, width 65536 and time_dim 65536, got ", o.channels(), ", ",
+                o.patch(), ", ", o.depth(), ", ", o.width(), " and ", o.time_dim());
     TORCH_CHECK(o.heads() >= 1 && o.width() >= 4 && o.width() % 4 == 0 && o.width() % o.heads() == 0,
                 "DiT: width must be a positive multiple of 4 and of heads, got width ", o.width(), " and heads ", o.heads());
     TORCH_CHECK(std::isfinite(o.mlp_ratio()) && o.mlp_ratio() > 0 && o.width() * o.mlp_ratio() >= 1 &&

@@ -7,6 +7,8 @@
 #include <initializer_list>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <vector>
 
 /// Small helpers for the options structs' JSON forms (checkpoints record options as JSON).
 namespace diffusion::detail {
@@ -21,10 +23,24 @@ inline void check_json_fields(const nlohmann::json& j, std::initializer_list<std
   }
 }
 
-/// Calls `set(value)` with field `key` of `j` read as T, when present.
+/// Calls `set(value)` with field `key` of `j` read as T, when present. An integer field (or list of
+/// integers) holding a number with a fraction or an exponent is refused rather than truncated (nlohmann
+/// would read 4.5 as 4 and 1e10 as a huge count).
 template <class T, class Set>
 void read_json_field(const nlohmann::json& j, const char* key, Set&& set) {
-  if (j.contains(key)) set(j.at(key).template get<T>());
+  if (!j.contains(key)) return;
+  const auto& value = j.at(key);
+  const auto integer = [&](const nlohmann::json& v) {
+    TORCH_CHECK(!v.is_number() || v.is_number_integer(), "\"", key, "\" must be an integer, got ", value.dump());
+  };
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    integer(value);
+  } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+    if (value.is_array()) {
+      for (const auto& v : value) integer(v);
+    }
+  }
+  set(value.template get<T>());
 }
 
 }  // namespace diffusion::detail
