@@ -13,12 +13,12 @@ using namespace diffusion;
 
 namespace {
 
-/// A PNG of the model's image shape (C, H, W) as a (1, C, H, W) tensor on `device`, in [0, 1].
-torch::Tensor read_input_png(const std::string& path, const std::vector<int64_t>& shape, const torch::Device& device) {
-  const auto image = read_png(path, static_cast<int>(shape[0]));
-  TORCH_CHECK(image.size(1) == shape[1] && image.size(2) == shape[2], path, " is ", image.size(2), "x", image.size(1),
-              "; the model takes ", shape[2], "x", shape[1], " images");
-  return image.unsqueeze(0).to(device);
+/// An image file for the model's square image shape (C, S, S) as a (1, C, S, S) tensor on `device`, in
+/// [0, 1], prepared as the training images were (data::load_image: transparency on white, the centre
+/// square resized by area to S).
+torch::Tensor read_input_image(const std::string& path, const std::vector<int64_t>& shape, const torch::Device& device) {
+  const auto image = data::load_image(path, data::ImageFolderOptions(shape[1]).channels(shape[0]));
+  return image.unsqueeze(0).to(device, torch::kFloat32).div(255);
 }
 
 /// The model to sample, and what its checkpoint says (or the seed's schedule for imported weights).
@@ -122,9 +122,9 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
     model = AnyBackbone(Autoguidance(source.model, guide, a.guidance));
   }
   auto base = SampleOptions().clip_x0(a.clip_x0).precision(precision);
-  if (!a.init.empty()) base.image(read_input_png(a.init, source.shape, device) * 2 - 1);  // the data are in [-1, 1]
+  if (!a.init.empty()) base.image(read_input_image(a.init, source.shape, device) * 2 - 1);  // the data are in [-1, 1]
   if (a.strength) base.strength(*a.strength);
-  if (!a.mask.empty()) base.mask(read_input_png(a.mask, {1, source.shape[1], source.shape[2]}, device));
+  if (!a.mask.empty()) base.mask(read_input_image(a.mask, {1, source.shape[1], source.shape[2]}, device));
   const auto formulation_ptr = make_formulation(source.formulation);
   const Formulation& formulation = *formulation_ptr;
   const auto* discrete = dynamic_cast<const DiscreteFormulation*>(&formulation);
@@ -208,7 +208,8 @@ CLI::App* add_sample(CLI::App& app, SampleCommand& s) {
   cmd->add_option("--singles", s.singles, "Also write each image as DIR/sample_NNNNN.png");
   add_sampling_flags(cmd, s.args);
   auto* init = cmd->add_option("--init", s.args.init,
-                               "Image-to-image (SDEdit): start from this PNG (of the model's image size) noised part-way (see --strength), or "
+                               "Image-to-image (SDEdit): start from this PNG, JPEG or BMP (its centre square resized to the model's images, "
+                               "as training does) noised part-way (see --strength), or "
                                "inpaint it with --mask")
                    ->check(CLI::ExistingFile);
   cmd->add_option_function<double>("--strength", [&s](const double& v) { s.args.strength = v; },
@@ -222,7 +223,7 @@ CLI::App* add_sample(CLI::App& app, SampleCommand& s) {
                   "'all': a grid with one row per class, --n images each (a class-conditional checkpoint)")
       ->check(CLI::IsMember({"all"}));
   cmd->add_option("--mask", s.args.mask,
-                  "With --init: a PNG of the same size, white where --init's pixels are kept, black where they are generated "
+                  "With --init: an image prepared the same way, white where --init's pixels are kept, black where they are generated "
                   "(inpainting)")
       ->check(CLI::ExistingFile)
       ->needs(init);
