@@ -248,6 +248,9 @@ TEST_CASE("ImageFolder gives the same batches cached and decoded on the fly, fli
   CHECK(plain.min().item<double>() >= -1);
   CHECK(plain.max().item<double>() <= 1);
   CHECK(torch::equal(streamed.batch(idx, std::nullopt), plain));
+  const auto strided = torch::tensor({6, 9, 0, 9, 3, 9, 3, 9}, torch::kLong).slice(0, 0, 8, 2);  // not contiguous
+  REQUIRE_FALSE(strided.is_contiguous());
+  CHECK(torch::equal(streamed.batch(strided, data::AugmentationDraw{9, 0}), cached.batch(idx, data::AugmentationDraw{9, 0})));
   // Flips follow augmentation_bits of (seed, epoch, index): the same image in any batch, another per epoch.
   int flips_seen = 0;
   for (int64_t epoch = 0; epoch < 6; ++epoch) {

@@ -291,8 +291,9 @@ class ImageFolder : public Dataset {
   int64_t size() const override { return static_cast<int64_t>(index_.files.size()); }
   std::vector<int64_t> shape() const override { return {options_.channels(), options_.size(), options_.size()}; }
 
-  torch::Tensor batch(const torch::Tensor& idx, const std::optional<AugmentationDraw>& draw) const override {
-    check_indices(idx);
+  torch::Tensor batch(const torch::Tensor& indices, const std::optional<AugmentationDraw>& draw) const override {
+    check_indices(indices);
+    const auto idx = indices.contiguous();  // read through data_ptr below
     torch::Tensor bytes;
     if (cache_.defined()) {
       bytes = cache_.index_select(0, idx);
@@ -335,7 +336,7 @@ class ImageFolder : public Dataset {
   void prefetch(const torch::Tensor& idx, const std::optional<AugmentationDraw>&) const override {
     if (cache_.defined()) return;
     check_indices(idx);
-    auto copy = idx.clone();
+    auto copy = idx.contiguous().clone();
     auto future = std::async(std::launch::async, [files = &index_.files, copy, o = options_, n = workers_] {
       return decode(*files, copy, o, n);
     });
