@@ -432,3 +432,99 @@ TEST_CASE("DiT refuses options and inputs it cannot take", "[backbones][dit][err
   CHECK(config->options == nlohmann::json(o));
   CHECK(rebuilt->conditional());
 }
+
+namespace {
+/// TemporalUNet's parameter count from its layers: Conv1d in*out*k + out, GroupNorm 2c, Linear a*b + b.
+int64_t temporal_unet_parameters(const TemporalUNetOptions& o, int64_t td) {
+  const auto conv = [](int64_t in, int64_t out, int64_t k) { return in * out * k + out; };
+  const auto block = [&](int64_t in, int64_t out) { return conv(in, out, o.kernel_size()) + 2 * out; };
+  const auto res = [&](int64_t in, int64_t out) {
+    return block(in, out) + td * out + out + block(out, out) + (in != out ? conv(in, out, 1) : 0);
+  };
+  const auto& w = o.widths();
+  int64_t n = td * 4 * td + 4 * td + 4 * td * td + td;  // the time MLP
+  for (size_t i = 0; i < w.size(); ++i) {
+    n += res(i == 0 ? o.channels() : w[i - 1], w[i]) + res(w[i], w[i]);
+    if (i + 1 < w.size()) n += conv(w[i], w[i], 3);                                  // downsample
+    if (i + 1 < w.size()) n += conv(w[i + 1], w[i + 1], 4) + res(w[i + 1] + w[i], w[i]) + res(w[i], w[i]);  // the way up
+  }
+  n += 2 * res(w.back(), w.back()) + block(w[0], w[0]) + conv(w[0], o.channels(), 1);
+  return n + (o.num_classes() > 0 ? (o.num_classes() + 1) * td : 0);
+}
+}  // namespace
+
+TEST_CASE("TemporalUNet's parameter count is the closed form of its layers", "[backbones][temporal]") {
+  for (const auto& o : {TemporalUNetOptions(), TemporalUNetOptions().channels(3).widths({16, 24}).kernel_size(3).time_dim(12).groups(4),
+                        TemporalUNetOptions().channels(2).widths({8}).num_classes(5).groups(4)}) {
+    TemporalUNet net(o);
+    int64_t count = 0;
+    for (const auto& p : net->parameters()) count += p.numel();
+    CHECK(count == temporal_unet_parameters(o, net->time_dim()));
+  }
+  CHECK(TemporalUNet()->time_dim() == 32);
+}
+
+TEST_CASE("TemporalUNet keeps (N, C, L) at any length its levels divide, depends on t and the class", "[backbones][temporal]") {
+  torch::manual_seed(0);
+  TemporalUNet net(TemporalUNetOptions().channels(2).widths({8, 16, 16}).groups(4).num_classes(3));
+  const auto t = torch::tensor({5, 500});
+  for (const int64_t length : {4, 16, 36}) {
+    const auto x = torch::randn({2, 2, length});
+    const auto y = net(x, t, torch::tensor({0, 2}));
+    CHECK(y.sizes() == x.sizes());
+    CHECK(torch::isfinite(y).all().item<bool>());
+  }
+  const auto x = torch::randn({2, 2, 16});
+  CHECK_FALSE(torch::allclose(net(x, t), net(x, torch::tensor({6, 900}))));
+  CHECK_FALSE(torch::allclose(net(x, t, torch::tensor({0, 0})), net(x, t, torch::tensor({1, 1}))));
+  // An undefined cond is the null class for every sample.
+  CHECK(torch::allclose(net(x, t), net(x, t, torch::tensor({-1, -1}))));
+  // Each sample is computed alone (GroupNorm normalizes per sample).
+  CHECK(torch::allclose(net(x, t)[1], net(x.slice(0, 1), t.slice(0, 1))[0], 1e-5, 1e-6));
+  // Registered by name; the options round-trip through JSON as a checkpoint records them.
+  const auto o = TemporalUNetOptions().channels(3).widths({8, 16}).kernel_size(3).time_dim(16).groups(4).num_classes(2);
+  auto rebuilt = make_backbone(BackboneConfig{"temporal_unet", nlohmann::json(o)});
+  const auto config = backbone_config(*rebuilt);
+  REQUIRE(config);
+  CHECK(config->name == "temporal_unet");
+  CHECK(config->options == nlohmann::json(o));
+  CHECK(rebuilt->conditional());
+}
+
+TEST_CASE("TemporalUNet refuses options and inputs it cannot take", "[backbones][temporal][errors]") {
+  CHECK_REFUSED(TemporalUNet(TemporalUNetOptions().widths({})), "TemporalUNet: widths must hold 1 to 16 levels, got 0");
+  CHECK_REFUSED(TemporalUNet(TemporalUNetOptions().widths({8, 0})), "widths must be in [1, 65536], got 0");
+  CHECK_REFUSED(TemporalUNet(TemporalUNetOptions().kernel_size(4)), "kernel_size must be odd and in [1, 255]");
+  CHECK_REFUSED(TemporalUNet(TemporalUNetOptions().channels(0)), "channels must be in [1, 65536], got 0");
+  CHECK_REFUSED(TemporalUNet(TemporalUNetOptions().time_dim(6).widths({12})), "groups (8) must divide every width, got 12");
+  CHECK_REFUSED(TemporalUNet(TemporalUNetOptions().time_dim(7)), "time_dim must be 0 (widths[0]) or even and in [4, 65536], got 7");
+  CHECK_REFUSED(TemporalUNet(TemporalUNetOptions().widths({8}).groups(1).time_dim(0).widths({3})), "when time_dim is 0");
+  CHECK_REFUSED(TemporalUNet(TemporalUNetOptions().num_classes(-2)), "num_classes must be >= 0");
+  CHECK_REFUSED(make_backbone(BackboneConfig{"temporal_unet", {{"length", 16}}}), "TemporalUNetOptions: unknown field \"length\"");
+  TemporalUNet net(TemporalUNetOptions().widths({8, 8, 8}).groups(4));
+  const auto t = torch::tensor({1, 2});
+  CHECK_REFUSED(net(torch::zeros({2, 1, 18}), t), "TemporalUNet: the length must be divisible by 4 (2^2 for 3 levels), got 18");
+  CHECK_REFUSED(net(torch::zeros({2, 2, 16}), t), "TemporalUNet: expected 1 channel(s), got 2");
+  CHECK_REFUSED(net(torch::zeros({2, 16}), t), "x must be a floating-point (N, C, L) tensor, got Float of shape [2, 16]");
+  CHECK_REFUSED(net(torch::zeros({2, 1, 16}), torch::tensor({1})), "t must be (N,) with N = 2");
+  CHECK_REFUSED(net(torch::zeros({2, 1, 16}), t, torch::tensor({0, 1})), "class labels given to an unconditional model");
+}
+
+TEST_CASE("MLP takes vectors of any width with features, and reads options written before it had them", "[backbones]") {
+  MLP net(MLPOptions().features(3).hidden(16).depth(2).time_dim(8));
+  const auto x = torch::randn({5, 3});
+  CHECK(net(x, torch::arange(5)).sizes() == x.sizes());
+  int64_t count = 0;
+  for (const auto& p : net->parameters()) count += p.numel();
+  CHECK(count == (8 * 8 + 8) + (11 * 16 + 16) + (16 * 16 + 16) + (16 * 3 + 3));
+  CHECK_REFUSED(net(torch::randn({5, 4}), torch::arange(5)), "MLP: x must be floating-point vectors (N, 3), got Float of shape [5, 4]");
+  CHECK_REFUSED(net(torch::randn({5, 1, 3}), torch::arange(5)), "x must be floating-point vectors (N, 3)");
+  CHECK_REFUSED(net(x, torch::arange(4)), "t must be (N,) with N = 5");
+  CHECK_REFUSED(MLP(MLPOptions().features(-1)), "features must be >= 0 (0: images), got -1");
+  CHECK_REFUSED(MLP(MLPOptions().hidden(int64_t{1} << 21)), "a layer this wide or this deep is refused");
+  auto rebuilt = make_backbone(BackboneConfig{"mlp", nlohmann::json(MLPOptions().features(3))});
+  CHECK(backbone_config(*rebuilt)->options.at("features") == 3);
+  // A checkpoint written before features existed records images.
+  auto old = make_backbone(BackboneConfig{"smol_mlp", {{"channels", 1}, {"image_size", 28}, {"hidden", 512}, {"depth", 3}, {"time_dim", 256}}});
+  CHECK(backbone_config(*old)->options.at("features") == 0);
+}

@@ -315,3 +315,173 @@ TEST_CASE("Subset reads the examples it names, with their labels and augmentatio
   CHECK_REFUSED(data::Subset(all, torch::tensor({0.5})), "Subset: indices must be a non-empty 1-D integer tensor");
   CHECK_REFUSED(data::Subset(nullptr, torch::tensor({0})), "Subset: the dataset must be given");
 }
+
+namespace {
+/// A .npy file by hand: the preamble of version `major`, the header text as given, then `body`.
+void write_npy_by_hand(const fs::path& path, const std::string& header, const std::string& body, int major = 1) {
+  std::string out("\x93NUMPY", 6);
+  out += static_cast<char>(major);
+  out += '\0';
+  const auto len = header.size();
+  out += static_cast<char>(len & 0xFF);
+  out += static_cast<char>((len >> 8) & 0xFF);
+  if (major > 1) out += std::string("\0\0", 2);
+  out += header + body;
+  std::ofstream(path, std::ios::binary) << out;
+}
+std::string bytes_of(const torch::Tensor& x) {
+  const auto c = x.contiguous();
+  return std::string(static_cast<const char*>(c.data_ptr()), static_cast<size_t>(c.numel() * c.element_size()));
+}
+}  // namespace
+
+TEST_CASE("save_npy and load_npy round-trip every dtype and shape, and read Fortran order and versions 2 and 3", "[data][npy]") {
+  const auto dir = scratch("npy");
+  for (const auto type : {torch::kFloat64, torch::kFloat32, torch::kFloat16, torch::kInt64, torch::kInt32, torch::kInt16,
+                          torch::kInt8, torch::kUInt8, torch::kBool}) {
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{5}, {3, 2}, {2, 3, 4}, {0, 3}, {}}) {
+      const auto x = (torch::arange(std::max<int64_t>(1, c10::multiply_integers(shape)), torch::kFloat64) * 1.5 - 4)
+                         .slice(0, 0, c10::multiply_integers(shape)).reshape(shape).to(type);
+      data::save_npy(dir / "x.npy", x);
+      const auto y = data::load_npy(dir / "x.npy");
+      CHECK(y.scalar_type() == type);
+      CHECK(y.sizes() == x.sizes());
+      CHECK(torch::equal(y, x));
+    }
+  }
+  // The data start at a multiple of 64 bytes, as NumPy writes them.
+  data::save_npy(dir / "x.npy", torch::zeros({7, 2}));
+  CHECK((fs::file_size(dir / "x.npy") - 7 * 2 * 4) % 64 == 0);
+  // Fortran order: the bytes are column-major.
+  const auto m = torch::arange(6, torch::kFloat32).reshape({2, 3});
+  write_npy_by_hand(dir / "f.npy", "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }\n", bytes_of(m.t()));
+  CHECK(torch::equal(data::load_npy(dir / "f.npy"), m));
+  // Versions 2 and 3 have a 4-byte header length; a one-byte type may say '<' or '='.
+  write_npy_by_hand(dir / "v2.npy", "{\"descr\": \"<u1\", \"fortran_order\": False, \"shape\": (2,)}", std::string("\x07\x09", 2), 2);
+  CHECK(torch::equal(data::load_npy(dir / "v2.npy"), torch::tensor({7, 9}, torch::kUInt8)));
+  write_npy_by_hand(dir / "v3.npy", "{'shape': (1, 1), 'fortran_order': False, 'descr': '<f8'}", bytes_of(torch::tensor({2.5}, torch::kFloat64)), 3);
+  CHECK(data::load_npy(dir / "v3.npy").item<double>() == 2.5);
+}
+
+TEST_CASE("load_npy refuses what is not a .npy file it can read, naming the file", "[data][npy][errors]") {
+  const auto dir = scratch("npy_bad");
+  const auto four = bytes_of(torch::ones({4}, torch::kFloat32));
+  const auto bad = [&](const std::string& header, const std::string& body, const std::string& message, int major = 1) {
+    write_npy_by_hand(dir / "bad.npy", header, body, major);
+    CHECK_REFUSED(data::load_npy(dir / "bad.npy"), message);
+  };
+  std::ofstream(dir / "text.npy") << "not numpy";
+  CHECK_REFUSED(data::load_npy(dir / "text.npy"), "text.npy is not a .npy file");
+  CHECK_REFUSED(data::load_npy(dir / "missing.npy"), "missing.npy: no such file");
+  bad("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }", four, "format version 4", 4);
+  bad("{'descr': '>f4', 'fortran_order': False, 'shape': (4,), }", four, "dtype '>f4' (big-endian");
+  bad("{'descr': '<c8', 'fortran_order': False, 'shape': (2,), }", four, "dtype '<c8'");
+  bad("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (4,), }", four, "a structured dtype");
+  bad("{'descr': '<f4', 'fortran_order': False, 'shape': (5,), }", four, "bad.npy is truncated (shape (5) of <f4 takes 20 bytes, 16 follow");
+  bad("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }", four, "bad.npy is longer than its shape");
+  bad("{'descr': '<f4', 'fortran_order': False}", four, "a missing key");
+  bad("{'descr': '<f4', 'fortran_order': Maybe, 'shape': (4,)}", four, "expected True or False");
+  bad("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), 'extra': 1}", four, "an unknown or repeated key 'extra'");
+  bad("{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (4,)}", four, "an unknown or repeated key 'descr'");
+  bad("{'descr': '<f4', 'fortran_order': False, 'shape': (-4,)}", four, "expected a dimension");
+  bad("{'descr': '<f4', 'fortran_order': False, 'shape': (4,)} trailing", four, "text after the dict");
+  bad("{'descr': '<f4, 'fortran_order': False, 'shape': (4,)}", four, "malformed header");
+  bad("{'descr': '<f8', 'fortran_order': False, 'shape': (4294967296, 4294967296, 4294967296)}", four, "too large to hold");
+  // A header length past the end of the file.
+  std::ofstream(dir / "short.npy", std::ios::binary) << std::string("\x93NUMPY\x01\x00\xff\x00{", 11);
+  CHECK_REFUSED(data::load_npy(dir / "short.npy"), "short.npy is truncated (its header says 255 bytes, 1 follow)");
+  CHECK_REFUSED(data::save_npy(dir / "b.npy", torch::zeros({2}, torch::kBFloat16)), "has no .npy type here");
+  CHECK_REFUSED(data::save_npy(dir / "u.npy", torch::Tensor()), "the tensor is undefined");
+}
+
+TEST_CASE("load_tensor_file reads examples and labels from .npy, .safetensors and .pt files", "[data][npy]") {
+  const auto dir = scratch("tensor_file");
+  const auto x = torch::randn({6, 2, 8}, make_generator(0)).to(torch::kFloat64);
+  const auto y = torch::tensor({0, 1, 2, 0, 1, 2}, torch::kInt32);
+  data::save_npy(dir / "x.npy", x);
+  auto file = data::load_tensor_file(dir / "x.npy");
+  CHECK(file.examples.scalar_type() == torch::kFloat32);
+  CHECK(torch::equal(file.examples, x.to(torch::kFloat32)));
+  CHECK(!file.labels.defined());
+  save_safetensors(dir / "xy.safetensors", {{"trajectories", x}, {"labels", y}});
+  file = data::load_tensor_file(dir / "xy.safetensors", data::TensorFileOptions().labels(true));
+  CHECK(torch::equal(file.examples, x.to(torch::kFloat32)));
+  CHECK(torch::equal(file.labels, y.to(torch::kLong)));
+  CHECK(file.labels.scalar_type() == torch::kLong);
+  // Unlabelled reading leaves the labels out; a key picks one of several tensors.
+  CHECK(!data::load_tensor_file(dir / "xy.safetensors").labels.defined());
+  save_safetensors(dir / "two.safetensors", {{"a", x}, {"b", x * 2}});
+  CHECK(torch::equal(data::load_tensor_file(dir / "two.safetensors", data::TensorFileOptions().key("b")).examples, (x * 2).to(torch::kFloat32)));
+  // torch.save's files (a dict of tensors) are read by the [python] test, which Python writes.
+}
+
+TEST_CASE("load_tensor_file refuses what cannot be trained on, naming the file", "[data][npy][errors]") {
+  const auto dir = scratch("tensor_file_bad");
+  data::save_npy(dir / "one.npy", torch::zeros({5}));
+  CHECK_REFUSED(data::load_tensor_file(dir / "one.npy"), "one.npy holds shape [5]; expected (N, ...) examples");
+  data::save_npy(dir / "empty.npy", torch::zeros({0, 2}));
+  CHECK_REFUSED(data::load_tensor_file(dir / "empty.npy"), "empty.npy holds shape [0, 2]");
+  data::save_npy(dir / "bool.npy", torch::zeros({3, 2}, torch::kBool));
+  CHECK_REFUSED(data::load_tensor_file(dir / "bool.npy"), "bool.npy holds booleans");
+  auto nan = torch::zeros({4, 2});
+  nan[2][1] = std::numeric_limits<float>::quiet_NaN();
+  data::save_npy(dir / "nan.npy", nan);
+  CHECK_REFUSED(data::load_tensor_file(dir / "nan.npy"), "nan.npy holds non-finite values (NaN or inf), the first in example 2 (of 4)");
+  data::save_npy(dir / "x.npy", torch::zeros({4, 2}));
+  CHECK_REFUSED(data::load_tensor_file(dir / "x.npy", data::TensorFileOptions().labels(true)), "x.npy is a .npy file, which holds one array and no labels");
+  CHECK_REFUSED(data::load_tensor_file(dir / "x.npy", data::TensorFileOptions().key("x")), "drop the key ('x')");
+  save_safetensors(dir / "two.safetensors", {{"a", torch::zeros({4, 2})}, {"b", torch::zeros({4, 2})}});
+  CHECK_REFUSED(data::load_tensor_file(dir / "two.safetensors"), "two.safetensors holds several tensors (a, b); name the examples'");
+  CHECK_REFUSED(data::load_tensor_file(dir / "two.safetensors", data::TensorFileOptions().key("c")), "has no tensor 'c'; it has a, b");
+  CHECK_REFUSED(data::load_tensor_file(dir / "two.safetensors", data::TensorFileOptions().key("a").labels(true)),
+                "two.safetensors has no labels: no tensor 'labels' (it has a, b)");
+  save_safetensors(dir / "labels.safetensors", {{"x", torch::zeros({4, 2})}, {"labels", torch::tensor({0.5, 1.0, 0.0, 1.0})}});
+  CHECK_REFUSED(data::load_tensor_file(dir / "labels.safetensors", data::TensorFileOptions().labels(true)),
+                "'labels' must hold one integer per example (4), got Float");
+  save_safetensors(dir / "neg.safetensors", {{"x", torch::zeros({2, 2})}, {"labels", torch::tensor({0, -1})}});
+  CHECK_REFUSED(data::load_tensor_file(dir / "neg.safetensors", data::TensorFileOptions().labels(true)), "holds negative classes (-1)");
+  save_safetensors(dir / "only_labels.safetensors", {{"labels", torch::tensor({0, 1})}});
+  CHECK_REFUSED(data::load_tensor_file(dir / "only_labels.safetensors"), "only_labels.safetensors holds no examples");
+  std::ofstream(dir / "text.txt") << "1 2\n3 4\n";
+  CHECK_REFUSED(data::load_tensor_file(dir / "text.txt"), "text.txt");
+  CHECK_REFUSED(data::load_tensor_file(dir / "missing.npy"), "missing.npy: no such file");
+}
+
+TEST_CASE("the toy distributions' densities integrate to 1 and score their own samples at their entropy", "[data][toy]") {
+  for (const auto& name : {"eight_gaussians", "two_moons"}) {
+    const auto dist = data::make_toy_distribution(name);
+    CHECK(dist->name() == name);
+    // The density on a grid over [-5, 5]^2 (mass outside is below 1e-12) sums to 1 (midpoint rule).
+    const int64_t n = 400;
+    const double h = 10.0 / n;
+    const auto axis = (torch::arange(n, torch::kFloat64) + 0.5) * h - 5;
+    const auto grid = torch::stack(torch::meshgrid({axis, axis}, "ij"), -1).reshape({-1, 2});
+    CHECK_THAT(dist->log_prob(grid).exp().sum().item<double>() * h * h, WithinRel(1.0, 1e-6));
+    const auto a = dist->sample(4000, 1);
+    CHECK(a.sizes() == c10::IntArrayRef{4000, 2});
+    CHECK(torch::equal(a, dist->sample(4000, 1)));
+    CHECK_FALSE(torch::equal(a, dist->sample(4000, 2)));
+  }
+  // Eight Gaussians: at a centre, the closed form (the other seven contribute e^{-d^2/2s^2} each).
+  const data::EightGaussians eight;
+  const auto c = eight.centers();
+  double sum = 0;
+  for (int64_t k = 0; k < 8; ++k) sum += std::exp(-(c[k] - c[0]).pow(2).sum().item<double>() / (2 * 0.25 * 0.25));
+  CHECK_THAT(eight.log_prob(c.slice(0, 0, 1)).item<double>(), WithinRel(std::log(sum / 8 / (2 * std::numbers::pi * 0.0625)), 1e-12));
+  // Two moons: the quadrature has converged: 16x the intervals change log p by less than 1e-8 on its
+  // samples and 1e-4 anywhere in [-4, 4]^2 (far from the arcs the integrand is narrow beside the intervals).
+  const auto near = data::TwoMoons().sample(1000, 3);
+  const auto anywhere = torch::rand({1000, 2}, make_generator(4), torch::kFloat64) * 8 - 4;
+  const data::TwoMoons fine(0.1, 2.0, 16 * data::TwoMoons::default_intervals);
+  const auto error = [&](const torch::Tensor& x) { return (data::TwoMoons().log_prob(x) - fine.log_prob(x)).abs().max().item<double>(); };
+  CHECK(error(near) < 1e-8);
+  CHECK(error(anywhere) < 1e-4);
+  // Samples score at the entropy: for well separated Gaussians log 8 + log(2 pi e s^2), up to the overlap.
+  const auto nll = -eight.log_prob(eight.sample(20000, 5)).mean().item<double>();
+  CHECK_THAT(nll, WithinAbs(std::log(8.0) + std::log(2 * std::numbers::pi * std::exp(1.0) * 0.0625), 0.03));
+  CHECK_REFUSED(data::make_toy_distribution("swiss_roll"), "unknown distribution 'swiss_roll'; known: eight_gaussians, two_moons");
+  CHECK_REFUSED(eight.log_prob(torch::zeros({3, 3})), "expected floating-point points (N, 2)");
+  CHECK_REFUSED(eight.sample(0, 1), "n must be >= 1");
+  CHECK_REFUSED(data::EightGaussians(2, 0), "std > 0");
+  CHECK_REFUSED(data::TwoMoons(0.1, 2, 3), "intervals even in [2, 2^24]");
+}

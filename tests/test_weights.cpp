@@ -213,4 +213,17 @@ TEST_CASE("python interop: the seed's PyTorch weights load into the C++ ConvNet 
   export_weights(*cpp, dir / "cpp.safetensors");
   torch::NoGradGuard no_grad;
   save_safetensors(dir / "cpp_io.safetensors", {{"x", x}, {"t", t}, {"y", cpp(x, t)}});
+  // NumPy's .npy files and a torch.save dict of training data; and a .npy file for np.load.
+  const auto values = torch::arange(24, torch::kFloat64).reshape({4, 2, 3}) * 0.25 - 3;
+  for (const auto* dtype : {"float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8"}) {
+    INFO(dtype);
+    const auto file = data::load_tensor_file(dir / (std::string("points_") + dtype + ".npy"));
+    const bool integer = std::string(dtype).find("int") != std::string::npos;
+    CHECK(torch::equal(file.examples, (integer ? torch::arange(24, torch::kFloat64).reshape({4, 2, 3}) : values).to(torch::kFloat32)));
+  }
+  CHECK(torch::equal(data::load_npy(dir / "points_fortran.npy"), values));
+  const auto pt = data::load_tensor_file(dir / "points.pt", data::TensorFileOptions().labels(true));
+  CHECK(torch::equal(pt.examples, values.to(torch::kFloat32)));
+  CHECK(torch::equal(pt.labels, torch::tensor({0, 1, 1, 2}, torch::kLong)));
+  data::save_npy(dir / "cpp_points.npy", torch::arange(12, torch::kFloat32).reshape({3, 4}) / 8);
 }

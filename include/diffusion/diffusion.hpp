@@ -40,6 +40,7 @@
 #include <diffusion/backbones/conv_net.hpp>
 #include <diffusion/backbones/dit.hpp>
 #include <diffusion/backbones/mlp.hpp>
+#include <diffusion/backbones/temporal_unet.hpp>
 #include <diffusion/backbones/unet.hpp>
 #include <diffusion/image.hpp>
 #include <diffusion/progress.hpp>
@@ -54,7 +55,10 @@
 #include <diffusion/data/dataset.hpp>
 #include <diffusion/data/image_folder.hpp>
 #include <diffusion/data/mnist.hpp>
+#include <diffusion/data/tensor_file.hpp>
+#include <diffusion/data/toy.hpp>
 #include <diffusion/eval/frechet.hpp>
 #include <diffusion/eval/kernel.hpp>
 #include <diffusion/eval/classifier.hpp>
 #include <diffusion/eval/quality.hpp>
+#include <diffusion/eval/sliced_wasserstein.hpp>

@@ -125,6 +125,14 @@ def write(out):
                f"{out}/seed_ckpt.pt")
     save_safetensors(f"{out}/seed.safetensors", model.state_dict())
     save_safetensors(f"{out}/io.safetensors", {"x": x, "t": t, "y": y})
+    # Training data as NumPy and PyTorch users hold it: arrays of several dtypes, one in Fortran order, and
+    # a dict of examples and labels saved by torch.save. Values i * 0.25 - 3, in the array's dtype.
+    import numpy as np
+    values = np.arange(24, dtype=np.float64).reshape(4, 2, 3) * 0.25 - 3
+    for dtype in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8"):
+        np.save(f"{out}/points_{dtype}.npy", (values if "int" not in dtype else np.arange(24).reshape(4, 2, 3)).astype(dtype))
+    np.save(f"{out}/points_fortran.npy", np.asfortranarray(values))
+    torch.save({"x": torch.from_numpy(values).float(), "labels": torch.tensor([0, 1, 1, 2])}, f"{out}/points.pt")
     print(f"wrote the seed ConvNet's weights ({sum(p.numel() for p in model.parameters())} parameters) to {out}")
 
 
@@ -138,6 +146,11 @@ def check(out):
     print(f"C++-exported weights in the seed's PyTorch ConvNet: max |y_python - y_cpp| = {err:.3g}")
     if not err <= 1e-5:
         sys.exit("python.check: the outputs differ by more than 1e-5")
+    import numpy as np
+    arr = np.load(f"{out}/cpp_points.npy")
+    expected = np.arange(12, dtype=np.float32).reshape(3, 4) / 8
+    if arr.dtype != np.float32 or arr.shape != (3, 4) or not (arr == expected).all():
+        sys.exit(f"python.check: np.load read the C++ .npy file as {arr.dtype} {arr.shape}: {arr}")
 
 
 if __name__ == "__main__":

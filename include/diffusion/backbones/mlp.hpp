@@ -13,11 +13,14 @@
 namespace diffusion {
 
 /// Options for an MLP backbone. The defaults are the seed's SmolMLP (hidden 512, depth 3) for 1x28x28
-/// images; ChunkyMLP uses hidden 2048, depth 5.
+/// images; ChunkyMLP uses hidden 2048, depth 5. With features > 0 it takes vectors (N, features) instead.
 ///
 /// Example:
 ///   MLP net(MLPOptions().hidden(1024).depth(4).image_size(32).channels(3));
+///   MLP points(MLPOptions().features(2).hidden(256));   // 2-D points (N, 2)
 struct MLPOptions {
+  /// Vectors of this many features (N, features); 0: images (N, channels, image_size, image_size).
+  TORCH_ARG(int64_t, features) = 0;
   /// Image channels.
   TORCH_ARG(int64_t, channels) = 1;
   /// Images are image_size x image_size.
@@ -42,9 +45,14 @@ class MLPImpl : public torch::nn::Cloneable<MLPImpl> {
     TORCH_CHECK(o.channels() >= 1 && o.image_size() >= 1 && o.hidden() >= 1 && o.depth() >= 1,
                 "MLP: channels, image_size, hidden and depth must be >= 1, got channels = ", o.channels(),
                 ", image_size = ", o.image_size(), ", hidden = ", o.hidden(), ", depth = ", o.depth());
+    TORCH_CHECK(o.features() >= 0, "MLP: features must be >= 0 (0: images), got ", o.features());
+    TORCH_CHECK(o.features() <= (int64_t{1} << 24) && o.hidden() <= (int64_t{1} << 20) && o.depth() <= 1024 &&
+                    o.channels() <= 65536 && o.image_size() <= 4096 && o.channels() * o.image_size() * o.image_size() <= (int64_t{1} << 24),
+                "MLP: a layer this wide or this deep is refused (features <= 2^24, hidden <= 2^20, depth <= 1024, ",
+                "channels * image_size^2 <= 2^24)");
     layers.clear();
     time_mlp = register_module("time_mlp", detail::make_time_mlp(o.time_dim()));
-    const int64_t pixels = o.channels() * o.image_size() * o.image_size();
+    const int64_t pixels = o.features() > 0 ? o.features() : o.channels() * o.image_size() * o.image_size();
     for (int64_t i = 0; i <= o.depth(); ++i) {
       const int64_t in = i == 0 ? pixels + o.time_dim() : o.hidden();
       const int64_t out = i == o.depth() ? pixels : o.hidden();
@@ -52,9 +60,18 @@ class MLPImpl : public torch::nn::Cloneable<MLPImpl> {
     }
   }
 
-  /// x: (N, channels, image_size, image_size); t: (N,). Returns the prediction (noise, v or x_0, as trained), x's shape.
+  /// x: (N, channels, image_size, image_size), or (N, features) when features > 0; t: (N,). Returns the
+  /// prediction (noise, v or x_0, as trained), x's shape.
   virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
-    detail::check_image_batch(name_.c_str(), x, t, options.channels(), options.image_size());
+    if (options.features() > 0) {
+      TORCH_CHECK(x.defined() && x.is_floating_point() && x.dim() == 2 && x.size(1) == options.features(), name_,
+                  ": x must be floating-point vectors (N, ", options.features(), "), got ",
+                  x.defined() ? c10::str(x.scalar_type(), " of shape ", x.sizes()) : std::string("an undefined tensor"));
+      TORCH_CHECK(t.defined() && t.dim() == 1 && t.size(0) == x.size(0) && t.device() == x.device(), name_,
+                  ": t must be (N,) with N = ", x.size(0), " on ", x.device());
+    } else {
+      detail::check_image_batch(name_.c_str(), x, t, options.channels(), options.image_size());
+    }
     const auto t_emb = time_mlp->forward(t.to(x.scalar_type()));
     auto h = torch::cat({x.reshape({x.size(0), -1}), t_emb}, 1);
     for (size_t i = 0; i + 1 < layers.size(); ++i) h = torch::relu(layers[i](h));
@@ -93,11 +110,12 @@ TORCH_MODULE(ChunkyMLP);
 
 /// MLPOptions as JSON, every field by name (how checkpoints record them); unknown fields are refused.
 inline void to_json(nlohmann::json& j, const MLPOptions& o) {
-  j = {{"channels", o.channels()}, {"image_size", o.image_size()}, {"hidden", o.hidden()}, {"depth", o.depth()},
-       {"time_dim", o.time_dim()}};
+  j = {{"features", o.features()}, {"channels", o.channels()}, {"image_size", o.image_size()}, {"hidden", o.hidden()},
+       {"depth", o.depth()}, {"time_dim", o.time_dim()}};
 }
 inline void from_json(const nlohmann::json& j, MLPOptions& o) {
-  detail::check_json_fields(j, {"channels", "image_size", "hidden", "depth", "time_dim"}, "MLPOptions");
+  detail::check_json_fields(j, {"features", "channels", "image_size", "hidden", "depth", "time_dim"}, "MLPOptions");
+  detail::read_json_field<int64_t>(j, "features", [&](auto v) { o.features(v); });
   detail::read_json_field<int64_t>(j, "channels", [&](auto v) { o.channels(v); });
   detail::read_json_field<int64_t>(j, "image_size", [&](auto v) { o.image_size(v); });
   detail::read_json_field<int64_t>(j, "hidden", [&](auto v) { o.hidden(v); });

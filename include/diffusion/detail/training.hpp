@@ -52,10 +52,11 @@ inline void check_trainer_options(const TrainerOptions& o) {
               " requested but this LibTorch sees no CUDA device");
 }
 
+/// Examples (N, ...): images (N, C, H, W), sequences (N, C, L), vectors (N, D).
 inline void check_images(const char* name, const torch::Tensor& x) {
-  TORCH_CHECK(x.defined() && x.dim() == 4 && x.size(0) >= 1 && x.is_floating_point(), "Trainer::fit: ", name,
-              " must be a non-empty floating-point (N, C, H, W) tensor, got ",
-              x.defined() ? c10::str(x.sizes(), " ", x.scalar_type()) : "an undefined tensor");
+  TORCH_CHECK(x.defined() && x.dim() >= 2 && x.size(0) >= 1 && x.numel() >= 1 && x.is_floating_point(), "Trainer::fit: ", name,
+              " must be a non-empty floating-point (N, ...) tensor (images (N, C, H, W), sequences (N, C, L), vectors "
+              "(N, D)), got ", x.defined() ? c10::str(x.sizes(), " ", x.scalar_type()) : "an undefined tensor");
 }
 
 /// Labels, when given, must be one non-negative integer per image.
@@ -108,13 +109,14 @@ inline std::pair<torch::Tensor, torch::Tensor> whole_validation_set(const data::
   return {val->batch(all, std::nullopt), use_labels ? val->labels(all) : torch::Tensor()};
 }
 
-/// Trainer::fit's dataset: images (C, H, W), and validation images of the same shape with labels when the
-/// training uses them.
+/// Trainer::fit's dataset: examples of one shape (images (C, H, W), sequences (C, L), vectors (D)), and
+/// validation examples of the same shape with labels when the training uses them.
 inline void check_fit_dataset(const data::Dataset& train, const torch::Tensor& val, const torch::Tensor& val_labels,
                               bool use_labels) {
   const auto shape = train.shape();
-  TORCH_CHECK(train.size() >= 1 && shape.size() == 3, "Trainer::fit: the training set must hold images (C, H, W), got ",
-              train.size(), " examples of shape ", c10::IntArrayRef(shape));
+  TORCH_CHECK(train.size() >= 1 && !shape.empty() && std::all_of(shape.begin(), shape.end(), [](int64_t d) { return d >= 1; }),
+              "Trainer::fit: the training set must hold examples of at least one value (images (C, H, W), sequences "
+              "(C, L), vectors (D)), got ", train.size(), " examples of shape ", c10::IntArrayRef(shape));
   if (!val.defined()) return;
   check_images("val", val);
   TORCH_CHECK(val.sizes().slice(1) == c10::IntArrayRef(shape), "Trainer::fit: validation images are ",

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <diffusion/checkpoint.hpp>
+#include <diffusion/data/tensor_file.hpp>
 #include <diffusion/image.hpp>
 #include <diffusion/sampling/ddpm.hpp>
 #include <diffusion/sampling/heun.hpp>
@@ -64,7 +65,8 @@ struct RunOutputsOptions {
   TORCH_ARG(double, checkpoint_every_minutes) = 0.0;
 };
 
-/// The run's files, as a hook: after each epoch a grid samples/epoch_NNN.png, a checkpoint
+/// The run's files, as a hook: after each epoch a grid samples/epoch_NNN.png (for examples that are not
+/// images, the samples as samples/epoch_NNN.npy), a checkpoint
 /// checkpoints/checkpoint_epoch_NNN.pt and a line of metrics.jsonl; mid-epoch checkpoints
 /// checkpoint_epoch_NNN_step_SSSSSS.pt (NNN epochs done, SSSSSS steps into the next) when asked and when
 /// the run is stopped on request. Only the newest keep_checkpoints are kept, plus the pinned epochs; a
@@ -135,9 +137,15 @@ class RunOutputs : public TrainerHook {
         const SamplingMethod& method = o.grid_sampler() ? *o.grid_sampler() : static_cast<const SamplingMethod&>(ddpm);
         images = run.sample(o.grid_samples(), method, o.grid_seed(), o.grid_labels());
       }
-      const auto nrow = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(o.grid_samples()))));
-      epoch.grid = o.dir() / "samples" / fmt::format("epoch_{:03d}.png", epoch.epoch);
-      write_png(epoch.grid, make_grid(to_unit_range(images), nrow, 2));
+      if (images.dim() == 4) {
+        const auto nrow = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(o.grid_samples()))));
+        epoch.grid = o.dir() / "samples" / fmt::format("epoch_{:03d}.png", epoch.epoch);
+        write_png(epoch.grid, make_grid(to_unit_range(images), nrow, 2));
+      } else {  // vectors or sequences: the samples themselves
+        epoch.grid = o.dir() / "samples" / fmt::format("epoch_{:03d}.npy", epoch.epoch);
+        std::filesystem::create_directories(epoch.grid.parent_path());
+        data::save_npy(epoch.grid, images.to(torch::kCPU, torch::kFloat32));
+      }
     }
     epoch.checkpoint = save(run, checkpoint_filename(epoch.epoch));
     nlohmann::json line = {{"epoch", epoch.epoch},

@@ -84,7 +84,8 @@ class Trainer final : public TrainingRun {
   void distribute(std::shared_ptr<Collective> group) { group_ = std::move(group); }
 
   /// Trains until options().epochs() epochs are done (counting those restored by load_checkpoint, and
-  /// continuing mid-epoch where it stopped). `train` and `val` are (N, C, H, W) images on the CPU; `val`
+  /// continuing mid-epoch where it stopped). `train` and `val` are (N, ...) examples on the CPU (images (N, C,
+  /// H, W), sequences (N, C, L), vectors (N, D)); `val`
   /// may be undefined. `labels` (for a ConditionalBackbone) hold their classes; each batch's are dropped to
   /// null_class with probability options().cond_dropout(), the validation ones never. Labels for a backbone
   /// that takes none are refused.
@@ -96,7 +97,7 @@ class Trainer final : public TrainingRun {
 
   /// The same over any dataset (data::Dataset: an ImageFolder, a TensorDataset, a user's): each step reads
   /// its batch with dataset->batch (augmented with the run's seed and the epoch) and names the next one
-  /// with prefetch. The examples must be images (C, H, W). The labels are used when the backbone takes
+  /// with prefetch. The examples may have any shape of at least one value. The labels are used when the backbone takes
   /// them (takes_class_labels) and the dataset has them; an unconditional backbone trains on a labelled
   /// dataset without them. `val` (optional) is read once, whole and without augmentation.
   void fit(std::shared_ptr<const data::Dataset> train, std::shared_ptr<const data::Dataset> val = nullptr) {
