@@ -9,7 +9,8 @@
 namespace mnist {
 
 struct TrainCommand {
-  std::string backbone = "conv";
+  /// Empty: default_backbone of the data.
+  std::string backbone;
   Shape shape;
   DataFlags data;
   std::string out = "runs/mnist", device = "auto", schedule = "linear", lr_schedule = "constant",
@@ -31,6 +32,8 @@ int run_train(const TrainCommand& t);
 struct SampleCommand {
   SampleArgs args;
   std::string out = "samples.png", singles, classes;
+  /// Whether --out was given (a model of vectors writes samples.npy by default).
+  bool out_given = false;
   int64_t nrow = 0;
   /// --class: a number, or a name the checkpoint records (an image folder's subfolder).
   std::string klass;

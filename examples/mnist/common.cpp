@@ -194,17 +194,18 @@ diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& 
                                                                                  : preset_config(name, shape, num_classes);
   const auto given = parse_options(shape.options);
   config.options.update(given);
-  if (data_shape.size() == 3) {
+  if (!data_shape.empty()) {
     // Options named as the library's backbones name them take the data's values (MNIST's are their defaults).
     const auto defaults = diffusion::backbone_config(diffusion::make_backbone({config.name, {}})->module());
     const auto fit = [&](const char* field, int64_t value) {
       if (!defaults || !defaults->options.contains(field)) return;
       TORCH_CHECK(!given.contains(field) || given.at(field) == value, "--options gives ", field, " ", given.at(field).dump(),
-                  " but the data's images have ", value);
+                  " but the data's examples have ", value);
       config.options[field] = value;
     };
-    fit("channels", data_shape[0]);
-    if (data_shape[1] == data_shape[2]) fit("image_size", data_shape[1]);
+    if (data_shape.size() == 1) fit("features", data_shape[0]);
+    if (data_shape.size() >= 2) fit("channels", data_shape[0]);
+    if (data_shape.size() == 3 && data_shape[1] == data_shape[2]) fit("image_size", data_shape[1]);
   }
   return config;
 }
@@ -213,8 +214,25 @@ DataPlan plan_data(const DataFlags& flags, bool labels) {
   namespace fs = std::filesystem;
   DataPlan plan;
   const fs::path dir(flags.data);
-  TORCH_CHECK(fs::exists(dir), "train: --data ", flags.data, ": no such directory (give the directory of MNIST's idx files, "
-              "which scripts/fetch-mnist.sh fetches, or a folder of images)");
+  TORCH_CHECK(fs::exists(dir), "train: --data ", flags.data, ": no such file or directory (give the directory of MNIST's idx "
+              "files, which scripts/fetch-mnist.sh fetches, a folder of images, or a .npy, .safetensors or .pt file of examples)");
+  if (!fs::is_directory(dir)) {
+    TORCH_CHECK(flags.size == 0 && flags.channels == 0 && !flags.flip && !flags.strict && flags.cache_mib < 0,
+                "train: --size, --channels, --flip, --strict and --cache-mib apply to folders of images; ", flags.data,
+                " is a file of examples");
+    plan.file = diffusion::data::load_tensor_file(dir, diffusion::data::TensorFileOptions().key(flags.key).labels(labels));
+    const auto& x = plan.file->examples;
+    plan.shape = x.sizes().slice(1).vec();
+    plan.count = x.size(0);
+    if (labels) plan.num_classes = plan.file->labels.max().item<int64_t>() + 1;
+    TORCH_CHECK(flags.val_size < plan.count, "train: --val-size ", flags.val_size, " leaves no training examples of the ",
+                plan.count, " in ", flags.data, "; give a smaller one (0: no validation)");
+    plan.description = fmt::format("{}: {} examples of shape ({}), mean {:.3g}, std {:.3g}{}", flags.data, plan.count,
+                                   fmt::join(plan.shape, ", "), x.mean().item<double>(), x.std().item<double>(),
+                                   labels ? fmt::format(", {} classes", plan.num_classes) : std::string());
+    return plan;
+  }
+  TORCH_CHECK(flags.key.empty(), "train: --key names a tensor in a file of examples; ", flags.data, " is a directory");
   plan.idx = fs::exists(dir / "train-images-idx3-ubyte") || fs::exists(dir / "train-images-idx3-ubyte.gz");
   if (plan.idx) {
     TORCH_CHECK(flags.size == 0 && flags.channels == 0 && !flags.flip && !flags.strict && flags.cache_mib < 0,
@@ -255,6 +273,10 @@ DataPlan plan_data(const DataFlags& flags, bool labels) {
   return plan;
 }
 
+std::string default_backbone(const std::vector<int64_t>& data_shape) {
+  return data_shape.size() == 1 ? "mlp" : data_shape.size() == 2 ? "temporal_unet" : "conv";
+}
+
 std::string human_bytes(int64_t bytes) {
   return bytes >= (int64_t{1} << 30) ? fmt::format("{:.1f} GiB", static_cast<double>(bytes) / (1 << 30))
          : bytes >= (1 << 20)        ? fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1 << 20))
@@ -279,6 +301,15 @@ LoadedData load_data(const DataPlan& plan, const DataFlags& flags) {
       val = std::make_shared<TensorDataset>(test.images.slice(0, 0, n), test.labels.slice(0, 0, n), plan.num_classes);
     }
     return {std::make_shared<TensorDataset>(images, labels, plan.num_classes), val, {}, nullptr};
+  }
+  if (plan.file) {
+    // Held-out examples: a fixed random choice, the same whatever --limit says.
+    const auto all = std::make_shared<TensorDataset>(plan.file->examples, plan.file->labels, plan.num_classes);
+    const auto perm = torch::randperm(all->size(), diffusion::make_generator(0));
+    auto rest = perm.slice(0, flags.val_size);
+    if (flags.limit > 0) rest = rest.slice(0, 0, std::min<int64_t>(flags.limit, rest.size(0)));
+    return {std::make_shared<Subset>(all, rest),
+            flags.val_size > 0 ? std::make_shared<Subset>(all, perm.slice(0, 0, flags.val_size)) : nullptr, {}, nullptr};
   }
   auto folder = std::make_shared<ImageFolder>(*plan.index, plan.folder);
   // Held-out images: a fixed random choice, the same whatever --limit says.
@@ -339,10 +370,11 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
       },
       "The sampler's own options as a JSON object, e.g. '{\"s_churn\": 40, \"s_tmin\": 0.05}' for heun, "
       "'{\"s_noise\": 1.003}' (docs/api.md lists each sampler's)");
-  cmd->add_option("--clip-x0", args.clip_x0,
-                  "Clamp each step's predicted x_0 to [-C, C]; the data lie in [-1, 1] (0: off, as in the seed)")
+  cmd->add_option_function<double>("--clip-x0", [&args](const double& c) { args.clip_x0 = c; args.clip_given = true; },
+                                   "Clamp each step's predicted x_0 to [-C, C]; images lie in [-1, 1] (0: off, as in the "
+                                   "seed; the default for vectors and sequences, whose range is their own)")
       ->check(at_least(0))
-      ->capture_default_str();
+      ->default_str("1");
   cmd->add_option("--precision", args.precision,
                   "The backbone's arithmetic: fp32, bf16 (autocast), or auto (bf16 on a CPU with AMX/AVX512-BF16)")
       ->check(CLI::IsMember({"auto", "fp32", "bf16"}))

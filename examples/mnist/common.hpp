@@ -50,15 +50,19 @@ struct Shape {
 
 /// The library's registered backbone for one of this program's names and shape flags, class-conditional
 /// with `num_classes` > 0; the library refuses options that do not make a network. A registered name
-/// takes its options from --options alone (and the classes from --conditional). With `data_shape`
-/// (C, H, W), a backbone whose options have "channels" (and "image_size", for square images) takes them
-/// from the data unless --options sets them, which must then agree.
+/// takes its options from --options alone (and the classes from --conditional). With `data_shape`, a
+/// backbone whose options have "channels" (and "image_size", for square images) takes them from images
+/// (C, H, W), "channels" from sequences (C, L), "features" from vectors (D), unless --options sets them,
+/// which must then agree.
 diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& shape, int64_t num_classes = 0,
                                           const std::vector<int64_t>& data_shape = {});
 
-/// The training data's flags: an MNIST-format directory (the four idx files) or a folder of images.
+/// The training data's flags: an MNIST-format directory (the four idx files), a folder of images, or a
+/// file of examples (.npy, .safetensors, .pt).
 struct DataFlags {
   std::string data = "data/mnist";
+  /// A file of examples: the examples' tensor in a .safetensors or .pt file (empty: its only one).
+  std::string key;
   /// Image folders: side and channels of the images (0: 32 and 3), random horizontal flips, refusing
   /// unreadable files.
   int64_t size = 0, channels = 0;
@@ -74,6 +78,8 @@ struct DataFlags {
 /// trains on before the long work.
 struct DataPlan {
   bool idx = false;
+  /// A file of examples, read whole (any shape (N, ...)).
+  std::optional<diffusion::data::TensorFile> file;
   /// One example's shape (C, H, W), the classes (0: none) and their names, the examples in all.
   std::vector<int64_t> shape;
   int64_t num_classes = 0, count = 0;
@@ -85,7 +91,8 @@ struct DataPlan {
 };
 /// Scans --data: a directory holding train-images-idx3-ubyte (plain or .gz) is MNIST-format (10 classes,
 /// its test split for validation); any other directory is a folder of images (classes: its subfolders,
-/// with --conditional). Refused as the library refuses it, naming the path.
+/// with --conditional); a file is a file of examples (data::load_tensor_file; classes: its "labels"
+/// tensor, with --conditional). Refused as the library refuses it, naming the path.
 DataPlan plan_data(const DataFlags& flags, bool labels);
 
 /// The training and validation sets of a plan, and the files decoding skipped (a folder's cache is filled
@@ -98,6 +105,10 @@ struct LoadedData {
   std::shared_ptr<const diffusion::data::ImageFolder> folder;
 };
 LoadedData load_data(const DataPlan& plan, const DataFlags& flags);
+
+/// The backbone trained when --backbone is not given: conv for images, mlp for vectors (D), temporal_unet for
+/// sequences (C, L).
+std::string default_backbone(const std::vector<int64_t>& data_shape);
 
 /// "12.3 MiB", "4.0 KiB": a byte count for people.
 std::string human_bytes(int64_t bytes);
@@ -115,7 +126,9 @@ struct SampleArgs {
   std::string checkpoint, device = "auto", sampler = "ddpm", precision = "auto";
   int64_t n = 25, threads = 0;
   uint64_t seed = 0;
+  /// Images only, unless --clip-x0 is given: vectors and sequences are not clamped.
   double clip_x0 = 1.0;
+  bool clip_given = false;
   bool no_ema = false;
   /// Model-call steps of the plan (unset: ddpm's every timestep, ddim's 50, the others' 20), the plan's
   /// name (empty: the formulation's default), the method's own options (JSON), and --eta (its "eta",

@@ -44,8 +44,8 @@ Source open_source(const SampleArgs& a, const torch::Device& device) {
       try {
         config = {metadata.at("backbone"), nlohmann::json::parse(metadata.at("options"))};
         if (metadata.count("data_shape")) source.shape = nlohmann::json::parse(metadata.at("data_shape")).get<std::vector<int64_t>>();
-        TORCH_CHECK(source.shape.size() == 3 && std::all_of(source.shape.begin(), source.shape.end(), [](int64_t d) { return d >= 1; }),
-                    "sample: ", a.weights, " records a data shape that is not (C, H, W)");
+        TORCH_CHECK(!source.shape.empty() && std::all_of(source.shape.begin(), source.shape.end(), [](int64_t d) { return d >= 1; }),
+                    "sample: ", a.weights, " records a data shape that is empty or has an empty dimension");
         if (metadata.count("formulation")) {
           const auto f = nlohmann::json::parse(metadata.at("formulation"));
           source.formulation = {f.at("name").get<std::string>(), f.at("options")};
@@ -121,7 +121,8 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
                 make_formulation(mine)->describe(), "; autoguidance needs both to predict for the same x_t");
     model = AnyBackbone(Autoguidance(source.model, guide, a.guidance));
   }
-  auto base = SampleOptions().clip_x0(a.clip_x0).precision(precision);
+  const double clip_x0 = a.clip_given || source.shape.size() == 3 ? a.clip_x0 : 0.0;
+  auto base = SampleOptions().clip_x0(clip_x0).precision(precision);
   if (!a.init.empty()) base.image(read_input_image(a.init, source.shape, device) * 2 - 1);  // the data are in [-1, 1]
   if (a.strength) base.strength(*a.strength);
   if (!a.mask.empty()) base.mask(read_input_image(a.mask, {1, source.shape[1], source.shape[2]}, device));
@@ -134,7 +135,8 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
                                                                       : 20);
   const auto sigmas = make_plan(formulation, plan_name, steps);
   if (verbose) {
-    fmt::print("sampling {} images ({}) from {} with {}, {} steps ({}; {} model calls) on {}, {}\n", a.n,
+    fmt::print("sampling {} {} ({}) from {} with {}, {} steps ({}; {} model calls) on {}, {}\n", a.n,
+               source.shape.size() == 3 ? "images" : "examples",
                fmt::join(source.shape, "x"), source.description,
                sampler->describe(), steps, plan_name, sampler->model_calls(sigmas), device.str(), to_string(precision));
     if (!a.guide.empty()) fmt::print("autoguidance: weight {} against {} (two model calls per step)\n", a.guidance, a.guide);
@@ -147,7 +149,7 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
                                                                a.class_name.empty() ? std::string() : " (" + a.class_name + ")")
                                                  : fmt::format("{} images over {} classes", a.n, classes));
     }
-    if (a.clip_x0 > 0) fmt::print("predicted x_0 clamped to [-{0}, {0}] at every step\n", a.clip_x0);
+    if (clip_x0 > 0) fmt::print("predicted x_0 clamped to [-{0}, {0}] at every step\n", clip_x0);
     if (!a.init.empty()) {
       fmt::print("starting from {}{}\n", a.init,
                  a.mask.empty() ? fmt::format(" at strength {}", *a.strength)
@@ -203,7 +205,10 @@ CLI::App* add_sample(CLI::App& app, SampleCommand& s) {
       ->check(at_least(0))
       ->needs(weights);
   cmd->add_option("--n", s.args.n, "Number of images")->check(at_least(1))->capture_default_str();
-  cmd->add_option("--out", s.out, "Grid PNG to write ('' for none)")->capture_default_str();
+  cmd->add_option_function<std::string>("--out", [&s](const std::string& v) { s.out = v; s.out_given = true; },
+                                        "Grid PNG to write ('' for none), or FILE.npy: the samples as drawn (N, ...); a "
+                                        "model of vectors or sequences writes .npy (default samples.npy)")
+      ->default_str(s.out);
   cmd->add_option("--nrow", s.nrow, "Images per grid row (0: square)")->check(at_least(0))->capture_default_str();
   cmd->add_option("--singles", s.singles, "Also write each image as DIR/sample_NNNNN.png");
   add_sampling_flags(cmd, s.args);
@@ -243,6 +248,25 @@ int64_t weights_num_classes(const SampleArgs& a) {
     TORCH_CHECK(false, "sample: ", a.weights, " has metadata that is not valid JSON (", e.what(), ")");
   }
   return 0;
+}
+
+/// The shape of one example the model draws: the checkpoint's data, an exported file's "data_shape", or
+/// MNIST's where nothing records it.
+std::vector<int64_t> recorded_shape(const SampleArgs& a) {
+  std::vector<int64_t> shape;
+  if (!a.checkpoint.empty()) {
+    shape = read_checkpoint_info(a.checkpoint).data_shape;
+  } else {
+    const auto metadata = weights_metadata(a.weights);
+    if (metadata.count("data_shape")) {
+      try {
+        shape = nlohmann::json::parse(metadata.at("data_shape")).get<std::vector<int64_t>>();
+      } catch (const nlohmann::json::exception& e) {
+        TORCH_CHECK(false, "sample: ", a.weights, " has metadata that is not valid JSON (", e.what(), ")");
+      }
+    }
+  }
+  return shape.empty() ? std::vector<int64_t>{1, 28, 28} : shape;
 }
 
 }  // namespace
@@ -287,7 +311,19 @@ int run_sample(const SampleCommand& given) {
   TORCH_CHECK(a.checkpoint.empty() != a.weights.empty(), "sample: give --checkpoint or --weights");
   TORCH_CHECK(a.init.empty() || a.strength || !a.mask.empty(),
               "sample: --init needs --strength S (how much of it to change, 0 to 1) or --mask (which pixels to keep)");
-  if (!s.out.empty()) check_output("--out", s.out, ".png", {a.checkpoint, a.weights, a.guide, a.init, a.mask});
+  // What the model draws: images are written as PNG (or .npy with --out *.npy), other examples as .npy.
+  const auto shape = recorded_shape(a);
+  const bool images = shape.size() == 3 && (shape[0] == 1 || shape[0] == 3 || shape[0] == 4);
+  const bool npy = s.out.size() >= 4 && s.out.compare(s.out.size() - 4, 4, ".npy") == 0;
+  if (!images && !given.out_given) s.out = "samples.npy";
+  if (!s.out.empty()) {
+    TORCH_CHECK(images || s.out.size() < 4 || s.out.compare(s.out.size() - 4, 4, ".png") != 0 || !given.out_given, "sample: ",
+                a.checkpoint.empty() ? a.weights : a.checkpoint, " draws examples of shape (", fmt::format("{}", fmt::join(shape, ", ")),
+                "), not images; write them with --out FILE.npy");
+    check_output("--out", s.out, images && !npy ? ".png" : ".npy", {a.checkpoint, a.weights, a.guide, a.init, a.mask});
+  }
+  TORCH_CHECK(images || (s.singles.empty() && a.init.empty()), "sample: --singles, --init and --mask take images; ",
+              a.checkpoint.empty() ? a.weights : a.checkpoint, " draws examples of shape (", fmt::format("{}", fmt::join(shape, ", ")), ")");
   const auto normal = [](const std::filesystem::path& p) {  // "./s.png/" and "s.png" alike
     auto n = std::filesystem::weakly_canonical(std::filesystem::absolute(p)).lexically_normal();
     return n.has_filename() ? n : n.parent_path();
@@ -295,7 +331,13 @@ int run_sample(const SampleCommand& given) {
   TORCH_CHECK(s.out.empty() || s.singles.empty() || normal(s.out) != normal(s.singles),
               "sample: --out and --singles name the same path, ", s.out, "; give the grid a file name of its own");
   if (!s.singles.empty()) check_output_dir("--singles", s.singles, {a.checkpoint, a.weights, a.guide, a.init, a.mask});
-  const auto x = to_unit_range(generate(a, true));
+  const auto drawn = generate(a, true);
+  if (!s.out.empty() && (!images || npy)) {
+    data::save_npy(s.out, drawn.to(torch::kFloat32));
+    fmt::print("wrote {} ({} samples of shape ({}), as drawn)\n", s.out, a.n, fmt::join(shape, ", "));
+    return 0;
+  }
+  const auto x = to_unit_range(drawn);
   if (!s.out.empty()) {
     if (nrow == 0) nrow = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(a.n))));
     write_png(s.out, make_grid(x, nrow, 2));

@@ -20,9 +20,9 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
   cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   cmd->add_option("--backbone", t.backbone,
                   "Backbone: conv (the seed's), conv-small (widths 32,64), smol, chunky, unet, or any registered "
-                  "backbone by name (dit, mlp, convnet, ...) with --options")
-      ->check(CLI::IsMember(backbone_names()))
-      ->capture_default_str();
+                  "backbone by name (dit, mlp, temporal_unet, convnet, ...) with --options. Default: conv for images, "
+                  "mlp for vectors (N, D), temporal_unet for sequences (N, C, L)")
+      ->check(CLI::IsMember(backbone_names()));
   cmd->add_option("--options", t.shape.options,
                   "The backbone's options as a JSON object, e.g. '{\"patch\": 4, \"depth\": 6}' for dit (over the "
                   "defaults and the other shape flags; the names are the options' JSON fields in docs/api.md)");
@@ -37,8 +37,12 @@ CLI::App* add_train(CLI::App& app, TrainCommand& t) {
   cmd->add_option("--data", t.data.data,
                   "Directory with the four idx files (plain or .gz), e.g. /usr/share/datasets/fashion-mnist, or any "
                   "folder of PNG, JPEG and BMP images (searched through its subfolders; with --conditional each image's "
-                  "class is the subfolder of --data it lies in)")
+                  "class is the subfolder of --data it lies in), or a file of examples: .npy (np.save), .safetensors or "
+                  ".pt (torch.save of a dict of tensors) holding vectors (N, D), sequences (N, C, L) or images "
+                  "(N, C, H, W), as they are trained on (about unit scale); with --conditional, its 'labels' tensor")
       ->capture_default_str();
+  cmd->add_option("--key", t.data.key, "A .safetensors or .pt file of examples: the examples' tensor (default: its only one "
+                  "besides 'labels')");
   cmd->add_option("--size", t.data.size,
                   "Image folders: the side of the square images trained on (the centre square of each image, resized "
                   "by area; default 32)")
@@ -184,13 +188,15 @@ int run_train(const TrainCommand& t) {
           .device(device);
   // The backbone's flags are checked first (a network of them is built and dropped), then the data are
   // scanned, before any long work: the backbone takes the images' channels and classes from them.
-  make_backbone(backbone_config(t.backbone, t.shape));
+  if (!t.backbone.empty()) make_backbone(backbone_config(t.backbone, t.shape));
   const auto data_plan = plan_data(t.data, t.conditional);
+  const auto backbone_name = t.backbone.empty() ? default_backbone(data_plan.shape) : t.backbone;
+  const char* examples = data_plan.shape.size() == 3 ? "images" : "examples";
   const int64_t classes = data_plan.num_classes;
   // LibTorch seeds its default generator differently in every process: without this the same flags would
   // start from other weights each time. (A resumed run's weights come from its checkpoint.)
   torch::manual_seed(t.seed);
-  auto backbone = make_backbone(backbone_config(t.backbone, t.shape, t.conditional ? classes : 0, data_plan.shape));
+  auto backbone = make_backbone(backbone_config(backbone_name, t.shape, t.conditional ? classes : 0, data_plan.shape));
   {
     // One forward of a blank image of the data's shape, before any decoding or training: a network that
     // cannot take it (a size its levels or patches do not divide, other channels) is refused now.
@@ -248,7 +254,7 @@ int run_train(const TrainCommand& t) {
         // shape, and for a class-conditional run its classes by name, whose order is their labels.
         const auto info = read_checkpoint_info(saved.back());
         TORCH_CHECK(info.data_shape.empty() || info.data_shape == data_plan.shape, "train: ", saved.back().string(),
-                    " was trained on ", fmt::format("{}", fmt::join(info.data_shape, "x")), " images; ", t.data.data,
+                    " was trained on ", fmt::format("{}", fmt::join(info.data_shape, "x")), " ", examples, "; ", t.data.data,
                     " gives ", fmt::format("{}", fmt::join(data_plan.shape, "x")));
         const auto trained_on = class_names_of(info);
         TORCH_CHECK(trained_on.empty() || trained_on == data_plan.classes, "train: ", saved.back().string(),
@@ -288,10 +294,10 @@ int run_train(const TrainCommand& t) {
     fmt::print("data parallel: {} ranks of batch {} (global batch {}), {} threads each\n", env->world_size, t.batch_size,
                env->world_size * t.batch_size, at::get_num_threads());
   }
-  if (main_rank) fmt::print("training {} ({} parameters, {}{}) on {} images from {} for {} epochs on {} with {} threads, {}\n",
-             t.backbone, params, discrete ? fmt::format("{} prediction", t.prediction) : trainer.objective().describe(),
+  if (main_rank) fmt::print("training {} ({} parameters, {}{}) on {} {} from {} for {} epochs on {} with {} threads, {}\n",
+             backbone_name, params, discrete ? fmt::format("{} prediction", t.prediction) : trainer.objective().describe(),
              t.conditional ? fmt::format(", conditional on {} classes, label dropout {}", classes, t.cond_dropout) : "",
-             train_set->size(), t.data.data, t.epochs, trainer.device().str(),
+             train_set->size(), examples, t.data.data, t.epochs, trainer.device().str(),
              at::get_num_threads(), to_string(options.loss().precision()));
   std::fflush(stdout);  // before the progress bar starts on stderr
   trainer.on_epoch = [main_rank](const TrainEpoch& e) {
