@@ -27,7 +27,7 @@ CC=clang CXX=clang++ cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE
 cmake --build "$build" --parallel "$(nproc)" || { echo "fuzz: FAILED while building the fuzz targets" >&2; exit 11; }
 
 declare -A seeds=([fuzz_idx]=fuzz/seeds/idx [fuzz_idx_gzip]=fuzz/seeds/idx [fuzz_checkpoint]=fuzz/seeds/checkpoint
-                  [fuzz_safetensors]=fuzz/seeds/safetensors [fuzz_pickle]=fuzz/seeds/pickle)
+                  [fuzz_safetensors]=fuzz/seeds/safetensors [fuzz_pickle]=fuzz/seeds/pickle [fuzz_npy]=fuzz/seeds/npy)
 declare -A max_len=([fuzz_checkpoint]=200000)
 # allocator_may_return_null: an allocation the machine cannot give fails as it does in a normal process
 # (operator new throws std::bad_alloc), so a finding is an allocation the code does not survive, not one
@@ -35,7 +35,7 @@ declare -A max_len=([fuzz_checkpoint]=200000)
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 status=0
-for target in fuzz_idx fuzz_idx_gzip fuzz_safetensors fuzz_pickle fuzz_checkpoint; do
+for target in fuzz_idx fuzz_idx_gzip fuzz_safetensors fuzz_pickle fuzz_npy fuzz_checkpoint; do
   corpus=$build/corpus/$target crashes=$build/crashes/$target
   rm -rf "$crashes"  # only this run's findings count (past ones that mattered are seeds: fuzz/seeds/*/regression-*)
   mkdir -p "$corpus" "$crashes"

@@ -443,7 +443,7 @@ TEST_CASE("load_tensor_file refuses what cannot be trained on, naming the file",
   save_safetensors(dir / "only_labels.safetensors", {{"labels", torch::tensor({0, 1})}});
   CHECK_REFUSED(data::load_tensor_file(dir / "only_labels.safetensors"), "only_labels.safetensors holds no examples");
   std::ofstream(dir / "text.txt") << "1 2\n3 4\n";
-  CHECK_REFUSED(data::load_tensor_file(dir / "text.txt"), "text.txt");
+  CHECK_REFUSED(data::load_tensor_file(dir / "text.txt"), "text.txt is not a .npy, .safetensors or .pt (torch.save) file");
   CHECK_REFUSED(data::load_tensor_file(dir / "missing.npy"), "missing.npy: no such file");
 }
 

@@ -238,8 +238,17 @@ inline TensorFile load_tensor_file(const std::filesystem::path& path, const Tens
     in.read(magic.data(), 8);
     magic.resize(static_cast<size_t>(std::max<std::streamsize>(in.gcount(), 0)));
   }
+  // A safetensors file opens with its header's length, then the header's '{' at byte 8.
+  const bool npy = magic.compare(0, 6, "\x93NUMPY") == 0, zip = magic.compare(0, 4, std::string("PK\x03\x04", 4)) == 0;
+  std::ifstream head(path, std::ios::binary);
+  head.seekg(8);
+  const bool safetensors = head.get() == '{';
+  // (A legacy torch.save pickle goes on to is_torch_save_file, which says how to save it again.)
+  const bool pickle = magic.compare(0, 3, "\x80\x02\x8a") == 0;
+  TORCH_CHECK(npy || zip || safetensors || pickle, fn, ": ", name, " is not a .npy, .safetensors or .pt (torch.save) file: its first "
+              "bytes are none of theirs");
   TensorFile file;
-  if (magic.compare(0, 6, "\x93NUMPY") == 0) {
+  if (npy) {
     TORCH_CHECK(options.key().empty(), fn, ": ", name, " is a .npy file, which holds one array with no name; drop the key ('",
                 options.key(), "')");
     TORCH_CHECK(!options.labels(), fn, ": ", name, " is a .npy file, which holds one array and no labels; give the "
