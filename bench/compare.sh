@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Speed regression check: builds another revision's `mnist` and `diffusion_bench` beside this tree's and
+# Speed regression check: builds another revision's program (`diffusion`, before that `mnist`) and `diffusion_bench` beside this tree's and
 # runs them alternately, several rounds, on the same machine and data. Prints every round, the median
 # of each side with their ratio, and the median of the rounds' own ratios (this tree, or REV2, over REV:
 # above 1 is faster). The paired median follows each round's pair, so a machine whose speed drifts
@@ -14,7 +14,7 @@
 #
 # Two measurements, both on MNIST (scripts/fetch-mnist.sh):
 #   train  the README's main training command for one epoch of the first 9,600 images (UNet, blocks 1,1,2, batch 64, cosine lr,
-#          warm-up, Min-SNR, EMA; no grids, no validation): the epoch's img/s as `mnist train` prints it.
+#          warm-up, Min-SNR, EMA; no grids, no validation): the epoch's img/s as `diffusion train` prints it.
 #   bench  diffusion_bench's training step for the same UNet at batch 64 in bf16 (BENCH_ARGS to change):
 #          the first row's bare step (step_img_per_s in its JSON). Where one side's bench predates the
 #          bare step (before 73314f5), both sides' Trainer step (train_img_per_s) instead, and where one
@@ -50,7 +50,7 @@ data=$(cd "$data" && pwd)
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 
-# build SRC_DIR BUILD_DIR: configures (examples and bench only) and builds mnist and diffusion_bench.
+# build SRC_DIR BUILD_DIR: configures (examples and bench only) and builds the program and diffusion_bench.
 build() {
   local src=$1 dir=$2
   mkdir -p "$dir"
@@ -58,7 +58,11 @@ build() {
   cmake -S "$src" -B "$dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DDIFFUSION_BUILD_TESTS=OFF \
     -DDIFFUSION_BUILD_EXAMPLES=ON -DDIFFUSION_BUILD_BENCH=ON > "$dir/configure.log" 2>&1 ||
     die "configuring $src failed: $dir/configure.log"
-  cmake --build "$dir" --parallel "$(nproc)" --target mnist diffusion_bench > "$dir/build.log" 2>&1 ||
+  # The program was examples/mnist (target and binary mnist) before it became examples/diffusion (target
+  # diffusion_cli, binary diffusion).
+  local program=diffusion_cli
+  [ -d "$src/examples/diffusion" ] || program=mnist
+  cmake --build "$dir" --parallel "$(nproc)" --target "$program" diffusion_bench > "$dir/build.log" 2>&1 ||
     die "building $src failed: $dir/build.log"
 }
 
@@ -89,9 +93,10 @@ dir_a=$(side "$1")
 dir_b=$(side "${2:-}")
 
 bin() { find "$1" -type f -name "$2" -perm -u+x | head -1; }
-mnist_a=$(bin "$dir_a" mnist); mnist_b=$(bin "$dir_b" mnist)
+program() { local p; p=$(bin "$1/examples/diffusion" diffusion 2>/dev/null); [ -n "$p" ] && echo "$p" || bin "$1" mnist; }
+mnist_a=$(program "$dir_a"); mnist_b=$(program "$dir_b")
 bench_a=$(bin "$dir_a" diffusion_bench); bench_b=$(bin "$dir_b" diffusion_bench)
-[ -n "$mnist_a" ] && [ -n "$mnist_b" ] && [ -n "$bench_a" ] && [ -n "$bench_b" ] || die "a build has no mnist or diffusion_bench"
+[ -n "$mnist_a" ] && [ -n "$mnist_b" ] && [ -n "$bench_a" ] && [ -n "$bench_b" ] || die "a build has no program (diffusion or mnist) or diffusion_bench"
 [ -z "${BUILD_ONLY:-}" ] || { say "built $dir_a and $dir_b"; exit 0; }
 backbone=unet-main key=step_img_per_s
 for b in "$bench_a" "$bench_b"; do

@@ -3,10 +3,10 @@
 # against the convolutional backbones after the same CPU budget (about 3 minutes of training each on
 # 2 cores, the seed's recipe: batch 128, AdamW 1e-3, plus EMA 0.999), each scored on 500 DDIM-50
 # samples. Needs data/mnist and runs/classifier.pt (scripts/run-example.sh makes both) and a built
-# build/examples/mnist/mnist. Prints one line per backbone; see docs/results.md.
+# build/examples/diffusion/diffusion. Prints one line per backbone; see docs/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mnist=build/examples/mnist/mnist
+mnist=build/examples/diffusion/diffusion
 out=${1:-runs/budget}
 mkdir -p "$out"
 # name | flags that make ~3 minutes here (measured throughputs: smol ~1,800 img/s, chunky ~220,

@@ -56,10 +56,10 @@ PY
 # Two ranks over NCCL, one GPU each (LOCAL_RANK), on the smoke run's data (written by the tests' make_idx).
 gloo=$(sed -n 's/^DIFFUSION_GLOO_INCLUDE_DIR:PATH=//p' build-gpu/CMakeCache.txt)
 if [ "$gpus" -ge 2 ] && [ ${#nccl[@]} -gt 0 ] && [ -n "$gloo" ] && [ "${gloo%NOTFOUND}" = "$gloo" ]; then
-  data=build-gpu/examples/mnist/smoke/data
+  data=build-gpu/examples/diffusion/smoke/data
   [ -f "$data/train-images-idx3-ubyte" ] || build-gpu/tests/make_idx "$data" 32 8
   rm -rf "$out/ddp"
-  "$py" -m torch.distributed.run --nproc_per_node 2 --master_port 29677 --no_python build-gpu/examples/mnist/mnist train \
+  "$py" -m torch.distributed.run --nproc_per_node 2 --master_port 29677 --no_python build-gpu/examples/diffusion/diffusion train \
     --data "$data" --out "$out/ddp" --backbone unet --widths 8,16 --batch-size 8 --epochs 2 --grid 4 --grid-steps 3 \
     --val-size 8 --device cuda 2>&1 | tee "$out/ddp.log" || status=1
   grep -q "data parallel: 2 ranks" "$out/ddp.log" && grep -q "^epoch 2/2" "$out/ddp.log" || { echo "2-rank NCCL run: FAILED"; status=1; }

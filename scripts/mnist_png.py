@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Writes one MNIST image as a 28x28 grey PNG, and optionally a mask, for `mnist sample --init/--mask`.
+"""Writes one MNIST image as a 28x28 grey PNG, and optionally a mask, for `diffusion sample --init/--mask`.
 
     scripts/mnist_png.py IDX_IMAGES INDEX OUT.png [--mask-left MASK.png]
 

@@ -3,7 +3,7 @@
 # class-conditional UNet on them at 32x32 RGB on white, one class per emoji category, then samples a grid
 # with one row per category under classifier-free guidance. The recipe is the MNIST main command's, at
 # 32x32 with wider top levels, for EPOCHS epochs (default 40: about 10 minutes on 2 CPU cores).
-# Extra arguments go to `mnist train` and win over the recipe's. Leaves in OUT (default runs/emoji):
+# Extra arguments go to `diffusion train` and win over the recipe's. Leaves in OUT (default runs/emoji):
 # checkpoints/, samples/epoch_NNN.png, metrics.jsonl and category_grid.png. See docs/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +15,8 @@ scripts/fetch-emoji.sh "$data"
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 cmake -S . -B build "${generator[@]}" -DCMAKE_BUILD_TYPE=Release
-cmake --build build --parallel "$(nproc)" --target mnist
-mnist=build/examples/mnist/mnist
+cmake --build build --parallel "$(nproc)" --target diffusion_cli
+mnist=build/examples/diffusion/diffusion
 
 $mnist train --data "$data" --size 32 --channels 3 --conditional --out "$out" --backbone unet --widths 32,64,128 \
   --blocks 1,1,2 --epochs "$epochs" --batch-size 64 --lr 2e-3 --lr-schedule cosine --warmup 200 --min-snr-gamma 5 \

@@ -10,7 +10,7 @@
 # (about 80 s) into runs/classifier.pt.
 #
 #   scripts/run-example.sh                     # MNIST into runs/mnist
-#   scripts/run-example.sh --epochs 10         # extra arguments go to `mnist train`, after the recipe's
+#   scripts/run-example.sh --epochs 10         # extra arguments go to `diffusion train`, after the recipe's
 #                                              # flags, and win over them
 #   scripts/run-example.sh --data /usr/share/datasets/fashion-mnist --out runs/fashion
 #                                              # Fashion-MNIST (apt-get install dataset-fashion-mnist),
@@ -44,8 +44,8 @@ scripts/install-deps.sh
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 cmake -S . -B build "${generator[@]}" -DCMAKE_BUILD_TYPE=Release
-cmake --build build --parallel "$(nproc)" --target mnist
-mnist=build/examples/mnist/mnist
+cmake --build build --parallel "$(nproc)" --target diffusion_cli
+mnist=build/examples/diffusion/diffusion
 
 # --precision defaults to auto: bf16 on a CPU with AMX/AVX512-BF16 (1.5x the fp32 speed here), else fp32.
 # The per-epoch grids use DDIM 50 (about 1 s instead of 20 s of 1,000 DDPM steps per epoch).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The samplers over noise levels on one checkpoint, at equal model-call budgets: each row is
-# `mnist evaluate` on 1,000 samples (seed 0, x_0 clamped to [-1, 1]) and prints a markdown table row
+# `diffusion evaluate` on 1,000 samples (seed 0, x_0 clamped to [-1, 1]) and prints a markdown table row
 # (sampler, plan, budget, steps, FD, KID +- its standard error, digit rate), unguided and autoguided by GUIDE
 # (w = 2, two calls a step). N sets the sample count (1,000 by default; 10,000 where a row decides something).
 # A budget of C calls is C steps unguided and C/2 guided; Heun's S steps cost 2S - 1 calls.
@@ -9,12 +9,12 @@
 #   SAMPLERS="heun dpmpp-2m" BUDGETS="10 30" PLAN=karras scripts/sampler-sweep.sh CK GUIDE
 #
 # THREADS=N sets evaluate's --threads (0, the default: all cores).
-# Needs data/mnist and runs/classifier.pt (scripts/run-example.sh makes both) and build/examples/mnist/mnist.
+# Needs data/mnist and runs/classifier.pt (scripts/run-example.sh makes both) and build/examples/diffusion/diffusion.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: scripts/sampler-sweep.sh CHECKPOINT GUIDE_CHECKPOINT" >&2; exit 2; }
 checkpoint=$1 guide=$2
-mnist=${MNIST:-build/examples/mnist/mnist}
+mnist=${MNIST:-build/examples/diffusion/diffusion}
 samplers=${SAMPLERS:-dpmpp-2m euler-a heun dpmpp-3m-sde}
 budgets=${BUDGETS:-10 15 20 30}
 plan=${PLAN:-karras}

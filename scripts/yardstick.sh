@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The key sampler rows of docs/results.md ("The yardstick"), each `mnist evaluate` on N samples (1,000 by
+# The key sampler rows of docs/results.md ("The yardstick"), each `diffusion evaluate` on N samples (1,000 by
 # default; N=10000 for the deciding rows), seed 0, x_0 clamped to [-1, 1], autoguided by the run's epoch
 # 2 at w = 2 unless the row says unguided. Prints one line per row: FD, KID +- its standard error, digit
 # rate; the full output goes to runs/yardstick/ROW-N.log.
@@ -10,12 +10,12 @@
 # Rows: main (dpmpp-2m-sde, trailing, 15 steps: the main command's), 3m (dpmpp-3m-sde, trailing, 15),
 # heun (trailing, 8), 2m (dpmpp-2m, trailing, 15), eulera (euler-a, trailing, 15), ddim50 (ddim, leading,
 # 50), main-unguided (dpmpp-2m-sde, trailing, 30, unguided). Needs runs/mnist (scripts/run-example.sh),
-# runs/classifier.pt, data/mnist and build/examples/mnist/mnist; RUN=DIR for another run directory.
+# runs/classifier.pt, data/mnist and build/examples/diffusion/diffusion; RUN=DIR for another run directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${N:-1000}
 run_dir=${RUN:-runs/mnist}
-mnist=${MNIST:-build/examples/mnist/mnist}
+mnist=${MNIST:-build/examples/diffusion/diffusion}
 checkpoint=$run_dir/checkpoints/checkpoint_epoch_008.pt
 guide=$run_dir/checkpoints/checkpoint_epoch_002.pt
 mkdir -p runs/yardstick

@@ -83,7 +83,7 @@ TEST_CASE("load_model rebuilds the model a checkpoint was written for, without k
   const auto unregistered = trained_checkpoint(ScaleNet(), dir / "scale");
   CHECK_FALSE(read_checkpoint_info(unregistered).backbone);
   CHECK_REFUSED(load_model(unregistered), "records no backbone (its type was not registered");
-  CHECK_REFUSED(make_backbone(BackboneConfig{"resnet", {}}), "unknown backbone 'resnet' (known: chunky_mlp, convnet, dit, mlp, smol_mlp, unet)");
+  CHECK_REFUSED(make_backbone(BackboneConfig{"resnet", {}}), "unknown backbone 'resnet' (known: chunky_mlp, convnet, dit, mlp, smol_mlp, temporal_unet, unet)");
   CHECK_REFUSED(make_backbone(BackboneConfig{"unet", {{"widths", "wide"}}}), "make_backbone: the options of 'unet' are malformed");
   CHECK_REFUSED(make_backbone(BackboneConfig{"unet", {{"depth", 3}}}), "UNetOptions: unknown field \"depth\"");
   // `{}` in braces is a JSON null, not an empty object: the defaults, as with no options at all.

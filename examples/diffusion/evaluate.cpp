@@ -1,11 +1,11 @@
-// mnist classifier and mnist evaluate: the LeNet feature classifier, and sample quality as numbers.
+// diffusion classifier and diffusion evaluate: the LeNet feature classifier, and sample quality as numbers.
 #include "commands.hpp"
 
 #include <cmath>
 #include <filesystem>
 #include <optional>
 
-namespace mnist {
+namespace cli {
 
 using namespace diffusion;
 
@@ -197,4 +197,4 @@ int run_evaluate(const EvaluateCommand& e) {
   return 0;
 }
 
-}  // namespace mnist
+}  // namespace cli

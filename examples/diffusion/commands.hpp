@@ -1,12 +1,12 @@
 #pragma once
 
-// The mnist subcommands: each adds its flags to the command line and runs from what was parsed.
+// The program's subcommands: each adds its flags to the command line and runs from what was parsed.
 #include "common.hpp"
 
 #include <string>
 #include <vector>
 
-namespace mnist {
+namespace cli {
 
 struct TrainCommand {
   /// Empty: default_backbone of the data.
@@ -64,4 +64,4 @@ struct EvaluateCommand {
 CLI::App* add_evaluate(CLI::App& app, EvaluateCommand& e);
 int run_evaluate(const EvaluateCommand& e);
 
-}  // namespace mnist
+}  // namespace cli

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# SIGTERM during `mnist train`: the run finishes its step, writes a checkpoint, says how to resume and exits
+# SIGTERM during `diffusion train`: the run finishes its step, writes a checkpoint, says how to resume and exits
 # 130; resuming from that checkpoint finishes the epoch it stopped in. (Batches of 2 from 32 images: 16 steps
 # an epoch, so the signal usually lands mid-epoch; when it lands on an epoch's last step, the run says it
 # stopped after that epoch and the resumed run goes on with the next.) A second signal ends the process at
 # once (128 + 15). While the first run trains, a second one into the same directory is refused.
 #   stop.sh MNIST DATA_DIR OUT_DIR
 set -u
-mnist=$1 data=$2 out=$3
+program=$1 data=$2 out=$3
 pid=
 trap '[ -n "$pid" ] && kill -KILL $pid 2>/dev/null' EXIT  # never leave a training run behind
 rm -rf "$out" "$out.twice"
-train=("$mnist" train --data "$data" --out "$out" --backbone unet --widths 8,16 --batch-size 2 --grid 0 --val-size 0
+train=("$program" train --data "$data" --out "$out" --backbone unet --widths 8,16 --batch-size 2 --grid 0 --val-size 0
        --threads 1)
 wait_for_start() {  # LOG
   for _ in $(seq 200); do grep -q "^training" "$1" 2>/dev/null && return; sleep 0.05; done
@@ -48,7 +48,7 @@ grep -q "^epoch $epoch/$epoch: train loss" "$out.resume.log" || { echo "stop.sh:
 
 # Two signals in a row: the second ends the process without waiting for the step.
 # (A wide network, so that a step takes long enough for both signals to land within it.)
-"$mnist" train --data "$data" --out "$out.twice" --backbone unet --widths 64,128,256 --batch-size 32 --epochs 100000 --grid 0 --val-size 0 \
+"$program" train --data "$data" --out "$out.twice" --backbone unet --widths 64,128,256 --batch-size 32 --epochs 100000 --grid 0 --val-size 0 \
   --threads 1 > "$out.twice.log" 2>&1 &
 pid=$!
 wait_for_start "$out.twice.log"

@@ -12,7 +12,7 @@
 #include <sstream>
 #include <stdexcept>
 
-namespace mnist {
+namespace cli {
 
 namespace {
 // The whole text as a finite number that a float can hold (the library computes in float32): no nan, no
@@ -200,7 +200,7 @@ diffusion::BackboneConfig backbone_config(const std::string& name, const Shape& 
     const auto fit = [&](const char* field, int64_t value) {
       if (!defaults || !defaults->options.contains(field)) return;
       TORCH_CHECK(!given.contains(field) || given.at(field) == value, "--options gives ", field, " ", given.at(field).dump(),
-                  " but the data's examples have ", value);
+                  " but the data's ", data_shape.size() == 3 ? "images" : "examples", " have ", value);
       config.options[field] = value;
     };
     if (data_shape.size() == 1) fit("features", data_shape[0]);
@@ -402,4 +402,4 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
       ->capture_default_str();
 }
 
-}  // namespace mnist
+}  // namespace cli

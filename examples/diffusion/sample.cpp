@@ -1,4 +1,4 @@
-// mnist sample: images from a checkpoint (or from imported weights), with any sampler, autoguidance,
+// diffusion sample: images from a checkpoint (or from imported weights), with any sampler, autoguidance,
 // image-to-image and inpainting.
 #include "commands.hpp"
 
@@ -7,7 +7,7 @@
 #include <cmath>
 #include <filesystem>
 
-namespace mnist {
+namespace cli {
 
 using namespace diffusion;
 
@@ -36,7 +36,7 @@ Source open_source(const SampleArgs& a, const torch::Device& device) {
     Source source;
     BackboneConfig config;
     if (metadata.count("backbone") && metadata.count("options")) {
-      // Written by `mnist export`: the file says what it is.
+      // Written by `diffusion export`: the file says what it is.
       TORCH_CHECK(a.backbone.empty() && a.shape.widths.empty() && a.shape.blocks.empty() && a.shape.patch == 0 &&
                       a.num_classes == 0,
                   "sample: ", a.weights, " records its own network (", metadata.at("backbone"),
@@ -350,9 +350,9 @@ int run_sample(const SampleCommand& given) {
   return 0;
 }
 
-}  // namespace mnist
+}  // namespace cli
 
-namespace mnist {
+namespace cli {
 
 CLI::App* add_export(CLI::App& app, ExportCommand& e) {
   auto* cmd = app.add_subcommand("export", "Write a checkpoint's weights as safetensors, by the seed's parameter names "
@@ -380,4 +380,4 @@ int run_export(const ExportCommand& e) {
   return 0;
 }
 
-}  // namespace mnist
+}  // namespace cli

@@ -1,6 +1,6 @@
 #pragma once
 
-// What the mnist subcommands share: flag checks, the backbone names of this program, and the sampling
+// What the subcommands share: flag checks, the backbone names of this program, and the sampling
 // flags. The library checks everything else and its messages reach the user as they are.
 #include <diffusion/diffusion.hpp>
 
@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-namespace mnist {
+namespace cli {
 
 /// A finite number flag of at least `lo`, with a plain message (CLI11 2.1's PositiveNumber prints DBL_MAX as
 /// the upper bound).
@@ -147,7 +147,7 @@ struct SampleArgs {
   torch::Tensor labels;
   std::string class_name;
   /// Weights from elsewhere (a torch.save state_dict or safetensors) instead of a checkpoint. A file
-  /// written by `mnist export` records its network, schedule and prediction; for others, this program's
+  /// written by `diffusion export` records its network, schedule and prediction; for others, this program's
   /// backbone of that name (empty: conv), shape and class count.
   std::string weights, backbone;
   Shape shape;
@@ -163,4 +163,4 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args);
 /// checkpoint when asked, with the chosen sampler; prints what it does when `verbose`.
 torch::Tensor generate(const SampleArgs& args, bool verbose);
 
-}  // namespace mnist
+}  // namespace cli

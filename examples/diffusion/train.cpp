@@ -1,7 +1,7 @@
-// mnist train: a backbone on MNIST-format data, with the run's files written by RunOutputs.
+// diffusion train: a backbone on MNIST-format data, with the run's files written by RunOutputs.
 #include "commands.hpp"
 
-#if defined(MNIST_DATA_PARALLEL)
+#if defined(DIFFUSION_CLI_DATA_PARALLEL)
 #include <diffusion/training/distributed.hpp>
 #endif
 
@@ -9,7 +9,7 @@
 #include <cmath>
 #include <thread>
 
-namespace mnist {
+namespace cli {
 
 using namespace diffusion;
 
@@ -188,7 +188,9 @@ int run_train(const TrainCommand& t) {
           .device(device);
   // The backbone's flags are checked first (a network of them is built and dropped), then the data are
   // scanned, before any long work: the backbone takes the images' channels and classes from them.
-  if (!t.backbone.empty()) make_backbone(backbone_config(t.backbone, t.shape));
+  if (!t.backbone.empty() || !t.shape.widths.empty() || !t.shape.blocks.empty() || t.shape.patch > 0) {
+    make_backbone(backbone_config(t.backbone.empty() ? "conv" : t.backbone, t.shape));
+  }
   const auto data_plan = plan_data(t.data, t.conditional);
   const auto backbone_name = t.backbone.empty() ? default_backbone(data_plan.shape) : t.backbone;
   const char* examples = data_plan.shape.size() == 3 ? "images" : "examples";
@@ -234,7 +236,7 @@ int run_train(const TrainCommand& t) {
           .checkpoint_every_steps(t.checkpoint_every)
           .checkpoint_every_minutes(t.checkpoint_minutes));
   if (env) {
-#if defined(MNIST_DATA_PARALLEL)
+#if defined(DIFFUSION_CLI_DATA_PARALLEL)
     trainer.distribute(std::make_shared<ProcessGroup>(*env, device, std::chrono::seconds(t.dist_timeout)));
 #else
     TORCH_CHECK(false, "train: launched as ", env->world_size, " ranks, but this build has no c10d (install libgloo-dev)");
@@ -324,4 +326,4 @@ int run_train(const TrainCommand& t) {
   return 0;
 }
 
-}  // namespace mnist
+}  // namespace cli
