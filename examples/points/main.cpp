@@ -50,7 +50,7 @@ torch::Tensor scatter(const diffusion::data::ToyDistribution& truth, const torch
 
 int main(int argc, char** argv) {
   CLI::App app{"Train a diffusion model on a 2-D distribution with a known density and score its samples exactly"};
-  std::string distribution = "two_moons", out = "points.png", formulation = "flow", sampler_name, save_data;
+  std::string distribution = "two_moons", out = "points.png", formulation = "flow", sampler_name, save_data, score;
   int64_t epochs = 30, train_size = 20000, batch_size = 256, hidden = 256, depth = 3, n = 5000, steps = 50, threads = 0;
   double lr = 3e-3;
   uint64_t seed = 0;
@@ -58,7 +58,7 @@ int main(int argc, char** argv) {
   app.add_option("--epochs", epochs, "Epochs over the training set")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--train-size", train_size, "Points drawn for training")->check(CLI::Range(int64_t{1}, int64_t{1} << 26))->capture_default_str();
   app.add_option("--batch-size", batch_size, "Points a step")->check(CLI::Range(int64_t{1}, int64_t{1} << 20))->capture_default_str();
-  app.add_option("--lr", lr, "Peak learning rate (AdamW, cosine decay)")->check(CLI::Range(1e-8, 1.0))->capture_default_str();
+  app.add_option("--lr", lr, "Peak learning rate (AdamW, cosine decay to 0 at the last step)")->check(CLI::Range(1e-8, 1.0))->capture_default_str();
   app.add_option("--hidden", hidden, "The MLP's width")->check(CLI::Range(int64_t{1}, int64_t{1} << 16))->capture_default_str();
   app.add_option("--depth", depth, "The MLP's hidden layers")->check(CLI::Range(int64_t{1}, int64_t{64}))->capture_default_str();
   app.add_option("--n", n, "Samples scored (and as many fresh true points)")->check(CLI::Range(int64_t{2}, int64_t{1} << 22))->capture_default_str();
@@ -70,14 +70,43 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed, "Seed of the data, the training and the samples")->capture_default_str();
   app.add_option("--threads", threads, "CPU threads (0: all cores)")->check(CLI::Range(0, 256))->capture_default_str();
   app.add_option("--out", out, "The scatter plot of the samples over the density (PNG)")->capture_default_str();
-  app.add_option("--save-data", save_data, "Also write the training points as FILE.npy (for `mnist train --data FILE.npy`)");
+  app.add_option("--save-data", save_data, "Also write the training points as FILE.npy (for `diffusion train --data FILE.npy`)");
+  app.add_option("--score", score, "Only score the points of FILE.npy (N, 2), e.g. what `diffusion sample` drew, against "
+                 "--distribution, and draw them over it; no training")
+      ->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);
 
   using namespace diffusion;
   try {
     set_threads(threads);
     reuse_freed_memory();
+    // LibTorch seeds its default generator differently in every process: the weights' initialization
+    // would differ from run to run without this.
+    torch::manual_seed(seed);
     const auto truth = data::make_toy_distribution(distribution);
+    // Scores `samples` (N, 2) against fresh true points (seeds the training set does not use) beside the
+    // floors (true points against true points), and draws them over the density.
+    const auto report = [&](const torch::Tensor& samples) {
+      const auto m = samples.size(0);
+      const auto reference = truth->sample(m, seed + 2), other = truth->sample(m, seed + 3);
+      const auto nll = [&](const torch::Tensor& x) { return -truth->log_prob(x).mean().item<double>(); };
+      fmt::print("negative log-likelihood under the true density: {:.4f} nats (true points: {:.4f}, the floor)\n", nll(samples),
+                 nll(other));
+      fmt::print("sliced Wasserstein-2 to {} fresh true points: {:.4f} (true points: {:.4f}, the floor)\n", m,
+                 eval::sliced_wasserstein(samples, reference), eval::sliced_wasserstein(other, reference));
+      write_png(out, scatter(*truth, samples, 512, 4.0));
+      fmt::print("wrote {}\n", out);
+    };
+    if (!score.empty()) {
+      const auto points = data::load_npy(score);
+      if (points.dim() != 2 || points.size(1) != 2 || points.size(0) < 2 || !points.is_floating_point()) {
+        throw std::invalid_argument(fmt::format("--score {}: expected floating-point points (N, 2) with N >= 2, got {} of shape {}",
+                                                score, c10::toString(points.scalar_type()), c10::str(points.sizes())));
+      }
+      fmt::print("scoring {} points of {} against {}\n", points.size(0), score, distribution);
+      report(points.to(torch::kFloat32));
+      return 0;
+    }
     const auto train = truth->sample(train_size, seed);
     if (!save_data.empty()) {
       data::save_npy(save_data, train);
@@ -98,7 +127,7 @@ int main(int argc, char** argv) {
                         .seed(seed)
                         .device(torch::kCPU)
                         .progress(ProgressMode::Off)
-                        .optimization(OptimizationOptions().lr(lr)));
+                        .optimization(OptimizationOptions().lr(lr).lr_schedule(LRSchedule::Cosine)));
     const auto start = std::chrono::steady_clock::now();
     double last_loss = 0;
     trainer.on_epoch = [&](const TrainEpoch& e) {
@@ -126,15 +155,8 @@ int main(int argc, char** argv) {
       how = method->describe();
     }
     samples = samples.to(torch::kFloat32);
-    // Fresh true points (seeds the training set did not use): the floors.
-    const auto reference = truth->sample(n, seed + 2), other = truth->sample(n, seed + 3);
-    const auto nll = [&](const torch::Tensor& x) { return -truth->log_prob(x).mean().item<double>(); };
     fmt::print("trained in {:.1f} s (final loss {:.4f}); {} samples by {}\n", train_seconds, last_loss, n, how);
-    fmt::print("negative log-likelihood under the true density: {:.4f} nats (true points: {:.4f}, the floor)\n", nll(samples), nll(other));
-    fmt::print("sliced Wasserstein-2 to {} fresh true points: {:.4f} (true points: {:.4f}, the floor)\n", n,
-               eval::sliced_wasserstein(samples, reference), eval::sliced_wasserstein(other, reference));
-    write_png(out, scatter(*truth, samples, 512, 4.0));
-    fmt::print("wrote {}\n", out);
+    report(samples);
   } catch (const c10::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what_without_backtrace());
     return 1;
