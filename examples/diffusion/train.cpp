@@ -298,7 +298,7 @@ int run_train(const TrainCommand& t) {
   }
   if (main_rank) fmt::print("training {} ({} parameters, {}{}) on {} {} from {} for {} epochs on {} with {} threads, {}\n",
              backbone_name, params, discrete ? fmt::format("{} prediction", t.prediction) : trainer.objective().describe(),
-             t.conditional ? fmt::format(", conditional on {} classes, label dropout {}", classes, t.cond_dropout) : "",
+             t.conditional ? fmt::format(", conditional on {} class{}, label dropout {}", classes, classes == 1 ? "" : "es", t.cond_dropout) : "",
              train_set->size(), examples, t.data.data, t.epochs, trainer.device().str(),
              at::get_num_threads(), to_string(options.loss().precision()));
   std::fflush(stdout);  // before the progress bar starts on stderr
