@@ -481,6 +481,16 @@ TEST_CASE("TemporalUNet keeps (N, C, L) at any length its levels divide, depends
   CHECK(torch::allclose(net(x, t), net(x, t, torch::tensor({-1, -1}))));
   // Each sample is computed alone (GroupNorm normalizes per sample).
   CHECK(torch::allclose(net(x, t)[1], net(x.slice(0, 1), t.slice(0, 1))[0], 1e-5, 1e-6));
+  // Under bf16 autocast (what --precision auto picks on a CPU with bf16 instructions): LibTorch 1.13 has
+  // no bf16 Mish on the CPU, so it runs in float32 there; the result is close to the float32 network's.
+  {
+    const auto fp32 = net(x, t, torch::tensor({0, 2}));
+    AutocastGuard amp(Precision::BFloat16, torch::kCPU);
+    const auto y = net(x, t, torch::tensor({0, 2})).to(torch::kFloat32);
+    CHECK(torch::allclose(y, fp32, 0.1, 0.1));
+  }
+  CHECK(torch::allclose(diffusion::detail::mish(torch::tensor({-1.0, 0.5}, torch::kBFloat16)).to(torch::kFloat32),
+                        torch::mish(torch::tensor({-1.0, 0.5})), 1e-2, 1e-2));
   // Registered by name; the options round-trip through JSON as a checkpoint records them.
   const auto o = TemporalUNetOptions().channels(3).widths({8, 16}).kernel_size(3).time_dim(16).groups(4).num_classes(2);
   auto rebuilt = make_backbone(BackboneConfig{"temporal_unet", nlohmann::json(o)});

@@ -422,7 +422,7 @@ TEST_CASE("load_tensor_file refuses what cannot be trained on, naming the file",
   data::save_npy(dir / "empty.npy", torch::zeros({0, 2}));
   CHECK_REFUSED(data::load_tensor_file(dir / "empty.npy"), "empty.npy holds shape [0, 2]");
   data::save_npy(dir / "bool.npy", torch::zeros({3, 2}, torch::kBool));
-  CHECK_REFUSED(data::load_tensor_file(dir / "bool.npy"), "bool.npy holds booleans");
+  CHECK_REFUSED(data::load_tensor_file(dir / "bool.npy"), "bool.npy holds Bool values; expected real numbers");
   auto nan = torch::zeros({4, 2});
   nan[2][1] = std::numeric_limits<float>::quiet_NaN();
   data::save_npy(dir / "nan.npy", nan);

@@ -224,7 +224,12 @@ DataPlan plan_data(const DataFlags& flags, bool labels) {
     const auto& x = plan.file->examples;
     plan.shape = x.sizes().slice(1).vec();
     plan.count = x.size(0);
-    if (labels) plan.num_classes = plan.file->labels.max().item<int64_t>() + 1;
+    if (labels) {
+      const auto top = plan.file->labels.max().item<int64_t>();
+      TORCH_CHECK(top < 65536, "train: ", flags.data, ": its labels go up to ", top, "; classes are numbered 0, 1, 2, ... "
+                  "(at most 65536 of them), one embedding each");
+      plan.num_classes = top + 1;
+    }
     TORCH_CHECK(flags.val_size < plan.count, "train: --val-size ", flags.val_size, " leaves no training examples of the ",
                 plan.count, " in ", flags.data, "; give a smaller one (0: no validation)");
     plan.description = fmt::format("{}: {} examples of shape ({}), mean {:.3g}, std {:.3g}{}", flags.data, plan.count,

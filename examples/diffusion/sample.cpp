@@ -38,9 +38,9 @@ Source open_source(const SampleArgs& a, const torch::Device& device) {
     if (metadata.count("backbone") && metadata.count("options")) {
       // Written by `diffusion export`: the file says what it is.
       TORCH_CHECK(a.backbone.empty() && a.shape.widths.empty() && a.shape.blocks.empty() && a.shape.patch == 0 &&
-                      a.num_classes == 0,
+                      a.shape.options.empty() && a.num_classes == 0,
                   "sample: ", a.weights, " records its own network (", metadata.at("backbone"),
-                  "); drop --backbone, --widths, --blocks, --patch and --num-classes");
+                  "); drop --backbone, --widths, --blocks, --patch, --options and --num-classes");
       try {
         config = {metadata.at("backbone"), nlohmann::json::parse(metadata.at("options"))};
         if (metadata.count("data_shape")) source.shape = nlohmann::json::parse(metadata.at("data_shape")).get<std::vector<int64_t>>();

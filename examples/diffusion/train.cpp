@@ -256,8 +256,8 @@ int run_train(const TrainCommand& t) {
         // shape, and for a class-conditional run its classes by name, whose order is their labels.
         const auto info = read_checkpoint_info(saved.back());
         TORCH_CHECK(info.data_shape.empty() || info.data_shape == data_plan.shape, "train: ", saved.back().string(),
-                    " was trained on ", fmt::format("{}", fmt::join(info.data_shape, "x")), " ", examples, "; ", t.data.data,
-                    " gives ", fmt::format("{}", fmt::join(data_plan.shape, "x")));
+                    " was trained on ", examples, " of shape ", fmt::format("({})", fmt::join(info.data_shape, ", ")), "; ",
+                    t.data.data, " gives ", fmt::format("({})", fmt::join(data_plan.shape, ", ")));
         const auto trained_on = class_names_of(info);
         TORCH_CHECK(trained_on.empty() || trained_on == data_plan.classes, "train: ", saved.back().string(),
                     " was trained on the classes ", fmt::format("{}", fmt::join(trained_on, ", ")), "; ", t.data.data, " has ",

@@ -39,6 +39,17 @@ struct TemporalUNetOptions {
   TORCH_ARG(int64_t, num_classes) = 0;
 };
 
+namespace detail {
+
+/// Mish, x tanh(softplus(x)) (Misra 2019), in float32 for a bfloat16 x on the CPU, where LibTorch 1.13 has
+/// no bf16 kernel for it (autocast hands it the bf16 output of a Linear); other inputs as they come.
+inline torch::Tensor mish(const torch::Tensor& x) {
+  if (x.scalar_type() == torch::kBFloat16 && x.device().is_cpu()) return torch::mish(x.to(torch::kFloat32)).to(x.scalar_type());
+  return torch::mish(x);
+}
+
+}  // namespace detail
+
 /// Conv1d -> GroupNorm -> Mish, the length kept (Janner et al. 2022's Conv1dBlock).
 class TemporalConvBlockImpl : public torch::nn::Cloneable<TemporalConvBlockImpl> {
  public:
@@ -51,7 +62,7 @@ class TemporalConvBlockImpl : public torch::nn::Cloneable<TemporalConvBlockImpl>
     conv = register_module("conv", Conv1d(Conv1dOptions(in_, out_, kernel_).padding(kernel_ / 2)));
     norm = register_module("norm", GroupNorm(groups_, out_));
   }
-  torch::Tensor forward(const torch::Tensor& x) { return torch::mish(detail::group_norm(norm, conv(x))); }
+  torch::Tensor forward(const torch::Tensor& x) { return detail::mish(detail::group_norm(norm, conv(x))); }
 
   torch::nn::Conv1d conv{nullptr};
   torch::nn::GroupNorm norm{nullptr};
@@ -79,7 +90,7 @@ class TemporalResBlockImpl : public torch::nn::Cloneable<TemporalResBlockImpl> {
     if (in_ != out_) skip = register_module("skip", Conv1d(Conv1dOptions(in_, out_, 1)));
   }
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t_emb) {
-    auto h = block1(x) + time(torch::mish(t_emb)).unsqueeze(-1);
+    auto h = block1(x) + time(detail::mish(t_emb)).unsqueeze(-1);
     return block2(h) + (skip ? skip(x) : x);
   }
 
@@ -121,7 +132,7 @@ class TemporalUNetImpl : public torch::nn::Cloneable<TemporalUNetImpl> {
     const int64_t td = time_dim(), k = o.kernel_size(), g = o.groups();
     TORCH_CHECK(td >= 4 && td % 2 == 0, "TemporalUNet: the time embedding takes widths[0] (", td,
                 ") when time_dim is 0, which must then be even and >= 4; set time_dim");
-    time_mlp = register_module("time_mlp", Sequential(SinusoidalPositionEmbeddings(td), Linear(td, 4 * td), Mish(),
+    time_mlp = register_module("time_mlp", Sequential(SinusoidalPositionEmbeddings(td), Linear(td, 4 * td), Functional(detail::mish),
                                                       Linear(4 * td, td)));
     const size_t levels = w.size();
     down.clear();
@@ -168,7 +179,8 @@ class TemporalUNetImpl : public torch::nn::Cloneable<TemporalUNetImpl> {
                 " (shape ", x.sizes(), ")");
     const auto m = options.length_multiple();
     TORCH_CHECK(x.size(2) >= 1 && x.size(2) % m == 0, "TemporalUNet: the length must be divisible by ", m, " (2^",
-                options.widths().size() - 1, " for ", options.widths().size(), " levels), got ", x.size(2));
+                options.widths().size() - 1, " for ", options.widths().size(), " levels), got ", x.size(2),
+                "; fewer widths (levels) take other lengths");
     TORCH_CHECK(t.defined() && t.dim() == 1 && t.size(0) == x.size(0) && t.device() == x.device(), "TemporalUNet: t must be (N,) "
                 "with N = ", x.size(0), " on ", x.device(), ", got ", t.defined() ? c10::str(t.sizes(), " on ", t.device()) : "none");
     detail::check_cpu_convolutions_for(x);

@@ -285,7 +285,8 @@ inline TensorFile load_tensor_file(const std::filesystem::path& path, const Tens
   TORCH_CHECK(x.dim() >= 2 && x.numel() >= 1, fn, ": ", name, " holds shape ", x.sizes(),
               "; expected (N, ...) examples with N >= 1 and at least one value each: (N, D) vectors, (N, C, L) sequences, "
               "(N, C, H, W) images");
-  TORCH_CHECK(x.scalar_type() != torch::kBool, fn, ": ", name, " holds booleans; expected numbers");
+  TORCH_CHECK(x.scalar_type() != torch::kBool && !x.is_complex(), fn, ": ", name, " holds ", x.scalar_type(),
+              " values; expected real numbers");
   x = x.to(torch::kFloat32).contiguous();
   const auto finite = torch::isfinite(x).reshape({x.size(0), -1}).all(1);
   if (!finite.all().item<bool>()) {
