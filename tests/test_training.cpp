@@ -1,6 +1,8 @@
 // Training: the loss, the EMA, the Trainer, run outputs, and faults during a run.
 #include "helpers.hpp"
 
+#include <numeric>
+
 #include <thread>
 
 namespace training_helpers {
@@ -332,7 +334,7 @@ TEST_CASE("a run stopped mid-epoch resumes from its mid-epoch checkpoint and equ
   }
 }
 
-TEST_CASE("a stop on an epoch's last step ends that epoch first, a mid-epoch resume refuses other data or batch size",
+TEST_CASE("a stop on an epoch's last step ends that epoch first, a mid-epoch resume refuses other data",
           "[trainer][checkpoint][faults]") {
   const auto data = tiny_dataset(64);  // 4 steps an epoch at batch 16
   const auto opts = quiet().epochs(3).ema_decay(0.9);
@@ -356,17 +358,145 @@ TEST_CASE("a stop on an epoch's last step ends that epoch first, a mid-epoch res
   clear_stop_request();
   CHECK(epochs_ended == std::vector<int64_t>{1});
   CHECK(names_in(dir / "checkpoints") == std::vector<std::string>{"checkpoint_epoch_000_step_000003.pt", "checkpoint_epoch_001.pt"});
-  // Epoch-end checkpoints resume with any data; mid-epoch ones only with the same data and batch size.
+  // Epoch-end checkpoints resume with any data; mid-epoch ones only with the same data (any batch size).
   const auto mid = dir / "checkpoints" / "checkpoint_epoch_000_step_000003.pt";
   Trainer other_data(tiny_net(), schedule, opts);
   other_data.load_checkpoint(mid);
-  CHECK_REFUSED(other_data.fit(tiny_dataset(48)), "stopped mid-epoch in a training set of 64 images, but this one has 48");
-  Trainer other_batch(tiny_net(), schedule, quiet().epochs(3).ema_decay(0.9).batch_size(8));
-  other_batch.load_checkpoint(mid);
-  CHECK_REFUSED(other_batch.fit(data), "stopped mid-epoch with batch size 16, but this run's is 8");
+  try {
+    other_data.fit(tiny_dataset(48));
+    FAIL("another training set was taken mid-epoch");
+  } catch (const IncompatibleFileError& e) {
+    CHECK_THAT(std::string(e.what()), diffusion_test::contains("stopped mid-epoch in a training set of 64 examples, but this one has 48"));
+  }
   Trainer any_data(tiny_net(), schedule, opts);
   any_data.load_checkpoint(dir / "checkpoints" / "checkpoint_epoch_001.pt");
   CHECK_NOTHROW(any_data.fit(tiny_dataset(48)));
+}
+
+namespace resume_helpers {
+/// tiny_dataset's examples, recording the indices of every batch read.
+struct RecordingDataset : data::TensorDataset {
+  using data::TensorDataset::TensorDataset;
+  mutable std::vector<int64_t> seen;
+  torch::Tensor batch(const torch::Tensor& idx, const std::optional<data::AugmentationDraw>& draw) const override {
+    const auto i = idx.contiguous();
+    seen.insert(seen.end(), i.data_ptr<int64_t>(), i.data_ptr<int64_t>() + i.numel());
+    return data::TensorDataset::batch(idx, draw);
+  }
+};
+}  // namespace resume_helpers
+
+TEST_CASE("a run resumed mid-epoch with another batch size takes exactly the examples not yet seen, its schedule in examples",
+          "[trainer][checkpoint][faults]") {
+  using resume_helpers::RecordingDataset;
+  // 60 examples, batch 8: the first run stops after 3 steps (24 examples) of epoch 1; the second goes on
+  // at batch 5 (36 left: 8 steps, the last of 1) and finishes 2 epochs.
+  const auto opts = quiet().epochs(2).ema_decay(0.9).batch_size(8);
+  const NoiseSchedule schedule(NoiseScheduleOptions().num_timesteps(50));
+  auto cosine = opts;
+  cosine.optimization().lr_schedule(LRSchedule::Cosine).warmup_steps(2);
+  const auto dir = scratch("resume_batch");
+  auto first_data = std::make_shared<RecordingDataset>(tiny_dataset(60));
+  {
+    Trainer first(tiny_net(), schedule, cosine);
+    first.on_step = [](const TrainStep& s) {
+      if (s.global_step == 3) request_stop();
+    };
+    first.add_hook(std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(0).checkpoint_every_steps(100)));
+    CHECK_THROWS_AS(first.fit(first_data), TrainingInterrupted);
+    clear_stop_request();
+  }
+  REQUIRE(first_data->seen.size() == 24);
+  const auto mid = dir / "checkpoints" / "checkpoint_epoch_000_step_000003.pt";
+  REQUIRE(fs::exists(mid));
+  auto second_cfg = cosine;
+  second_cfg.batch_size(5);
+  Trainer second(tiny_net(), schedule, second_cfg);
+  second.load_checkpoint(mid);
+  auto second_data = std::make_shared<RecordingDataset>(tiny_dataset(60));
+  std::vector<TrainStep> steps;
+  second.on_step = [&](const TrainStep& s) { steps.push_back(s); };
+  second.fit(second_data);
+  // Epoch 1's rest is the 36 examples the first run did not take, each once, in 8 steps numbered 4 to 11.
+  std::vector<int64_t> epoch1(first_data->seen);
+  epoch1.insert(epoch1.end(), second_data->seen.begin(), second_data->seen.begin() + 36);
+  std::sort(epoch1.begin(), epoch1.end());
+  std::vector<int64_t> all(60);
+  std::iota(all.begin(), all.end(), 0);
+  CHECK(epoch1 == all);
+  REQUIRE(steps.size() == 8 + 12);
+  CHECK(steps.front().step == 4);
+  CHECK(steps[7].step == 11);
+  CHECK(steps[7].steps == 11);
+  CHECK(steps[8].step == 1);  // epoch 2 at batch 5: 12 steps
+  CHECK(steps.back().steps == 12);
+  // The schedule counts examples: 24 seen, 36 + 60 to go; warm-up over 2 x 5 examples at this batch (over
+  // by now); cosine from warm-up's end to 0 at the last step.
+  const auto& o = second.options().optimization();
+  int64_t seen = 24;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    INFO("step " << i);
+    CHECK_THAT(steps[i].lr, WithinRel(learning_rate_at_example(o, seen, 5, 120), 1e-12));
+    seen += i == 7 ? 1 : 5;
+  }
+  CHECK_THAT(steps.back().lr, WithinAbs(0.0, 1e-15));
+  CHECK(seen == 120);
+  // The EMA's warm-up goes on from as many updates as batch 5 takes for 24 examples (3 x 8 / 5, rounded).
+  CHECK(second.ema()->updates() == 5 + 20);
+}
+
+TEST_CASE("an epoch resumed at a position deals out exactly the examples not yet seen, to any number of ranks", "[trainer]") {
+  torch::manual_seed(3);
+  const auto perm = torch::randperm(61, torch::kLong);  // an epoch's shuffle
+  const auto values = [](const torch::Tensor& t) {
+    const auto c = t.contiguous();
+    return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  };
+  for (const int64_t world : {1, 2, 3}) {
+    for (const int64_t batch : {4, 5}) {
+      for (const int64_t from : {0, 24, 36, 60}) {
+        INFO("world " << world << ", batch " << batch << ", from " << from);
+        std::vector<int64_t> dealt;
+        int64_t counted = 0;
+        for (int64_t rank = 0; rank < world; ++rank) {
+          const diffusion::detail::EpochLayout layout(world, rank, 61, batch, 0, from);
+          const auto share = layout.share(perm);
+          for (int64_t step = 0; step < layout.steps; ++step) {
+            const auto idx = values(layout.batch_indices(share, step));
+            dealt.insert(dealt.end(), idx.begin(), idx.end());
+            if (rank == 0) counted += layout.examples_in_step(step);
+          }
+        }
+        // Each position from `from` on once, and the wrap-around (from the shuffle's start) that fills the
+        // ranks' last batches alike.
+        auto expected = values(perm.slice(0, from, 61));
+        const int64_t pad = (61 - from + world - 1) / world * world - (61 - from);
+        const auto wrap = values(perm.slice(0, 0, pad));
+        expected.insert(expected.end(), wrap.begin(), wrap.end());
+        std::sort(dealt.begin(), dealt.end());
+        std::sort(expected.begin(), expected.end());
+        CHECK(dealt == expected);
+        CHECK(counted == static_cast<int64_t>(expected.size()));
+      }
+    }
+    // Resumed with the layout unchanged, at step k's position: the batches k, k+1, ... of the whole pass.
+    for (int64_t rank = 0; rank < world; ++rank) {
+      const diffusion::detail::EpochLayout whole(world, rank, 61, 4, 0), rest(world, rank, 61, 4, 0, 2 * 4 * world);
+      REQUIRE(rest.steps == whole.steps - 2);
+      for (int64_t step = 0; step < rest.steps; ++step) {
+        CHECK(values(rest.batch_indices(rest.share(perm), step)) == values(whole.batch_indices(whole.share(perm), step + 2)));
+      }
+    }
+  }
+}
+
+TEST_CASE("the learning rate in examples is the schedule in steps for full batches", "[trainer]") {
+  auto o = OptimizationOptions().lr(1e-3).lr_schedule(LRSchedule::Cosine).warmup_steps(4);
+  for (int64_t step = 0; step < 21; ++step) {
+    CHECK_THAT(learning_rate_at_example(o, step * 12, 12, 21 * 12), WithinRel(learning_rate_at(o, step, 21), 1e-12));
+  }
+  // One example per step is learning_rate_at itself.
+  CHECK(learning_rate_at_example(o, 7, 1, 21) == learning_rate_at(o, 7, 21));
 }
 
 TEST_CASE("a non-finite loss stops the run naming epoch and step, no checkpoint is written from it",

@@ -133,9 +133,9 @@ TEST_CASE("export_weights and import_weights move a backbone's weights by name, 
   CHECK(weights_metadata(dir / "low80.safetensors").empty());
   CHECK(load_safetensors(dir / "low80.safetensors").front().second.item<float>() == 1.0f);
   write_bytes(dir / "text.txt", {'h', 'e', 'l', 'l', 'o', ' ', 'w', 'o', 'r', 'l', 'd', '\n'});  // neither format
-  CHECK_REFUSED(import_weights(*mlp, dir / "text.txt"), "text.txt is truncated or not safetensors");
-  CHECK_REFUSED(import_weights(*mlp, dir / "text.txt"), "; nor is it a torch.save file (a zip), the other format import_weights reads");
-  CHECK_REFUSED(weights_metadata(dir / "text.txt"), "the other format weights_metadata reads");
+  CHECK_REFUSED(import_weights(*mlp, dir / "text.txt"), "text.txt is neither safetensors (a header length, then '{' at "
+                "byte 8) nor a torch.save file (a zip), the two formats import_weights reads");
+  CHECK_REFUSED(weights_metadata(dir / "text.txt"), "the two formats weights_metadata reads");
   // A write that cannot happen is an error naming the file, and leaves no temporary file behind.
   CHECK_REFUSED(export_weights(*source, dir / "conv.safetensors" / "inside.safetensors"), "save_safetensors: cannot create the directory");
   fs::create_directories(dir / "a_directory.safetensors");

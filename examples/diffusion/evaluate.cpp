@@ -22,12 +22,7 @@ CLI::App* add_classifier(CLI::App& app, ClassifierCommand& c) {
 int run_classifier(const ClassifierCommand& c) {
   check_output("--out", c.out, ".pt", {});  // before training, not after
   // Not over a diffusion checkpoint (also .pt): a classifier file is a plain module archive.
-  bool is_checkpoint = false;
-  try {
-    is_checkpoint = std::filesystem::exists(c.out) && read_checkpoint_info(c.out).format > 0;
-  } catch (const c10::Error&) {
-  }
-  TORCH_CHECK(!is_checkpoint, "classifier: --out ", c.out, " is a diffusion checkpoint; writing it would destroy it");
+  TORCH_CHECK(!is_checkpoint(c.out), "classifier: --out ", c.out, " is a diffusion checkpoint; writing it would destroy it");
   set_threads(c.threads);
   const auto train = data::load_mnist(c.data, data::Split::Train);
   const auto test = data::load_mnist(c.data, data::Split::Test);

@@ -255,23 +255,20 @@ int run_train(const TrainCommand& t) {
         // The same data as the run's, said plainly (the weights would be refused by their shapes): its image
         // shape, and for a class-conditional run its classes by name, whose order is their labels.
         const auto info = read_checkpoint_info(saved.back());
-        TORCH_CHECK(info.data_shape.empty() || info.data_shape == data_plan.shape, "train: ", saved.back().string(),
+        DIFFUSION_CHECK(IncompatibleFileError, info.data_shape.empty() || info.data_shape == data_plan.shape, "train: ", saved.back().string(),
                     " was trained on ", examples, " of shape ", fmt::format("({})", fmt::join(info.data_shape, ", ")), "; ",
                     t.data.data, " gives ", fmt::format("({})", fmt::join(data_plan.shape, ", ")));
         const auto trained_on = class_names_of(info);
-        TORCH_CHECK(trained_on.empty() || trained_on == data_plan.classes, "train: ", saved.back().string(),
+        DIFFUSION_CHECK(IncompatibleFileError, trained_on.empty() || trained_on == data_plan.classes, "train: ", saved.back().string(),
                     " was trained on the classes ", fmt::format("{}", fmt::join(trained_on, ", ")), "; ", t.data.data, " has ",
                     data_plan.classes.empty() ? std::string("none") : fmt::format("{}", fmt::join(data_plan.classes, ", ")));
         trainer.load_checkpoint(saved.back());
-      } catch (const c10::Error& e) {
-        // A damaged file: the one before may do. A file that does not fit: the flags differ from the run's.
-        const std::string what = e.what_without_backtrace();
-        const bool damaged = what.find(" is damaged") != std::string::npos || what.find(" is truncated") != std::string::npos ||
-                             what.find(" is empty") != std::string::npos || what.find("not a regular file") != std::string::npos;
-        TORCH_CHECK(false, what, damaged ? (saved.size() > 1 ? "\nmove it away to resume from the one before, " +
-                                                                   saved[saved.size() - 2].filename().string()
-                                                             : std::string())
-                                         : std::string("\nresume with the flags the run was started with"));
+      } catch (const DamagedFileError& e) {  // the one before may do
+        TORCH_CHECK(false, e.what_without_backtrace(), saved.size() > 1 ? "\nmove it away to resume from the one before, " +
+                                                                              saved[saved.size() - 2].filename().string()
+                                                                        : std::string());
+      } catch (const IncompatibleFileError& e) {  // a sound file of another run: the flags differ from the run's
+        TORCH_CHECK(false, e.what_without_backtrace(), "\nresume with the flags the run was started with");
       }
       if (main_rank) fmt::print("resumed from epoch {} (step {}) of {}\n", trainer.epoch(), trainer.global_step(), saved.back().string());
       if (trainer.epoch() >= t.epochs) {  // every rank read the same checkpoint: all return here

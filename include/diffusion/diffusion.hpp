@@ -44,6 +44,8 @@
 #include <diffusion/backbones/unet.hpp>
 #include <diffusion/image.hpp>
 #include <diffusion/progress.hpp>
+#include <diffusion/errors.hpp>
+#include <diffusion/module_file.hpp>
 #include <diffusion/checkpoint.hpp>
 #include <diffusion/weights.hpp>
 #include <diffusion/training/loss.hpp>
@@ -51,6 +53,7 @@
 #include <diffusion/training/options.hpp>
 #include <diffusion/training/hooks.hpp>
 #include <diffusion/training/trainer.hpp>
+#include <diffusion/training/run_directory.hpp>
 #include <diffusion/training/run_outputs.hpp>
 #include <diffusion/data/dataset.hpp>
 #include <diffusion/data/image_folder.hpp>

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <diffusion/detail/file_kind.hpp>
 #include <diffusion/detail/atomic_file.hpp>
 #include <diffusion/detail/pickle.hpp>
 
@@ -225,34 +226,25 @@ inline void export_weights(const torch::nn::Module& module, const std::filesyste
 
 namespace detail {
 
-/// Whether a weights file is a torch.save zip (else it is read as safetensors), by its first bytes.
-/// Refused: a missing file, and torch.save's format before PyTorch 1.6 (a bare pickle).
-inline bool is_torch_save_file(const std::filesystem::path& path, const char* fn) {
-  std::string head(9, '\0');
-  std::ifstream in(path, std::ios::binary);
-  TORCH_CHECK(in.good() && std::filesystem::is_regular_file(path), fn, ": ", path.string(), ": no such file");
-  in.read(head.data(), 9);
-  head.resize(static_cast<size_t>(in.gcount()));
-  // torch.save before PyTorch 1.6 (or with _use_new_zipfile_serialization=False) writes a bare pickle that
-  // opens with protocol 2 and its magic number as a LONG1: 0x80 0x02 0x8a. A safetensors file opens with
-  // its header's length (little-endian, so any first byte), then '{' at byte 8.
-  const bool pickle = head.size() >= 3 && head.compare(0, 3, "\x80\x02\x8a") == 0 && (head.size() < 9 || head[8] != '{');
-  TORCH_CHECK(!pickle, fn, ": ", path.string(), " is a legacy torch.save file (a bare pickle, not a zip); save it again "
-              "with torch.save in PyTorch 1.6 or later (the default zip format), or as safetensors");
-  return head.size() >= 4 && head.compare(0, 4, std::string("PK\x03\x04", 4)) == 0;
-}
-
-/// load_safetensors for a file is_torch_save_file found not to be a zip: a file that is not safetensors
-/// either is said to be neither of the two formats `fn` reads.
-inline NamedTensors load_other_weights(const std::filesystem::path& path, const char* fn,
-                                       std::map<std::string, std::string>* metadata = nullptr) {
-  try {
-    return load_safetensors(path, metadata);
-  } catch (const c10::Error& e) {
-    const std::string what = e.what_without_backtrace();
-    if (what.find(" is truncated or not safetensors") == std::string::npos) throw;
-    TORCH_CHECK(false, what.substr(0, what.find('\n')), "; nor is it a torch.save file (a zip), the other format ", fn,
-                " reads");
+/// The named tensors of a weights file of either format `fn` reads, told apart by their first bytes
+/// (file_kind): a torch.save zip (load_torch_state_dict) or safetensors (load_safetensors, whose metadata
+/// lands in `metadata` when given). Refused, naming the file: a missing file, torch.save's format before
+/// PyTorch 1.6 (a bare pickle), and a file of neither format.
+inline NamedTensors read_weights_file(const std::filesystem::path& path, const char* fn,
+                                      std::map<std::string, std::string>* metadata = nullptr) {
+  switch (file_kind(path)) {
+    case FileKind::Zip:
+      return load_torch_state_dict(path);
+    case FileKind::Safetensors:
+      return load_safetensors(path, metadata);
+    case FileKind::Missing:
+      TORCH_CHECK(false, fn, ": ", path.string(), ": no such file");
+    case FileKind::LegacyPickle:
+      TORCH_CHECK(false, fn, ": ", path.string(), " is a legacy torch.save file (a bare pickle, not a zip); save it again "
+                  "with torch.save in PyTorch 1.6 or later (the default zip format), or as safetensors");
+    default:
+      TORCH_CHECK(false, fn, ": ", path.string(), " is neither safetensors (a header length, then '{' at byte 8) nor a "
+                  "torch.save file (a zip), the two formats ", fn, " reads");
   }
 }
 
@@ -263,7 +255,7 @@ inline NamedTensors load_other_weights(const std::filesystem::path& path, const 
 /// refuses the file.
 inline std::map<std::string, std::string> weights_metadata(const std::filesystem::path& path) {
   std::map<std::string, std::string> metadata;
-  if (!detail::is_torch_save_file(path, "weights_metadata")) detail::load_other_weights(path, "weights_metadata", &metadata);
+  if (detail::file_kind(path) != detail::FileKind::Zip) detail::read_weights_file(path, "weights_metadata", &metadata);
   return metadata;
 }
 
@@ -277,7 +269,7 @@ inline std::map<std::string, std::string> weights_metadata(const std::filesystem
 ///   import_weights(*model, "seed_model.pt");    // torch.save(model.state_dict(), ...) in Python
 inline void import_weights(torch::nn::Module& module, const std::filesystem::path& path) {
   constexpr const char* fn = "import_weights";
-  const auto loaded = detail::is_torch_save_file(path, fn) ? load_torch_state_dict(path) : detail::load_other_weights(path, fn);
+  const auto loaded = detail::read_weights_file(path, fn);
   std::map<std::string, torch::Tensor> by_name(loaded.begin(), loaded.end());
   std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;  // checked first, copied only if all fit
   std::vector<std::string> missing, mismatched;

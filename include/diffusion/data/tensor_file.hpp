@@ -231,22 +231,12 @@ struct TensorFile {
 inline TensorFile load_tensor_file(const std::filesystem::path& path, const TensorFileOptions& options = {}) {
   constexpr const char* fn = "load_tensor_file";
   const auto name = path.string();
-  TORCH_CHECK(std::filesystem::is_regular_file(path), fn, ": ", name, ": no such file");
-  std::string magic(8, '\0');
-  {
-    std::ifstream in(path, std::ios::binary);
-    in.read(magic.data(), 8);
-    magic.resize(static_cast<size_t>(std::max<std::streamsize>(in.gcount(), 0)));
-  }
-  // A safetensors file opens with its header's length, then the header's '{' at byte 8.
-  const bool npy = magic.compare(0, 6, "\x93NUMPY") == 0, zip = magic.compare(0, 4, std::string("PK\x03\x04", 4)) == 0;
-  std::ifstream head(path, std::ios::binary);
-  head.seekg(8);
-  const bool safetensors = head.get() == '{';
-  // (A legacy torch.save pickle goes on to is_torch_save_file, which says how to save it again.)
-  const bool pickle = magic.compare(0, 3, "\x80\x02\x8a") == 0;
-  TORCH_CHECK(npy || zip || safetensors || pickle, fn, ": ", name, " is not a .npy, .safetensors or .pt (torch.save) file: its first "
-              "bytes are none of theirs");
+  using diffusion::detail::FileKind;
+  const auto kind = diffusion::detail::file_kind(path);
+  TORCH_CHECK(kind != FileKind::Missing, fn, ": ", name, ": no such file");
+  TORCH_CHECK(kind != FileKind::Unknown, fn, ": ", name, " is not a .npy, .safetensors or .pt (torch.save) file: its "
+              "first bytes are none of theirs");
+  const bool npy = kind == FileKind::Npy;
   TensorFile file;
   if (npy) {
     TORCH_CHECK(options.key().empty(), fn, ": ", name, " is a .npy file, which holds one array with no name; drop the key ('",
@@ -255,8 +245,7 @@ inline TensorFile load_tensor_file(const std::filesystem::path& path, const Tens
                 "examples and their '", options.labels_key(), "' together in a .safetensors or .pt file");
     file.examples = load_npy(path);
   } else {
-    const auto tensors = diffusion::detail::is_torch_save_file(path, fn) ? load_torch_state_dict(path)
-                                                                          : diffusion::detail::load_other_weights(path, fn, nullptr);
+    const auto tensors = diffusion::detail::read_weights_file(path, fn);  // a legacy pickle: how to save it again
     std::vector<std::string> names;
     for (const auto& [n, t] : tensors) names.push_back(n);
     const auto find = [&](const std::string& key) {

@@ -1,5 +1,7 @@
 #pragma once
 
+#include <diffusion/errors.hpp>
+
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -67,9 +69,9 @@ inline void collect_for_load(torch::serialize::InputArchive& archive, torch::nn:
                              const std::string& file, std::vector<std::pair<torch::Tensor, torch::Tensor>>& pairs) {
   const auto take = [&](const std::string& name, const torch::Tensor& target, bool is_buffer) {
     torch::Tensor source;
-    TORCH_CHECK(archive.try_read(name, source, is_buffer), file, " has no '", prefix + name,
+    DIFFUSION_CHECK(IncompatibleFileError, archive.try_read(name, source, is_buffer), file, " has no '", prefix + name,
                 "' (written for another backbone?)");
-    TORCH_CHECK(source.sizes() == target.sizes(), file, " holds '", prefix + name,
+    DIFFUSION_CHECK(IncompatibleFileError, source.sizes() == target.sizes(), file, " holds '", prefix + name,
                 "' with shape ", source.sizes(), " but the model's is ", target.sizes(),
                 " (written for another backbone configuration?)");
     pairs.emplace_back(target, source);
@@ -80,7 +82,7 @@ inline void collect_for_load(torch::serialize::InputArchive& archive, torch::nn:
     const bool known = key == "training" || module.named_parameters(false).contains(key) ||
                        module.named_buffers(false).contains(key) ||
                        (module.named_children().contains(key) && module.named_children()[key]->is_serializable());
-    TORCH_CHECK(known, file, " holds '", prefix + key,
+    DIFFUSION_CHECK(IncompatibleFileError, known, file, " holds '", prefix + key,
                 "', which the model does not have (written for another backbone configuration?)");
   }
   for (const auto& p : module.named_parameters(/*recurse=*/false)) take(p.key(), p.value(), false);
@@ -88,7 +90,7 @@ inline void collect_for_load(torch::serialize::InputArchive& archive, torch::nn:
   for (const auto& child : module.named_children()) {
     if (!child.value()->is_serializable()) continue;
     torch::serialize::InputArchive nested;
-    TORCH_CHECK(archive.try_read(child.key(), nested), file, " has no '", prefix + child.key(),
+    DIFFUSION_CHECK(IncompatibleFileError, archive.try_read(child.key(), nested), file, " has no '", prefix + child.key(),
                 "' module (written for another backbone?)");
     collect_for_load(nested, *child.value(), prefix + child.key() + ".", file, pairs);
   }
@@ -111,7 +113,7 @@ inline void load_module(torch::serialize::InputArchive& archive, const std::stri
                         const std::filesystem::path& path) {
   const auto file = "checkpoint: " + path.string();
   torch::serialize::InputArchive nested;
-  TORCH_CHECK(archive.try_read(key, nested), file, " has no '", key, "' weights");
+  DIFFUSION_CHECK(DamagedFileError, archive.try_read(key, nested), file, " has no '", key, "' weights");
   load_module_from(nested, module, file);
 }
 

@@ -1,5 +1,7 @@
 #pragma once
 
+#include <diffusion/errors.hpp>
+
 #include <torch/torch.h>
 
 #include <cstdint>
@@ -70,7 +72,7 @@ std::string walk_pickle(const std::string& pickle, const std::string& what) {
   if constexpr (Rewrite) out.reserve(pickle.size() + 256);
   size_t at = 0;
   const auto fail = [&](const std::string& why) {
-    TORCH_CHECK(false, what, ": not a pickle this library can read (", why, " at byte ", at, ")");
+    DIFFUSION_CHECK(DamagedFileError, false, what, ": not a pickle this library can read (", why, " at byte ", at, ")");
   };
   const auto need = [&](uint64_t n) {  // at <= size always; at + n could wrap around (a length of 2^64 - 9)
     if (n > pickle.size() - at) fail("an opcode's argument runs past the end");

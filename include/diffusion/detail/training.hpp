@@ -126,35 +126,17 @@ inline void check_fit_dataset(const data::Dataset& train, const torch::Tensor& v
   check_labels("val", val_labels, val);
 }
 
-/// What a checkpoint written mid-epoch recorded about its run (-1: not recorded, as in format 1): a
-/// position in the epoch's shuffle means something only for the same data, batch size and ranks.
-struct ResumePoint {
-  int64_t world_size = 1, train_size = -1, batch_size = -1;
-
-  static ResumePoint recorded_in(const nlohmann::json& training) {
-    const auto get = [&](const char* key, int64_t otherwise) {
-      return training.contains(key) && training.at(key).is_number_integer() ? training.at(key).get<int64_t>() : otherwise;
-    };
-    return {get("world_size", 1), get("train_size", -1), get("batch_size", -1)};
-  }
-
-  void check(int64_t step_in_epoch, int64_t world, int64_t train, int64_t batch) const {
-    if (step_in_epoch == 0) return;  // from an epoch's end any of them may change
-    TORCH_CHECK(world_size == world, "Trainer::fit: the checkpoint stopped mid-epoch with ", world_size,
-                " ranks; resume it with ", world_size, ", or from an epoch's end with any number");
-    TORCH_CHECK(train_size < 0 || train_size == train, "Trainer::fit: the checkpoint stopped mid-epoch in a training "
-                "set of ", train_size, " images, but this one has ", train, "; resume with the same data, or from an epoch's end");
-    TORCH_CHECK(batch_size < 0 || batch_size == batch, "Trainer::fit: the checkpoint stopped mid-epoch with batch size ",
-                batch_size, ", but this run's is ", batch, "; resume with the same batch size, or from an epoch's end");
-  }
-};
-
-/// A resumed run trains on examples of the shape its checkpoint recorded (none recorded: any).
-inline void check_resumed_shape(const nlohmann::json& training, const std::vector<int64_t>& shape) {
-  if (!training.contains(data_shape_key)) return;
-  const auto recorded = training.at(data_shape_key).get<std::vector<int64_t>>();
-  TORCH_CHECK(recorded == shape, "Trainer::fit: the checkpoint was trained on examples of shape ", c10::IntArrayRef(recorded),
-              ", this training set's are ", c10::IntArrayRef(shape), "; resume with the same data, or start a new run");
+/// A resumed run trains on examples of the shape its checkpoint recorded (none recorded: any), and one
+/// resumed mid-epoch on a training set of the recorded size (its position is one in the epoch's shuffle).
+/// The batch size and the number of ranks may change: the position is counted in examples.
+inline void check_resumed_layout(const TrainingProgress& p, const std::vector<int64_t>& shape, int64_t train_size) {
+  const auto recorded = RunLayout::read(p.training);
+  DIFFUSION_CHECK(IncompatibleFileError, recorded.data_shape.empty() || recorded.data_shape == shape,
+                  "Trainer::fit: the checkpoint was trained on examples of shape ", c10::IntArrayRef(recorded.data_shape),
+                  ", this training set's are ", c10::IntArrayRef(shape), "; resume with the same data, or start a new run");
+  DIFFUSION_CHECK(IncompatibleFileError, p.step_in_epoch == 0 || recorded.train_size < 0 || recorded.train_size == train_size,
+                  "Trainer::fit: the checkpoint stopped mid-epoch in a training set of ", recorded.train_size,
+                  " examples, but this one has ", train_size, "; resume with the same data, or from an epoch's end");
 }
 
 /// The epoch's shuffle of `n` images, drawn from the generator's state at the epoch's start (kept in
@@ -183,24 +165,52 @@ inline torch::Tensor batch_labels(const torch::Tensor& labels, double dropout, t
   return cond.to(device);
 }
 
-/// How an epoch of `n` images is dealt out to the ranks of `group` (none: one process) in batches of
-/// `batch`: each rank's share is the shuffle padded to world * per_rank by wrapping around, dealt out in
-/// turn (shard), and an epoch is `steps` batches of it (at most `max_steps` when that is > 0).
+/// How an epoch of `n` examples is dealt out to the ranks of `group` (none: one process) in batches of
+/// `batch` per rank, from position `from` of its shuffle on (0, or where a resumed run stopped): the epoch
+/// covers positions [0, end) of the shuffle (end = n, or max_steps global batches when that is > 0 and
+/// fewer); positions [from, end) are padded by wrapping around to the shuffle's start up to a multiple of
+/// the ranks and dealt out in turn (shard), and `steps` batches take each rank's share. Because every
+/// global batch before the last is full, a pass from `from` = k x batch x world deals out exactly the
+/// batches k, k+1, ... of the pass from 0, whatever the layout that took the first k.
 struct EpochLayout {
-  int64_t world, rank, n, batch, per_rank, steps;
+  int64_t world, rank, n, batch, end, from, per_rank, steps;
 
-  EpochLayout(const Collective* group, int64_t n_images, int64_t batch_size, int64_t max_steps)
-      : world(group ? group->world_size() : 1), rank(group ? group->rank() : 0), n(n_images), batch(batch_size),
-        per_rank((n + world - 1) / world), steps((per_rank + batch - 1) / batch) {
-    if (max_steps > 0) steps = std::min(steps, max_steps);
+  EpochLayout(int64_t world_size, int64_t rank_index, int64_t n_examples, int64_t batch_size, int64_t max_steps,
+              int64_t from_position = 0)
+      : world(world_size), rank(rank_index), n(n_examples), batch(batch_size),
+        end(max_steps > 0 ? std::min(n, max_steps * batch * world) : n), from(std::min(from_position, end)),
+        per_rank((end - from + world - 1) / world), steps((per_rank + batch - 1) / batch) {}
+
+  /// This rank's share of the epoch's shuffle `perm` from position `from`.
+  torch::Tensor share(const torch::Tensor& perm) const {
+    const auto rest = perm.slice(0, from, end);
+    if (world == 1) return rest;
+    const int64_t total = per_rank * world;
+    auto padded = rest;
+    while (padded.size(0) < total) padded = torch::cat({padded, perm.slice(0, 0, total - padded.size(0))});
+    return padded.slice(0, rank, total, world);
   }
-  /// The indices of step `step`'s batch in this rank's share `perm`.
-  torch::Tensor batch_indices(const torch::Tensor& perm, int64_t step) const {
-    return perm.slice(0, step * batch, std::min(per_rank, (step + 1) * batch));
+  /// The indices of step `step`'s batch in this rank's share.
+  torch::Tensor batch_indices(const torch::Tensor& share, int64_t step) const {
+    return share.slice(0, step * batch, std::min(per_rank, (step + 1) * batch));
   }
-  /// The images all ranks processed in `steps_done` steps.
-  int64_t images_in(int64_t steps_done) const { return std::min(n, steps_done * batch * world); }
+  /// The examples all ranks take in step `step` (the last may be short, its wrap-around counted).
+  int64_t examples_in_step(int64_t step) const { return world * (std::min(per_rank, (step + 1) * batch) - step * batch); }
+  /// The examples all ranks take in the steps from `from` to the epoch's end.
+  int64_t examples_left() const { return world * per_rank; }
+  /// The global batch: examples per full step.
+  int64_t global_batch() const { return batch * world; }
 };
+
+/// The progress counted in examples of a checkpoint written before they were recorded, from the layout it
+/// recorded (its batch size, or this run's when none was recorded): each epoch one pass of that layout,
+/// the epoch in progress step_in_epoch full global batches.
+inline void derive_examples(TrainingProgress& p, int64_t n, int64_t batch, int64_t max_steps) {
+  const auto recorded = RunLayout::read(p.training);
+  const int64_t old_batch = recorded.batch_size > 0 ? recorded.batch_size : batch, old_world = recorded.world_size;
+  if (p.images_in_epoch < 0) p.images_in_epoch = p.step_in_epoch * old_batch * old_world;
+  if (p.images_seen < 0) p.images_seen = p.epoch * EpochLayout(old_world, 0, n, old_batch, max_steps).examples_left() + p.images_in_epoch;
+}
 
 /// One step's batch on `device`: the images `idx`, and this rank's share of the timesteps, noise and
 /// labels (batch_labels) drawn from `generator` for the whole global batch, so that every rank draws alike

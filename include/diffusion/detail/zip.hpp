@@ -9,7 +9,7 @@
 #include <zlib.h>
 #endif
 
-#include <c10/util/Exception.h>
+#include <diffusion/errors.hpp>
 
 #include <algorithm>
 #include <array>
@@ -101,7 +101,7 @@ struct ZipEntry {
 /// ("checkpoint: run.pt").
 inline std::vector<ZipEntry> zip_entries(const std::string& bytes, size_t end, const std::string& file) {
   const auto damaged = [&file](const auto&... what) {
-    TORCH_CHECK(false, file, " is damaged: ", what...);
+    DIFFUSION_CHECK(DamagedFileError, false, file, " is damaged: ", what...);
   };
   uint64_t count = read_le(bytes, end + 10, 2);
   uint64_t directory = read_le32(bytes, end + 16);
@@ -169,7 +169,7 @@ inline std::string zip_entry_bytes(const std::string& bytes, const ZipEntry& ent
   out.reserve(size_t(entry.size));
   const bool whole = inflate_raw(bytes.data() + entry.data, entry.packed, entry.size,
                                  [&out](const Bytef* piece, size_t n) { out.append(reinterpret_cast<const char*>(piece), n); });
-  TORCH_CHECK(whole, file, " is damaged: entry ", entry.name, " does not inflate to its recorded ",
+  DIFFUSION_CHECK(DamagedFileError, whole, file, " is damaged: entry ", entry.name, " does not inflate to its recorded ",
               entry.size, " bytes");
 #else
   TORCH_CHECK(false, file, ": entry ", entry.name, " is deflated and this build has no zlib (DIFFUSION_NO_ZLIB)");
@@ -188,10 +188,10 @@ inline void check_zip_crcs(const std::string& bytes, const std::vector<ZipEntry>
     if (entry.method == 0) {
       add(reinterpret_cast<const Bytef*>(start), size_t(entry.size));
     } else {
-      TORCH_CHECK(inflate_raw(start, entry.packed, entry.size, add), file, " is damaged: entry ",
+      DIFFUSION_CHECK(DamagedFileError, inflate_raw(start, entry.packed, entry.size, add), file, " is damaged: entry ",
                   entry.name, " does not inflate to its recorded ", entry.size, " bytes (a changed byte)");
     }
-    TORCH_CHECK(static_cast<uint32_t>(crc) == entry.crc, file, " is damaged: entry ", entry.name,
+    DIFFUSION_CHECK(DamagedFileError, static_cast<uint32_t>(crc) == entry.crc, file, " is damaged: entry ", entry.name,
                 " does not match its CRC-32 (a changed byte)");
   }
 #else

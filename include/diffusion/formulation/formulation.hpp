@@ -1,5 +1,7 @@
 #pragma once
 
+#include <diffusion/errors.hpp>
+
 #include <diffusion/detail/registry.hpp>
 
 #include <nlohmann/json.hpp>
@@ -119,6 +121,31 @@ struct FormulationConfig {
 
 /// The record of `f`: make_formulation(config.name, config.options) rebuilds it.
 inline FormulationConfig formulation_config(const Formulation& f) { return {f.name(), f.options()}; }
+
+/// Refuses, with an IncompatibleFileError, a model trained for `theirs` where `mine` is needed (resuming a
+/// run, guiding one network by another), saying how the two differ: for two discrete formulations
+/// ("ddpm") the prediction type or the noise schedule, else the two records. The message begins with
+/// `who`, names the two as `theirs_name` (a file) and `mine_name` ("this run"), and ends with `reason`
+/// when given.
+inline void check_same_formulation(const FormulationConfig& theirs, const FormulationConfig& mine, const std::string& who,
+                                   const std::string& theirs_name, const std::string& mine_name,
+                                   const std::string& reason = "") {
+  const auto tail = reason.empty() ? std::string() : "; " + reason;
+  if (theirs.name == "ddpm" && mine.name == "ddpm") {
+    const auto option = [](const FormulationConfig& c, const char* key) {
+      return c.options.contains(key) ? c.options.at(key) : nlohmann::json();
+    };
+    const auto p1 = option(theirs, "prediction"), p2 = option(mine, "prediction");
+    DIFFUSION_CHECK(IncompatibleFileError, p1 == p2, who, ": ", theirs_name, " was trained with ",
+                    p1.is_string() ? p1.get<std::string>() : p1.dump(), " prediction, ", mine_name, "'s is ",
+                    p2.is_string() ? p2.get<std::string>() : p2.dump(), tail);
+    DIFFUSION_CHECK(IncompatibleFileError, option(theirs, "schedule") == option(mine, "schedule"), who, ": ", theirs_name,
+                    " was trained with another noise schedule (", option(theirs, "schedule").dump(), ", ", mine_name,
+                    "'s ", option(mine, "schedule").dump(), ")", tail);
+  }
+  DIFFUSION_CHECK(IncompatibleFileError, theirs == mine, who, ": ", theirs_name, " was trained for the formulation ",
+                  theirs.name, " ", theirs.options.dump(), ", ", mine_name, "'s is ", mine.name, " ", mine.options.dump(), tail);
+}
 
 /// The formulation a record describes (see make_formulation for what is refused).
 inline std::shared_ptr<const Formulation> make_formulation(const FormulationConfig& config) {

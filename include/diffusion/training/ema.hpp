@@ -53,6 +53,12 @@ class EMA {
   double decay() const noexcept { return decay_; }
   /// Updates so far (n above).
   int64_t updates() const noexcept { return updates_; }
+  /// Sets the update count the decay's warm-up reads (a run resumed with another batch size continues
+  /// from the count that batch would have reached). Refused: a negative count.
+  void set_updates(int64_t n) {
+    TORCH_CHECK(n >= 0, "EMA: the update count must be >= 0, got ", n);
+    updates_ = n;
+  }
   const torch::OrderedDict<std::string, torch::Tensor>& shadow() const noexcept { return shadow_; }
 
   /// While alive, `model` holds the averaged weights; its own come back when it ends.

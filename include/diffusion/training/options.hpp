@@ -56,14 +56,27 @@ struct OptimizationOptions {
   TORCH_ARG(double, grad_clip) = 0.0;
 };
 
-/// The learning rate of step `step` (0-based) of a run of `total` steps.
-inline double learning_rate_at(const OptimizationOptions& o, int64_t step, int64_t total) {
-  const int64_t warmup = o.warmup_steps();
-  if (step < warmup) return o.lr() * static_cast<double>(step + 1) / static_cast<double>(warmup);
+/// The learning rate of a step that begins after `seen` of a run's `total` training examples, in a run
+/// whose global batch (batch size x ranks) is `batch` examples. Warm-up raises it linearly over the first
+/// warmup_steps x batch examples, reaching lr after them ((seen + batch) / (warmup_steps x batch) of lr);
+/// then it stays at lr (Constant) or follows a half cosine from lr to 0 (Cosine) at the fraction
+/// p = (seen - warmup) / (total - warmup - batch), at most 1: 0 at the run's last step. Counting in
+/// examples keeps the schedule where it was when a run resumes with another batch size or number of
+/// ranks (EDM2, Karras et al. 2024, counts its schedule in images too); for a run of full batches it is
+/// the schedule in steps exactly.
+inline double learning_rate_at_example(const OptimizationOptions& o, int64_t seen, int64_t batch, int64_t total) {
+  const int64_t warmup = o.warmup_steps() * batch;
+  if (seen < warmup) return o.lr() * static_cast<double>(seen + batch) / static_cast<double>(warmup);
   if (o.lr_schedule() == LRSchedule::Constant) return o.lr();
-  const int64_t span = total - warmup - 1;
-  const double p = span > 0 ? std::min(1.0, static_cast<double>(step - warmup) / static_cast<double>(span)) : 1.0;
+  const int64_t span = total - warmup - batch;
+  const double p = span > 0 ? std::min(1.0, static_cast<double>(seen - warmup) / static_cast<double>(span)) : 1.0;
   return o.lr() * 0.5 * (1.0 + std::cos(std::numbers::pi * p));
+}
+
+/// The learning rate of step `step` (0-based) of a run of `total` steps: learning_rate_at_example with
+/// one example per step.
+inline double learning_rate_at(const OptimizationOptions& o, int64_t step, int64_t total) {
+  return learning_rate_at_example(o, step, 1, total);
 }
 
 /// Options for a Trainer. The defaults are the seed's: epsilon prediction, plain MSE, AdamW lr 1e-3,
@@ -110,13 +123,18 @@ struct TrainerOptions {
   TORCH_ARG(double, progress_interval) = 10.0;
 };
 
+namespace detail {
+/// The key of TrainerOptions::batch_size in its JSON (RunLayout reads it back).
+inline constexpr const char* batch_size_key = "batch_size";
+}  // namespace detail
+
 /// TrainerOptions as JSON, as checkpoints record them (the device apart: it is where the run was, not
 /// what it is).
 inline void to_json(nlohmann::json& j, const TrainerOptions& o) {
   const auto& l = o.loss();
   const auto& u = o.optimization();
   j = {{"epochs", o.epochs()},
-       {"batch_size", o.batch_size()},
+       {detail::batch_size_key, o.batch_size()},
        {"micro_batch", o.micro_batch()},
        {"max_steps_per_epoch", o.max_steps_per_epoch()},
        {"seed", o.seed()},

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <diffusion/checkpoint.hpp>
+#include <diffusion/training/run_directory.hpp>
 #include <diffusion/data/tensor_file.hpp>
 #include <diffusion/image.hpp>
 #include <diffusion/sampling/ddpm.hpp>

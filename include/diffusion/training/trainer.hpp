@@ -32,7 +32,7 @@
 #include <tuple>
 #include <vector>
 
-/// Training a backbone with the denoising objective (Ho et al. 2020, Algorithm 1), the seed's whole job.
+/// Training a backbone with the denoising objective (Ho et al. 2020, Algorithm 1).
 namespace diffusion {
 
 /// Class labels for Trainer::fit: one per training (and validation) image, for a ConditionalBackbone.
@@ -106,31 +106,51 @@ class Trainer final : public TrainingRun {
     const auto [val_images, val_labels] = detail::whole_validation_set(val.get(), use_labels);
     detail::check_fit_dataset(*train, val_images, val_labels, use_labels);
     train_ = train;
-    const detail::EpochLayout layout(group_.get(), train->size(), options_.batch_size(), options_.max_steps_per_epoch());
+    const int64_t world = group_ ? group_->world_size() : 1, rank = group_ ? group_->rank() : 0;
+    const int64_t n = train->size(), batch = options_.batch_size(), max_steps = options_.max_steps_per_epoch();
     auto& p = progress_;
-    detail::ResumePoint::recorded_in(p.training).check(p.step_in_epoch, layout.world, layout.n, layout.batch);
-    detail::check_resumed_shape(p.training, train->shape());
+    detail::check_resumed_layout(p, train->shape(), n);
+    detail::derive_examples(p, n, batch, max_steps);
+    // A resume with another global batch: the EMA's warm-up continues from as many updates as this batch
+    // would have taken for the examples seen.
+    if (const auto recorded = RunLayout::read(p.training); ema_ && recorded.batch_size > 0 &&
+                                                            recorded.batch_size * recorded.world_size != batch * world) {
+      ema_->set_updates(static_cast<int64_t>(std::llround(static_cast<double>(ema_->updates()) *
+                                                          static_cast<double>(recorded.batch_size * recorded.world_size) /
+                                                          static_cast<double>(batch * world))));
+    }
+    RunLayout{train->shape(), n, batch, world, device_.str()}.write(p.training);
     if (group_) detail::broadcast_from_rank0(*group_, unwrap(model_), ema_ptr());
     const auto val_draws = detail::fixed_validation_draws(val_images, *objective_, options_.seed());
-    auto& guard = guard_.emplace(device_, options_.skip_nonfinite(), layout.steps);
+    const detail::EpochLayout whole(world, rank, n, batch, max_steps);
+    auto& guard = guard_.emplace(device_, options_.skip_nonfinite(), whole.steps);
     guard.set_skipped(p.skipped_steps);
+    // The run's length in examples (the learning-rate schedule's clock): those seen, the rest of the epoch
+    // in progress, and the epochs after it.
+    const int64_t total = p.epoch >= options_.epochs() ? p.images_seen
+        : p.images_seen + detail::EpochLayout(world, rank, n, batch, max_steps, p.images_in_epoch).examples_left() +
+              (options_.epochs() - p.epoch - 1) * whole.examples_left();
     while (p.epoch < options_.epochs()) {
       const auto start = std::chrono::steady_clock::now();
-      ProgressBar bar(fmt::format("Epoch {}/{}", p.epoch + 1, options_.epochs()), layout.steps,
-                      layout.rank == 0 ? options_.progress() : ProgressMode::Off, options_.progress_interval());
-      const auto perm = detail::shard(detail::epoch_permutation(layout.n, generator_, p.epoch_rng_state, p.step_in_epoch > 0),
-                                      layout.world, layout.rank);
+      // From where the epoch stands (a resumed run: perhaps reached with another batch size or number of
+      // ranks); its steps are numbered on from those taken before.
+      const detail::EpochLayout layout(world, rank, n, batch, max_steps, p.images_in_epoch);
+      const int64_t first = p.step_in_epoch, steps = first + layout.steps;
+      ProgressBar bar(fmt::format("Epoch {}/{}", p.epoch + 1, options_.epochs()), steps,
+                      rank == 0 ? options_.progress() : ProgressMode::Off, options_.progress_interval());
+      const auto share = layout.share(detail::epoch_permutation(n, generator_, p.epoch_rng_state, p.step_in_epoch > 0));
       const data::AugmentationDraw augmentation{options_.seed(), p.epoch};
       auto running = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
-      int64_t skipped_here = 0;  // skipped steps' losses are not finite: the epoch's loss leaves them out
+      int64_t skipped_here = 0, examples_here = 0;  // skipped steps' losses are not finite: the epoch's loss leaves them out
       unwrap(model_).train();
       bool stop_at_epoch_end = false;
-      for (int64_t step = p.step_in_epoch; step < layout.steps; ++step) {
-        const auto idx = layout.batch_indices(perm, step);
+      for (int64_t k = 0; k < layout.steps; ++k) {
+        const int64_t step = first + k;
+        const auto idx = layout.batch_indices(share, k);
         const auto b = detail::draw_batch(*train, use_labels, idx, augmentation, *objective_, options_.cond_dropout(), generator_,
                                           layout, device_);
-        if (step + 1 < layout.steps) train->prefetch(layout.batch_indices(perm, step + 1), augmentation);
-        const double lr = learning_rate_at(options_.optimization(), p.global_step, options_.epochs() * layout.steps);
+        if (k + 1 < layout.steps) train->prefetch(layout.batch_indices(share, k + 1), augmentation);
+        const double lr = learning_rate_at_example(options_.optimization(), p.images_seen, layout.global_batch(), total);
         for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
         optimizer_->zero_grad();
         auto loss = detail::accumulate_gradients(*objective_, [this](const torch::Tensor& cond) { return network(cond); }, b.x0,
@@ -144,31 +164,34 @@ class Trainer final : public TrainingRun {
           optimizer_->step();
           if (ema_) ema_->update(unwrap(model_));
         }
+        const int64_t examples = layout.examples_in_step(k);
         ++p.global_step;
         p.step_in_epoch = step + 1;
+        p.images_seen += examples;
+        p.images_in_epoch = std::min(layout.end, p.images_in_epoch + examples);  // the wrap-around is no new position
+        examples_here += examples;
         p.skipped_steps = guard.skipped();
         if (skip) ++skipped_here;
         else running += loss;
-        if (bar.due(step + 1)) bar.update(step + 1, running.item<double>() / static_cast<double>(step + 1 - resumed_at_ - skipped_here));
-        const TrainStep info{p.epoch + 1, options_.epochs(), step + 1, layout.steps, p.global_step, loss, lr, skip};
+        if (bar.due(step + 1)) bar.update(step + 1, running.item<double>() / static_cast<double>(k + 1 - skipped_here));
+        const TrainStep info{p.epoch + 1, options_.epochs(), step + 1, steps, p.global_step, loss, lr, skip};
         for (auto& hook : hooks_) hook->on_step(*this, info);
         if (on_step) on_step(info);
         // A stop on the epoch's last step lets the epoch end first (validation, hooks, its checkpoint).
         stop_at_epoch_end = group_ ? shared_stop : stop_requested();
-        if (stop_at_epoch_end && step + 1 < layout.steps) interrupt();
+        if (stop_at_epoch_end && k + 1 < layout.steps) interrupt();
       }
       bar.finish();
       guard.verify();
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      const auto done = layout.steps - resumed_at_;
       TrainEpoch info{p.epoch + 1, options_.epochs(), p.global_step,
-                      running.item<double>() / static_cast<double>(done - skipped_here),  // NaN when all were skipped
+                      running.item<double>() / static_cast<double>(layout.steps - skipped_here),  // NaN when all were skipped
                       val_images.defined() ? std::optional<double>(detail::validation_loss(unwrap(model_), *objective_,
                           [this](const torch::Tensor& cond) { return network(cond); }, val_images, val_labels, val_draws,
                           options_.batch_size(), device_, group_.get())) : std::nullopt, seconds,
-                      static_cast<double>(layout.images_in(done)) / seconds, guard.skipped(), {}, {}};
+                      static_cast<double>(examples_here) / seconds, guard.skipped(), {}, {}};
       ++p.epoch;
-      p.step_in_epoch = resumed_at_ = 0;
+      p.step_in_epoch = p.images_in_epoch = 0;
       for (auto& hook : hooks_) hook->on_epoch(*this, info);
       if (on_epoch) on_epoch(info);
       if (stop_at_epoch_end && p.epoch < options_.epochs()) interrupt();
@@ -180,20 +203,10 @@ class Trainer final : public TrainingRun {
   /// of another noise schedule or prediction type (the run would change its objective half-way).
   void load_checkpoint(const std::filesystem::path& path) {
     progress_ = load_training_state(path, unwrap(model_), optimizer_.get(), ema_ptr(), device_, [&](const CheckpointInfo& info) {
-      const auto mine = formulation_config(formulation());
-      if (const auto* discrete = dynamic_cast<const DiscreteObjective*>(objective_.get()); discrete && info.formulation.name == "ddpm") {
-        TORCH_CHECK(info.prediction == discrete->prediction(), "Trainer::load_checkpoint: ", path.string(), " was trained with ",
-                    to_string(info.prediction), " prediction, this run's is ", to_string(discrete->prediction()));
-        TORCH_CHECK(nlohmann::json(info.schedule) == nlohmann::json(discrete->schedule().options()), "Trainer::load_checkpoint: ",
-                    path.string(), " was trained with another noise schedule (", nlohmann::json(info.schedule).dump(),
-                    ", this run's ", nlohmann::json(discrete->schedule().options()).dump(), ")");
-      }
-      TORCH_CHECK(info.formulation == mine, "Trainer::load_checkpoint: ", path.string(), " was trained for the formulation ",
-                  info.formulation.name, " ", info.formulation.options.dump(), ", this run's is ", mine.name, " ",
-                  mine.options.dump());
+      check_same_formulation(info.formulation, formulation_config(formulation()), "Trainer::load_checkpoint", path.string(),
+                             "this run");
     });
     generator_.set_state(progress_.rng_state);
-    resumed_at_ = progress_.step_in_epoch;
   }
 
   void save_checkpoint(const std::filesystem::path& path) override {
@@ -203,12 +216,8 @@ class Trainer final : public TrainingRun {
     c.progress.rng_state = generator_.get_state();
     if (c.progress.step_in_epoch == 0) c.progress.epoch_rng_state = torch::Tensor();
     c.progress.training = options_;
-    c.progress.training["device"] = device_.str();
-    c.progress.training["world_size"] = group_ ? group_->world_size() : 1;
-    if (train_) {
-      c.progress.training["train_size"] = train_->size();
-      c.progress.training[detail::data_shape_key] = train_->shape();
-    }
+    RunLayout{train_ ? train_->shape() : std::vector<int64_t>{}, train_ ? train_->size() : -1, options_.batch_size(),
+              group_ ? group_->world_size() : 1, device_.str()}.write(c.progress.training);
     diffusion::save_checkpoint(path, c);
   }
 
@@ -322,7 +331,6 @@ class Trainer final : public TrainingRun {
   std::shared_ptr<Collective> group_;
   TrainingProgress progress_;
   std::shared_ptr<const data::Dataset> train_;
-  int64_t resumed_at_ = 0;  // the step in the epoch that fit started from (a resume mid-epoch)
 };
 
 }  // namespace diffusion
