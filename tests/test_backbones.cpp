@@ -63,7 +63,8 @@ static_assert(Backbone<ResidualConvNet> && Backbone<std::shared_ptr<ResidualConv
 static_assert(Backbone<const ConvNet&>);
 static_assert(!Backbone<NoForward> && !Backbone<NoForwardImpl>);
 static_assert(!Backbone<OneArgForward>);
-static_assert(!Backbone<NotAModule> && PredictsNoise<NotAModule> && !TorchModule<NotAModule>);
+static_assert(!Backbone<NotAModule> && NoiseConditional<NotAModule> && !TorchModule<NotAModule>);
+static_assert(PredictsNoise<NotAModule>);  // the deprecated name still says the same
 static_assert(!Backbone<WrongReturnImpl>);
 static_assert(!Backbone<int> && !Backbone<torch::nn::Linear>);
 static_assert(std::is_same_v<module_type_t<ConvNet>, ConvNetImpl>);

@@ -86,7 +86,7 @@ TEST_CASE("q_sample refuses bad inputs", "[forward][errors]") {
     CHECK_REFUSED(q_sample(s.to(torch::Device(torch::kMeta)), x, t), "x0 is on cpu but the schedule is on meta");
   }
 }
-TEST_CASE("denoise converts epsilon, v and sample predictions to consistent (eps, x0)", "[sampler][prediction]") {
+TEST_CASE("convert_prediction converts epsilon, v and sample predictions to consistent (eps, x0)", "[sampler][prediction]") {
   const NoiseSchedule schedule(NoiseScheduleOptions().dtype(torch::kFloat64));
   const auto opts = torch::TensorOptions().dtype(torch::kFloat64);
   auto gen = make_generator(3);
@@ -100,12 +100,12 @@ TEST_CASE("denoise converts epsilon, v and sample predictions to consistent (eps
     for (const auto& [prediction, output] : {std::pair{Prediction::Epsilon, eps}, std::pair{Prediction::V, v},
                                               std::pair{Prediction::Sample, x0}}) {
       INFO(to_string(prediction));
-      const auto d = denoise(schedule, x_t, t, output, prediction);
+      const auto d = convert_prediction(schedule, x_t, t, output, prediction);
       CHECK(torch::allclose(d.x0, x0, 1e-9, t == 999 && prediction == Prediction::Epsilon ? 1e-6 : 1e-9));
       CHECK(torch::allclose(d.eps, eps, 1e-9, t == 0 && prediction == Prediction::Sample ? 1e-6 : 1e-9));
     }
     // Clamped: x0 in [-0.5, 0.5] and eps recomputed to match it.
-    const auto c = denoise(schedule, x_t, t, v, Prediction::V, 0.5);
+    const auto c = convert_prediction(schedule, x_t, t, v, Prediction::V, 0.5);
     CHECK(c.x0.abs().max().item<double>() <= 0.5);
     CHECK(torch::allclose(c.x0 * a + c.eps * b, x_t, 1e-9, 1e-9));
   }
@@ -113,8 +113,16 @@ TEST_CASE("denoise converts epsilon, v and sample predictions to consistent (eps
   CHECK(parse_prediction("epsilon") == Prediction::Epsilon);
   CHECK(parse_prediction("sample") == Prediction::Sample);
   CHECK_REFUSED(parse_prediction("noise"), "expected \"epsilon\", \"v\" or \"sample\", got \"noise\"");
-  CHECK_REFUSED(denoise(schedule, x0, 1000, eps), "t must be in [0, 1000), got 1000");
-  CHECK_REFUSED(denoise(schedule, x0, 5, eps.slice(0, 0, 2)), "the prediction must have x_t's shape [4, 3]");
-  CHECK_REFUSED(denoise(schedule, x0, 5, eps, Prediction::Epsilon, -1), "clip_x0 must be >= 0");
+  CHECK_REFUSED(convert_prediction(schedule, x0, 1000, eps), "t must be in [0, 1000), got 1000");
+  CHECK_REFUSED(convert_prediction(schedule, x0, 5, eps.slice(0, 0, 2)), "the prediction must have x_t's shape [4, 3]");
+  CHECK_REFUSED(convert_prediction(schedule, x0, 5, eps, Prediction::Epsilon, -1), "clip_x0 must be >= 0");
+  // The deprecated name converts alike.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  const auto old_name = denoise(schedule, x0, 5, eps, Prediction::V, 0.5);
+#pragma GCC diagnostic pop
+  const auto new_name = convert_prediction(schedule, x0, 5, eps, Prediction::V, 0.5);
+  CHECK(torch::equal(old_name.x0, new_name.x0));
+  CHECK(torch::equal(old_name.eps, new_name.eps));
 }
 

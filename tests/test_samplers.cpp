@@ -88,11 +88,11 @@ TEST_CASE("The discrete formulation equals the schedule's tables at its own leve
       const auto c_noise = f.noise_conditioning(sigma, 2, torch::kCPU);
       CHECK(c_noise.scalar_type() == torch::kLong);
       CHECK(c_noise[1].item<int64_t>() == t);
-      // The denoiser is denoise()'s x_0 for every prediction type.
+      // The denoiser is convert_prediction()'s x_0 for every prediction type.
       auto gen = make_generator(3);
       const auto x = torch::randn({2, 3}, gen, f64), out = torch::randn({2, 3}, gen, f64);
       const auto c = f.precondition(sigma);
-      const auto expected = denoise(schedule.to(torch::kCPU, torch::kFloat64), x, t, out, prediction).x0;
+      const auto expected = convert_prediction(schedule.to(torch::kCPU, torch::kFloat64), x, t, out, prediction).x0;
       CHECK(max_abs(x * c.c_skip + out * c.c_out, expected) < 1e-9 * (1 + expected.abs().max().item<double>()));
     }
   }

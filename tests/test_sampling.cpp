@@ -194,13 +194,14 @@ TEST_CASE("ddim_step is eq. 12 of Song et al. and refuses bad inputs", "[ddim]")
   const double sigma = std::sqrt((1 - ap) / (1 - a)) * std::sqrt(1 - a / ap);
   CHECK_THAT(ddim_step(s, x, 500, 480, eps, 1.0, z)[1][2].item<double>(),
              WithinAbs(std::sqrt(ap) * x0 - 0.2 * std::sqrt(1 - ap - sigma * sigma) + 1.5 * sigma, 1e-5));
-  // To x_0 (t_prev = -1): the predicted x0 itself.
+  // To x_0 (t_next = -1): the predicted x0 itself.
   CHECK_THAT(ddim_step(s, x, 0, -1, eps)[0][0].item<double>(),
              WithinAbs((0.7 + 0.2 * std::sqrt(1 - h.alphas_cumprod[0])) / std::sqrt(h.alphas_cumprod[0]), 1e-5));
-  CHECK_REFUSED(ddim_step(s, x, 500, 500, eps), "t_prev must be in [-1, t = 500), got 500");
+  CHECK_REFUSED(ddim_step(s, x, 500, 500, eps), "t_next must be in [-1, t = 500), got 500");
   CHECK_REFUSED(ddim_step(s, x, 1000, 5, eps), "t must be in [0, 1000), got 1000");
-  CHECK_REFUSED(ddim_step(s, x, 500, 480, eps, -0.5), "eta must be finite and >= 0, got -0.5");
-  CHECK_REFUSED(ddim_step(s, x, 500, 480, eps, std::numeric_limits<double>::infinity()), "eta must be finite and >= 0, got inf");
+  CHECK_REFUSED(ddim_step(s, x, 500, 480, eps, -0.5), "eta must be in [0, 1], got -0.5");
+  CHECK_REFUSED(ddim_step(s, x, 500, 480, eps, std::numeric_limits<double>::infinity()), "eta must be in [0, 1], got inf");
+  CHECK_REFUSED(ddim_step(s, x, 500, 480, eps, 1.5), "eta must be in [0, 1], got 1.5");
   CHECK_REFUSED(ddim_step(s, x, 500, 480, eps, 1.0), "with sigma > 0 the noise z must have x_t's shape");
   CHECK_REFUSED(ddim_step(s, x, 500, 480, torch::zeros({2})), "the predicted noise must have x_t's shape");
 }
@@ -236,7 +237,7 @@ TEST_CASE("DDIM at eta = 0 is deterministic given x_T", "[ddim]") {
   CHECK(torch::equal(a, b));
   CHECK_FALSE(torch::equal(a, c));
   CHECK_REFUSED(sample(oracle, schedule, {4, 1, 2, 2}, DDIM().steps(2000)), "steps must be in [1, 1000]");
-  CHECK_REFUSED(sample(oracle, schedule, {4, 1, 2, 2}, DDIM().eta(-1)), "eta must be finite and >= 0");
+  CHECK_REFUSED(sample(oracle, schedule, {4, 1, 2, 2}, DDIM().eta(-1)), "eta must be in [0, 1]");
 }
 
 TEST_CASE("clip_x0 clamps the predicted x_0 and uses eq. 7's posterior mean, which is eq. 11 unclamped", "[sampler][clip]") {
@@ -442,11 +443,13 @@ TEST_CASE("make_sampler builds methods by name and refuses what they do not use"
   CHECK(make_sampler("dpmpp-2m")->describe() == "DPM-Solver++(2M), 20 steps (leading)");
   CHECK(make_sampler("ddpm")->timesteps(5) == std::vector<int64_t>{4, 3, 2, 1, 0});
   CHECK_REFUSED(make_sampler("euler"), "unknown sampler 'euler' (known: ddim, ddpm, dpmpp-2m, dpmpp-2m-sde)");
-  CHECK_REFUSED(make_sampler("ddpm", SamplerSettings().steps(50)), "ddpm visits every timestep");
-  CHECK_REFUSED(make_sampler("dpmpp-2m", SamplerSettings().eta(1)), "dpmpp-2m takes no eta (eta applies to ddim), got 1");
+  CHECK_REFUSED(make_sampler("ddpm", SamplerSettings().steps(50)), "ddpm (which visits every timestep) takes no steps, got 50");
+  CHECK_REFUSED(make_sampler("dpmpp-2m", SamplerSettings().eta(1)), "dpmpp-2m takes no eta, got 1");
   // Refused when made, not later when sampling starts.
-  CHECK_REFUSED(make_sampler("ddim", SamplerSettings().eta(-1)), "make_sampler: eta must be finite and >= 0, got -1");
-  CHECK_REFUSED(make_sampler("ddim", SamplerSettings().eta(std::numeric_limits<double>::infinity())), "make_sampler: eta must be finite and >= 0, got inf");
+  CHECK_REFUSED(make_sampler("ddim", SamplerSettings().eta(-1)), "make_sampler: ddim: eta must be in [0, 1], got -1");
+  CHECK_REFUSED(make_sampler("ddim", SamplerSettings().eta(std::numeric_limits<double>::infinity())), "make_sampler: ddim: eta must be in [0, 1], got inf");
+  // One rule for DDIM's eta, whichever way it is made (the level sampler "ddim" too).
+  CHECK_REFUSED(make_sampler("ddim", SamplerSettings().eta(1.5)), "make_sampler: ddim: eta must be in [0, 1], got 1.5");
   CHECK_REFUSED(make_sampler("dpmpp-2m-sde", SamplerSettings().steps(0)), "make_sampler: steps must be >= 1, got 0");
   CHECK_REFUSED(register_sampler("ddim", nullptr), "'ddim' is already registered");
 
@@ -456,7 +459,16 @@ TEST_CASE("make_sampler builds methods by name and refuses what they do not use"
     std::string describe() const override { return "jump"; }
     std::vector<int64_t> timesteps(int64_t T) const override { return {T - 1, T / 2}; }
     Update start() const override {
-      return [](const StepContext& c) { return c.denoised.x0.clone(); };
+      return [](const StepContext& c) {
+        // t_next is the next plan entry; t_prev, its deprecated former name, holds the same.
+        const int64_t expected = c.index + 1 < c.count ? 500 : -1;
+        TORCH_CHECK(c.t_next == expected, "t_next ", c.t_next, ", expected ", expected);
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+        TORCH_CHECK(c.t_prev == c.t_next, "t_prev ", c.t_prev, " is not t_next ", c.t_next);
+#pragma GCC diagnostic pop
+        return c.denoised.x0.clone();
+      };
     }
   };
   const auto names = sampler_names();
@@ -500,7 +512,7 @@ TEST_CASE("dpm_solver_pp_step is Algorithm 2 of Lu et al. 2022", "[dpm_solver]")
   CHECK_THAT(dpm_solver_pp_step(s, x, 600, 400, x0, 800, x0_last)[1][2].item<double>(), WithinAbs(second, 1e-12));
   // To x_0 the step is first order: the prediction itself.
   CHECK(torch::equal(dpm_solver_pp_step(s, x, 0, -1, x0, 20, x0_last), x0));
-  CHECK_REFUSED(dpm_solver_pp_step(s, x, 600, 600, x0), "t_prev must be in [-1, t = 600), got 600");
+  CHECK_REFUSED(dpm_solver_pp_step(s, x, 600, 600, x0), "t_next must be in [-1, t = 600), got 600");
   CHECK_REFUSED(dpm_solver_pp_step(s, x, 600, 400, x0, 500, x0_last), "t_last must be in (t = 600, 1000), got 500");
   CHECK_REFUSED(dpm_solver_pp_step(s, x, 600, 400, x0.slice(0, 0, 1)), "x0 must have x_t's shape [2, 3]");
   CHECK_REFUSED(dpm_solver_pp_step(s, x, 1000, 400, x0), "t must be in [0, 1000), got 1000");

@@ -169,21 +169,12 @@ diffusion::BackboneConfig preset_config(const std::string& name, const Shape& sh
                 "--conditional applies to the conv and unet backbones only, got --backbone ", name);
     options["num_classes"] = num_classes;
   }
-  if (name == "conv" || name == "conv-small") {
-    options["widths"] = shape.widths.empty() ? (name == "conv" ? std::vector<int64_t>{32, 64, 128, 256}
-                                                               : std::vector<int64_t>{32, 64})
-                                             : parse_ints(shape.widths);
-    return {"convnet", options};
-  }
-  if (name == "smol") return {"smol_mlp", options};
-  if (name == "chunky") return {"chunky_mlp", options};
-  TORCH_CHECK(name == "unet", "unknown backbone '", name, "'");
-  // One block per level unless --blocks says otherwise, for however many levels the widths give.
-  const auto widths = shape.widths.empty() ? diffusion::UNetOptions().widths() : parse_ints(shape.widths);
-  options["widths"] = widths;
-  options["blocks"] = shape.blocks.empty() ? std::vector<int64_t>(widths.size(), 1) : parse_ints(shape.blocks);
-  if (shape.patch > 0) options["patch"] = shape.patch;
-  return {"unet", options};
+  auto config = diffusion::detail::preset_backbone(name, shape.widths.empty() ? std::vector<int64_t>{} : parse_ints(shape.widths),
+                                                  shape.blocks.empty() ? std::vector<int64_t>{} : parse_ints(shape.blocks),
+                                                  shape.patch);
+  TORCH_CHECK(config, "unknown backbone '", name, "'");
+  config->options.update(options);
+  return *config;
 }
 
 }  // namespace
@@ -357,10 +348,10 @@ void add_sampling_flags(CLI::App* cmd, SampleArgs& args) {
       ->check(CLI::IsMember({"leading", "trailing", "linspace"}))
       ->excludes(plan);
   cmd->add_option_function<double>("--eta", [&args](const double& v) { args.eta = v; },
-                                   "The fresh noise's share, in [0, 1], for the samplers that have one: ddim (default 0), "
-                                   "ddpm, euler-a, dpmpp-2m (default 0: above it is the SDE form), dpmpp-2m-sde and "
-                                   "dpmpp-3m-sde (default 1); 0 deterministic, 1 DDPM-like noise")
-      ->check(between(0, 1));
+                                   "The fresh noise's share for the samplers that have one: ddim (default 0), ddpm and "
+                                   "euler-a, each in [0, 1]; dpmpp-2m (default 0: above it is the SDE form), dpmpp-2m-sde "
+                                   "and dpmpp-3m-sde (default 1), >= 0; 0 deterministic, 1 DDPM-like noise")
+      ->check(finite());
   cmd->add_option_function<std::string>(
       "--sampler-options",
       [&args](const std::string& v) {

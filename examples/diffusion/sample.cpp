@@ -21,13 +21,31 @@ torch::Tensor read_input_image(const std::string& path, const std::vector<int64_
   return image.unsqueeze(0).to(device, torch::kFloat32).div(255);
 }
 
+/// What a model draws when nothing records its data: MNIST's images.
+const std::vector<int64_t> mnist_shape{1, 28, 28};
+
+/// The shape of one example an exported weights file's "data_shape" records (empty: none). Refused,
+/// naming the file: JSON that does not parse, an empty shape or an empty dimension.
+std::vector<int64_t> exported_shape(const std::map<std::string, std::string>& metadata, const std::string& file) {
+  if (!metadata.count("data_shape")) return {};
+  std::vector<int64_t> shape;
+  try {
+    shape = nlohmann::json::parse(metadata.at("data_shape")).get<std::vector<int64_t>>();
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK(false, "sample: ", file, " has metadata that is not valid JSON (", e.what(), ")");
+  }
+  TORCH_CHECK(!shape.empty() && std::all_of(shape.begin(), shape.end(), [](int64_t d) { return d >= 1; }), "sample: ", file,
+              " records a data shape that is empty or has an empty dimension");
+  return shape;
+}
+
 /// The model to sample, and what its checkpoint says (or the seed's schedule for imported weights).
 struct Source {
   AnyBackbone model{nullptr};
   FormulationConfig formulation = formulation_config(DiscreteFormulation());
   std::string description;
-  /// One image's shape (C, H, W): the checkpoint's data, or MNIST's where nothing records it.
-  std::vector<int64_t> shape{1, 28, 28};
+  /// One example's shape ((C, H, W) for images): the checkpoint's data, or MNIST's where nothing records it.
+  std::vector<int64_t> shape = mnist_shape;
 };
 
 Source open_source(const SampleArgs& a, const torch::Device& device) {
@@ -43,9 +61,7 @@ Source open_source(const SampleArgs& a, const torch::Device& device) {
                   "); drop --backbone, --widths, --blocks, --patch, --options and --num-classes");
       try {
         config = {metadata.at("backbone"), nlohmann::json::parse(metadata.at("options"))};
-        if (metadata.count("data_shape")) source.shape = nlohmann::json::parse(metadata.at("data_shape")).get<std::vector<int64_t>>();
-        TORCH_CHECK(!source.shape.empty() && std::all_of(source.shape.begin(), source.shape.end(), [](int64_t d) { return d >= 1; }),
-                    "sample: ", a.weights, " records a data shape that is empty or has an empty dimension");
+        if (auto shape = exported_shape(metadata, a.weights); !shape.empty()) source.shape = std::move(shape);
         if (metadata.count("formulation")) {
           const auto f = nlohmann::json::parse(metadata.at("formulation"));
           source.formulation = {f.at("name").get<std::string>(), f.at("options")};
@@ -78,7 +94,7 @@ Source open_source(const SampleArgs& a, const torch::Device& device) {
                       info.has_ema && !a.no_ema ? "EMA" : "trained",
                       info.formulation.name == "ddpm" ? fmt::format("{} prediction", to_string(info.prediction))
                                                       : make_formulation(info.formulation)->describe()),
-          info.data_shape.empty() ? std::vector<int64_t>{1, 28, 28} : info.data_shape};
+          info.data_shape.empty() ? mnist_shape : info.data_shape};
 }
 
 }  // namespace
@@ -105,20 +121,11 @@ torch::Tensor generate(const SampleArgs& a, bool verbose) {
     auto [guide, guide_info] = load_model(a.guide, !a.no_ema, device);
     // Autoguidance combines the two networks' outputs: they must mean the same thing for the same input.
     const auto& mine = source.formulation;
-    if (guide_info.formulation.name == "ddpm" && mine.name == "ddpm") {
-      TORCH_CHECK(guide_info.formulation.options.at("schedule") == mine.options.at("schedule"), "sample: --guide ",
-                  a.guide, " was trained with another noise schedule than ", source_file,
-                  "; autoguidance needs both to predict for the same x_t");
-      TORCH_CHECK(guide_info.formulation.options.at("prediction") == mine.options.at("prediction"), "sample: --guide ",
-                  a.guide, " predicts ", guide_info.formulation.options.at("prediction").get<std::string>(), " but ",
-                  source_file, " predicts ", mine.options.at("prediction").get<std::string>());
-    }
     TORCH_CHECK(guide_info.data_shape.empty() || guide_info.data_shape == source.shape, "sample: --guide ", a.guide,
                 " was trained on ", fmt::format("{}", fmt::join(guide_info.data_shape, "x")), " images but ", source_file, " on ",
                 fmt::format("{}", fmt::join(source.shape, "x")), "; autoguidance needs both to take the same images");
-    TORCH_CHECK(guide_info.formulation == mine, "sample: --guide ", a.guide, " was trained for ",
-                make_formulation(guide_info.formulation)->describe(), " but ", source_file, " for ",
-                make_formulation(mine)->describe(), "; autoguidance needs both to predict for the same x_t");
+    check_same_formulation(guide_info.formulation, mine, "sample", "--guide " + a.guide, source_file,
+                           "autoguidance needs both to predict for the same x_t");
     model = AnyBackbone(Autoguidance(source.model, guide, a.guidance));
   }
   const double clip_x0 = a.clip_given || source.shape.size() == 3 ? a.clip_x0 : 0.0;
@@ -253,20 +260,9 @@ int64_t weights_num_classes(const SampleArgs& a) {
 /// The shape of one example the model draws: the checkpoint's data, an exported file's "data_shape", or
 /// MNIST's where nothing records it.
 std::vector<int64_t> recorded_shape(const SampleArgs& a) {
-  std::vector<int64_t> shape;
-  if (!a.checkpoint.empty()) {
-    shape = read_checkpoint_info(a.checkpoint).data_shape;
-  } else {
-    const auto metadata = weights_metadata(a.weights);
-    if (metadata.count("data_shape")) {
-      try {
-        shape = nlohmann::json::parse(metadata.at("data_shape")).get<std::vector<int64_t>>();
-      } catch (const nlohmann::json::exception& e) {
-        TORCH_CHECK(false, "sample: ", a.weights, " has metadata that is not valid JSON (", e.what(), ")");
-      }
-    }
-  }
-  return shape.empty() ? std::vector<int64_t>{1, 28, 28} : shape;
+  const auto shape = a.checkpoint.empty() ? exported_shape(weights_metadata(a.weights), a.weights)
+                                          : read_checkpoint_info(a.checkpoint).data_shape;
+  return shape.empty() ? mnist_shape : shape;
 }
 
 }  // namespace
@@ -314,10 +310,15 @@ int run_sample(const SampleCommand& given) {
   // What the model draws: images are written as PNG (or .npy with --out *.npy), other examples as .npy.
   const auto shape = recorded_shape(a);
   const bool images = shape.size() == 3 && (shape[0] == 1 || shape[0] == 3 || shape[0] == 4);
-  const bool npy = s.out.size() >= 4 && s.out.compare(s.out.size() - 4, 4, ".npy") == 0;
+  const auto suffix = [](const std::string& path) {  // lowercased, as check_output compares it
+    auto e = std::filesystem::path(path).extension().string();
+    std::transform(e.begin(), e.end(), e.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    return e;
+  };
+  const bool npy = suffix(s.out) == ".npy";
   if (!images && !given.out_given) s.out = "samples.npy";
   if (!s.out.empty()) {
-    TORCH_CHECK(images || s.out.size() < 4 || s.out.compare(s.out.size() - 4, 4, ".png") != 0 || !given.out_given, "sample: ",
+    TORCH_CHECK(images || suffix(s.out) != ".png" || !given.out_given, "sample: ",
                 a.checkpoint.empty() ? a.weights : a.checkpoint, " draws examples of shape (", fmt::format("{}", fmt::join(shape, ", ")),
                 "), not images; write them with --out FILE.npy");
     check_output("--out", s.out, images && !npy ? ".png" : ".npy", {a.checkpoint, a.weights, a.guide, a.init, a.mask});

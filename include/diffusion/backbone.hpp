@@ -37,12 +37,18 @@ using module_type_t = typename detail::module_of<std::remove_cvref_t<B>>::type;
 template <class B>
 concept TorchModule = std::derived_from<module_type_t<B>, torch::nn::Module>;
 
-/// Predicts the noise in x_t: `forward(x_t, t)` with x_t of shape (N, ...) and t of shape (N,) returns a
-/// tensor of x_t's shape.
+/// A network of the noisy input and its noise level: `forward(x_t, t)` with x_t of shape (N, ...) and t of
+/// shape (N,) returns a tensor of x_t's shape (a prediction of the noise, of v or of x_0, as its
+/// formulation says).
 template <class B>
-concept PredictsNoise = requires(module_type_t<B>& m, const torch::Tensor& x, const torch::Tensor& t) {
+concept NoiseConditional = requires(module_type_t<B>& m, const torch::Tensor& x, const torch::Tensor& t) {
   { m.forward(x, t) } -> std::convertible_to<torch::Tensor>;
 };
+
+/// Deprecated (to be removed after 0.x's next release): the former name of NoiseConditional, which also
+/// covers v and x_0 predictions. (A concept takes no [[deprecated]] attribute.)
+template <class B>
+concept PredictsNoise = NoiseConditional<B>;
 
 /// A network the samplers and the trainer can drive: a torch::nn::Module with `forward(x, t)`.
 ///
@@ -56,7 +62,7 @@ concept PredictsNoise = requires(module_type_t<B>& m, const torch::Tensor& x, co
 ///   TORCH_MODULE(MyNet);
 ///   static_assert(diffusion::Backbone<MyNet>);
 template <class B>
-concept Backbone = TorchModule<B> && PredictsNoise<B>;
+concept Backbone = TorchModule<B> && NoiseConditional<B>;
 
 /// A backbone that also takes a condition: `forward(x_t, t, cond)` with cond of shape (N,) holding int64
 /// class labels in [0, num_classes), or null_class for "no condition" (what classifier-free guidance's

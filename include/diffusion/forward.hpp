@@ -93,7 +93,7 @@ inline Prediction parse_prediction(std::string_view s) {
 
 /// What a network trained for `prediction` should output for x_t = q_sample(x0, t, noise): noise
 /// (epsilon), sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (v; Salimans & Ho 2022, sec. 4) or x0 (sample).
-/// The loss target; denoise is its inverse at sampling time. Shapes as q_sample's; t is not range-checked
+/// The loss target; convert_prediction is its inverse at sampling time. Shapes as q_sample's; t is not range-checked
 /// (the loss checks it).
 inline torch::Tensor training_target(const NoiseSchedule& schedule, Prediction prediction, const torch::Tensor& x0,
                                      const torch::Tensor& noise, const torch::Tensor& t) {
@@ -119,13 +119,14 @@ struct Denoised {
 /// no x0: refused.
 ///
 /// Example:
-///   auto d = denoise(schedule, x_t, 500, model(x_t, t_batch), Prediction::Epsilon, 1.0);
+///   auto d = convert_prediction(schedule, x_t, 500, model(x_t, t_batch), Prediction::Epsilon, 1.0);
 ///   preview(d.x0);
-inline Denoised denoise(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t, const torch::Tensor& output,
-                        Prediction prediction = Prediction::Epsilon, double clip_x0 = 0.0) {
-  constexpr const char* fn = "denoise";
+inline Denoised convert_prediction(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t,
+                                   const torch::Tensor& output, Prediction prediction = Prediction::Epsilon,
+                                   double clip_x0 = 0.0) {
+  constexpr const char* fn = "convert_prediction";
   TORCH_CHECK(t >= 0 && t < schedule.num_timesteps(), fn, ": t must be in [0, ", schedule.num_timesteps(), "), got ", t);
-  TORCH_CHECK(clip_x0 >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", clip_x0);
+  detail::check_clip_x0(fn, clip_x0);
   TORCH_CHECK(output.defined() && output.sizes() == x_t.sizes(), fn, ": the prediction must have x_t's shape ",
               detail::shape_str(x_t), ", got ", output.defined() ? detail::shape_str(output) : "an undefined tensor");
   const auto i = static_cast<size_t>(t);
@@ -152,6 +153,14 @@ inline Denoised denoise(const NoiseSchedule& schedule, const torch::Tensor& x_t,
     if (b > 0.0) d.eps = (x_t - d.x0 * a) / b;
   }
   return d;
+}
+
+/// Deprecated (to be removed after 0.x's next release): the former name of convert_prediction, which
+/// converts a prediction rather than denoising anything.
+[[deprecated("denoise is now convert_prediction")]] inline Denoised denoise(
+    const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t, const torch::Tensor& output,
+    Prediction prediction = Prediction::Epsilon, double clip_x0 = 0.0) {
+  return convert_prediction(schedule, x_t, t, output, prediction, clip_x0);
 }
 
 }  // namespace diffusion

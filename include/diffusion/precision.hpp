@@ -66,8 +66,7 @@ inline void set_autocast_dtype(c10::DeviceType d, at::ScalarType t) {
 /// Runs a GroupNorm in its weights' dtype. Under autocast a convolution hands it a bf16 tensor;
 /// LibTorch 1.13's CPU autocast passes that on to group_norm beside float32 weights, which it refuses.
 /// Normalizing in float32 is also what autocast does on CUDA, where group_norm is on the float32 list.
-/// (Casting the weights to bf16 instead runs, but LibTorch 1.13's bf16 group_norm was 1.4-1.7x slower
-/// per block, forward and backward, than this float32 detour on this project's CPU.)
+/// (Casting the weights to bf16 instead runs, but more slowly with LibTorch 1.13: docs/performance.md.)
 inline torch::Tensor group_norm(torch::nn::GroupNorm& norm, const torch::Tensor& x) {
   const auto& w = norm->weight;
   return norm(w.defined() && x.scalar_type() != w.scalar_type() ? x.to(w.scalar_type()) : x);

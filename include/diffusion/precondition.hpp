@@ -23,7 +23,7 @@ struct DenoiserOptions {
   TORCH_ARG(Precision, precision) = Precision::Float32;
   /// Class labels (N,) for a ConditionalBackbone, already shaped as the batch; undefined: unconditional.
   TORCH_ARG(torch::Tensor, cond) = {};
-  /// Clamp the denoised sample to [-clip_x0, clip_x0] (0: off); see denoise.
+  /// Clamp the denoised sample to [-clip_x0, clip_x0] (0: off); see convert_prediction.
   TORCH_ARG(double, clip_x0) = 0.0;
 };
 
@@ -40,7 +40,7 @@ struct DenoiserOptions {
 ///   auto x0_hat = D(x_t, 3.5);
 template <Backbone B>
 Denoiser make_denoiser(B& model, const Formulation& formulation, const DenoiserOptions& options = {}) {
-  TORCH_CHECK(options.clip_x0() >= 0.0, "make_denoiser: clip_x0 must be >= 0 (0: off), got ", options.clip_x0());
+  detail::check_clip_x0("make_denoiser", options.clip_x0());
   return [&model, &formulation, options](const torch::Tensor& x, double sigma) {
     TORCH_CHECK(sigma > 0.0, "denoiser: the noise level must be > 0, got ", sigma);
     const auto c = formulation.precondition(sigma);

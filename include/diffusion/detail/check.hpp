@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <string>
@@ -39,6 +40,23 @@ inline void check_timesteps(const char* fn, const torch::Tensor& t, int64_t batc
     const auto hi = t.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < T, fn, ": t must be in [0, ", T, "), got values in [", lo, ", ", hi, "]");
   }
+}
+
+/// clip_x0, the range x_0's prediction is clamped to: >= 0, 0 turning it off.
+inline void check_clip_x0(const char* fn, double clip_x0) {
+  TORCH_CHECK(clip_x0 >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", clip_x0);
+}
+
+/// eta of an ancestral step (DDIM, Euler ancestral): the share of the step's variance drawn afresh, in
+/// [0, 1] (Song et al. 2021, eq. 16: above 1 the step asks for more noise than x_{t_next} holds).
+inline void check_ancestral_eta(const char* fn, double eta) {
+  TORCH_CHECK(std::isfinite(eta) && eta >= 0.0 && eta <= 1.0, fn, ": eta must be in [0, 1], got ", eta);
+}
+
+/// A step of a discrete schedule of T timesteps from t to t_next: t in [0, T), t_next in [-1, t) (-1: to x_0).
+inline void check_step(const char* fn, int64_t T, int64_t t, int64_t t_next) {
+  TORCH_CHECK(t >= 0 && t < T, fn, ": t must be in [0, ", T, "), got ", t);
+  TORCH_CHECK(t_next >= -1 && t_next < t, fn, ": t_next must be in [-1, t = ", t, "), got ", t_next);
 }
 
 }  // namespace diffusion::detail

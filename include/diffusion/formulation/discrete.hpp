@@ -24,12 +24,12 @@ namespace diffusion {
 /// A NoiseSchedule and what its network predicts, as a formulation over noise levels. At the schedule's
 /// own levels (sigma = NoiseSchedule::sigma(t) at integer t) everything equals the timestep formulation:
 /// alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), the network sees the integer t, and the denoiser is
-/// denoise()'s x_0. Between them, t is the continuous timestep NoiseSchedule::timestep(sigma) (log-sigma
+/// convert_prediction()'s x_0. Between them, t is the continuous timestep NoiseSchedule::timestep(sigma) (log-sigma
 /// interpolation, as k-diffusion's DiscreteSchedule), handed to the network as a float32 tensor, and
 /// alpha_t = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha_t. A zero-terminal-SNR schedule's last level is
 /// sigma = +inf (alpha_t = 0), where only a v or sample prediction determines x_0.
 ///
-/// Preconditioning (from denoise's conversions, x_t in the schedule's scale, c_in = 1):
+/// Preconditioning (from convert_prediction's conversions, x_t in the schedule's scale, c_in = 1):
 ///   epsilon: D = x_t / alpha_t - (sigma_t / alpha_t) F
 ///   v:       D = alpha_t x_t - sigma_t F              (Salimans & Ho 2022)
 ///   sample:  D = F

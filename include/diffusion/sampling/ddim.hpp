@@ -22,11 +22,11 @@ namespace diffusion {
 namespace detail {
 
 /// Eq. 12 of Song et al. from a consistent (eps, x0) pair: see ddim_step.
-inline torch::Tensor ddim_update(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t, int64_t t_prev,
+inline torch::Tensor ddim_update(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t, int64_t t_next,
                                  const Denoised& d, double eta, const torch::Tensor& noise) {
   const auto& h = schedule.host();
   const double abar = h.alphas_cumprod[static_cast<size_t>(t)];
-  const double abar_prev = t_prev >= 0 ? h.alphas_cumprod[static_cast<size_t>(t_prev)] : 1.0;
+  const double abar_prev = t_next >= 0 ? h.alphas_cumprod[static_cast<size_t>(t_next)] : 1.0;
   const double sigma = eta > 0 ? eta * std::sqrt((1 - abar_prev) / (1 - abar)) * std::sqrt(1 - abar / abar_prev) : 0.0;
   auto out = d.x0 * std::sqrt(abar_prev) + d.eps * std::sqrt(std::max(0.0, 1 - abar_prev - sigma * sigma));
   return sigma > 0 ? out.add_(noise, sigma) : out;
@@ -34,33 +34,32 @@ inline torch::Tensor ddim_update(const NoiseSchedule& schedule, const torch::Ten
 
 }  // namespace detail
 
-/// One DDIM step from timestep index t to index t_prev < t (t_prev = -1 means "to x_0", abar = 1),
+/// One DDIM step from timestep index t to index t_next < t (t_next = -1 means "to x_0", abar = 1),
 /// given the predicted noise (Song et al. 2021, eq. 12):
 ///   x0_pred = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
 ///   x_prev  = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma^2) eps + sigma z
 ///   sigma   = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)     (eq. 16)
 /// eta = 0 is deterministic; eta = 1 has DDPM's posterior variance between the visited steps.
 /// `clip_x0` > 0 clamps x0_pred to [-clip_x0, clip_x0] and recomputes eps from the clamped x0_pred so
-/// that both terms agree (see denoise; 0: off).
+/// that both terms agree (see convert_prediction; 0: off).
 ///
 /// Example:
 ///   auto x_prev = ddim_step(schedule, x_t, 500, 480, model(x_t, t_batch));
-inline torch::Tensor ddim_step(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t, int64_t t_prev,
+inline torch::Tensor ddim_step(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t, int64_t t_next,
                                const torch::Tensor& eps_pred, double eta = 0.0, const torch::Tensor& noise = {},
                                double clip_x0 = 0.0) {
   constexpr const char* fn = "ddim_step";
   detail::check_sample_batch(fn, "x_t", x_t);
-  TORCH_CHECK(t >= 0 && t < schedule.num_timesteps(), fn, ": t must be in [0, ", schedule.num_timesteps(), "), got ", t);
-  TORCH_CHECK(t_prev >= -1 && t_prev < t, fn, ": t_prev must be in [-1, t = ", t, "), got ", t_prev);
-  TORCH_CHECK(std::isfinite(eta) && eta >= 0.0, fn, ": eta must be finite and >= 0, got ", eta);
-  TORCH_CHECK(clip_x0 >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", clip_x0);
+  detail::check_step(fn, schedule.num_timesteps(), t, t_next);
+  detail::check_ancestral_eta(fn, eta);
+  detail::check_clip_x0(fn, clip_x0);
   TORCH_CHECK(eps_pred.defined() && eps_pred.sizes() == x_t.sizes(), fn,
               ": the predicted noise must have x_t's shape ", detail::shape_str(x_t), ", got ",
               eps_pred.defined() ? detail::shape_str(eps_pred) : "an undefined tensor");
-  TORCH_CHECK(eta == 0.0 || t_prev < 0 || (noise.defined() && noise.sizes() == x_t.sizes()), fn,
+  TORCH_CHECK(eta == 0.0 || t_next < 0 || (noise.defined() && noise.sizes() == x_t.sizes()), fn,
               ": with sigma > 0 the noise z must have x_t's shape ", detail::shape_str(x_t), ", got ",
               noise.defined() ? detail::shape_str(noise) : "an undefined tensor");
-  return detail::ddim_update(schedule, x_t, t, t_prev, denoise(schedule, x_t, t, eps_pred, Prediction::Epsilon, clip_x0),
+  return detail::ddim_update(schedule, x_t, t, t_next, convert_prediction(schedule, x_t, t, eps_pred, Prediction::Epsilon, clip_x0),
                              eta, noise);
 }
 
@@ -84,13 +83,13 @@ class DDIM final : public SamplingMethod {
     return fmt::format("DDIM, {} steps ({}), eta {}", steps(), to_string(spacing()), eta());
   }
   std::vector<int64_t> timesteps(int64_t num_timesteps) const override {
-    TORCH_CHECK(std::isfinite(eta()) && eta() >= 0.0, "DDIM: eta must be finite and >= 0, got ", eta());
+    detail::check_ancestral_eta("DDIM", eta());
     return timestep_plan(num_timesteps, steps(), spacing());
   }
   Update start() const override {
     return [eta = eta()](const StepContext& c) {
-      return detail::ddim_update(c.schedule, c.x, c.t, c.t_prev, c.denoised, eta,
-                                 eta > 0 && c.t_prev >= 0 ? c.noise() : torch::Tensor{});
+      return detail::ddim_update(c.schedule, c.x, c.t, c.t_next, c.denoised, eta,
+                                 eta > 0 && c.t_next >= 0 ? c.noise() : torch::Tensor{});
     };
   }
 };
@@ -99,7 +98,10 @@ namespace detail {
 inline const bool ddim_registered = (register_sampler("ddim", [](const SamplerSettings& s) {
   auto method = std::make_shared<DDIM>();
   if (s.steps()) method->steps(*s.steps());
-  if (s.eta()) method->eta(*s.eta());
+  if (s.eta()) {
+    detail::check_ancestral_eta("make_sampler: ddim", *s.eta());  // when made, not when sampling starts
+    method->eta(*s.eta());
+  }
   if (s.spacing()) method->spacing(*s.spacing());
   return std::shared_ptr<const SamplingMethod>(method);
 }), true);

@@ -42,7 +42,7 @@ inline torch::Tensor ddpm_update(const NoiseSchedule& schedule, const torch::Ten
 /// At t = 0 no noise is added and the mean is returned, as in the seed.
 ///
 /// `t` is the timestep index in [0, T) shared by the whole batch; `noise` is z (x_t's shape), needed
-/// only when t > 0. `clip_x0` > 0 clamps the implied x_0 to [-clip_x0, clip_x0] first (see denoise); the
+/// only when t > 0. `clip_x0` > 0 clamps the implied x_0 to [-clip_x0, clip_x0] first (see convert_prediction); the
 /// mean is computed in eq. 7's x_0 form, which equals eq. 11 when nothing is clamped. This is the seed's
 /// `calc_x_t_minus_one` with the model call factored out.
 ///
@@ -58,11 +58,11 @@ inline torch::Tensor ddpm_step(const NoiseSchedule& schedule, const torch::Tenso
   TORCH_CHECK(eps_pred.defined() && eps_pred.sizes() == x_t.sizes(), fn,
               ": the predicted noise must have x_t's shape ", detail::shape_str(x_t), ", got ",
               eps_pred.defined() ? detail::shape_str(eps_pred) : "an undefined tensor");
-  TORCH_CHECK(clip_x0 >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", clip_x0);
+  detail::check_clip_x0(fn, clip_x0);
   TORCH_CHECK(t == 0 || (noise.defined() && noise.sizes() == x_t.sizes()), fn, ": at t = ", t,
               " > 0 the noise z must have x_t's shape ", detail::shape_str(x_t), ", got ",
               noise.defined() ? detail::shape_str(noise) : "an undefined tensor");
-  return detail::ddpm_update(schedule, x_t, t, denoise(schedule, x_t, t, eps_pred, Prediction::Epsilon, clip_x0).x0,
+  return detail::ddpm_update(schedule, x_t, t, convert_prediction(schedule, x_t, t, eps_pred, Prediction::Epsilon, clip_x0).x0,
                              noise);
 }
 
@@ -89,8 +89,7 @@ class DDPM final : public SamplingMethod {
 
 namespace detail {
 inline const bool ddpm_registered = (register_sampler("ddpm", [](const SamplerSettings& s) {
-  TORCH_CHECK(!s.steps() && !s.eta() && !s.spacing(), "make_sampler: ddpm visits every timestep; steps and spacing "
-              "apply to ddim and the dpmpp samplers, eta to ddim");
+  detail::refuse_unused_settings("ddpm (which visits every timestep)", s, false, false, false);
   return std::make_shared<const DDPM>();
 }), true);
 }  // namespace detail

@@ -31,16 +31,31 @@ inline double half_log_snr(const NoiseSchedule& schedule, int64_t t) {
   return std::log(h.sqrt_alphas_cumprod[i]) - std::log(h.sqrt_one_minus_alphas_cumprod[i]);
 }
 
+/// The inputs both DPM-Solver++ steps take: x_t a batch, a step from t to t_next, x0 of x_t's shape, and
+/// for a second-order step the previous step's t_last in (t, T) with its x0_last.
+inline void check_dpm_solver_step(const char* fn, const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t,
+                                  int64_t t_next, const torch::Tensor& x0, int64_t t_last, const torch::Tensor& x0_last) {
+  check_sample_batch(fn, "x_t", x_t);
+  const int64_t T = schedule.num_timesteps();
+  check_step(fn, T, t, t_next);
+  TORCH_CHECK(x0.defined() && x0.sizes() == x_t.sizes(), fn, ": x0 must have x_t's shape ", shape_str(x_t), ", got ",
+              x0.defined() ? shape_str(x0) : "an undefined tensor");
+  if (!x0_last.defined()) return;
+  TORCH_CHECK(t_last > t && t_last < T, fn, ": t_last must be in (t = ", t, ", ", T, "), got ", t_last);
+  TORCH_CHECK(x0_last.sizes() == x_t.sizes(), fn, ": x0_last must have x_t's shape ", shape_str(x_t), ", got ",
+              shape_str(x0_last));
+}
+
 }  // namespace detail
 
-/// One DPM-Solver++ step from timestep index t to t_prev < t (-1: to x_0), given the data prediction
+/// One DPM-Solver++ step from timestep index t to t_next < t (-1: to x_0), given the data prediction
 /// x0 at t and, for the second-order multistep update, the one made at the previous evaluation
 /// t_last > t (Lu et al. 2022, Algorithm 2, "DPM-Solver++(2M)"). With alpha = sqrt(abar),
-/// sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and h = lambda_{t_prev} - lambda_t:
+/// sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and h = lambda_{t_next} - lambda_t:
 ///   first order (x0_last undefined):  D = x0
 ///   second order:                     r = (lambda_t - lambda_{t_last}) / h,
 ///                                     D = (1 + 1 / (2 r)) x0 - 1 / (2 r) x0_last
-///   x_{t_prev} = (sigma_{t_prev} / sigma_t) x_t - alpha_{t_prev} (e^{-h} - 1) D
+///   x_{t_next} = (sigma_{t_next} / sigma_t) x_t - alpha_{t_next} (e^{-h} - 1) D
 /// First order is DDIM at eta 0. A step to x_0 (sigma = 0, h = inf) is first order and returns x0 (the
 /// paper's "lower order final"; second order is undefined there).
 ///
@@ -48,25 +63,15 @@ inline double half_log_snr(const NoiseSchedule& schedule, int64_t t) {
 ///   auto x1 = dpm_solver_pp_step(schedule, x, 999, 949, x0_999);                 // first step
 ///   auto x2 = dpm_solver_pp_step(schedule, x1, 949, 899, x0_949, 999, x0_999);    // then multistep
 inline torch::Tensor dpm_solver_pp_step(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t,
-                                        int64_t t_prev, const torch::Tensor& x0, int64_t t_last = -1,
+                                        int64_t t_next, const torch::Tensor& x0, int64_t t_last = -1,
                                         const torch::Tensor& x0_last = {}) {
   constexpr const char* fn = "dpm_solver_pp_step";
-  detail::check_sample_batch(fn, "x_t", x_t);
-  const int64_t T = schedule.num_timesteps();
-  TORCH_CHECK(t >= 0 && t < T, fn, ": t must be in [0, ", T, "), got ", t);
-  TORCH_CHECK(t_prev >= -1 && t_prev < t, fn, ": t_prev must be in [-1, t = ", t, "), got ", t_prev);
-  TORCH_CHECK(x0.defined() && x0.sizes() == x_t.sizes(), fn, ": x0 must have x_t's shape ", detail::shape_str(x_t),
-              ", got ", x0.defined() ? detail::shape_str(x0) : "an undefined tensor");
+  detail::check_dpm_solver_step(fn, schedule, x_t, t, t_next, x0, t_last, x0_last);
   const bool second = x0_last.defined();
-  if (second) {
-    TORCH_CHECK(t_last > t && t_last < T, fn, ": t_last must be in (t = ", t, ", ", T, "), got ", t_last);
-    TORCH_CHECK(x0_last.sizes() == x_t.sizes(), fn, ": x0_last must have x_t's shape ", detail::shape_str(x_t),
-                ", got ", detail::shape_str(x0_last));
-  }
-  if (t_prev < 0) return x0.clone();
+  if (t_next < 0) return x0.clone();
   const auto& h = schedule.host();
-  const auto i = static_cast<size_t>(t), j = static_cast<size_t>(t_prev);
-  const double lambda = detail::half_log_snr(schedule, t), lambda_prev = detail::half_log_snr(schedule, t_prev);
+  const auto i = static_cast<size_t>(t), j = static_cast<size_t>(t_next);
+  const double lambda = detail::half_log_snr(schedule, t), lambda_prev = detail::half_log_snr(schedule, t_next);
   const double step = lambda_prev - lambda;
   const double c_x = h.sqrt_one_minus_alphas_cumprod[j] / h.sqrt_one_minus_alphas_cumprod[i];
   const double c_d = -h.sqrt_alphas_cumprod[j] * std::expm1(-step);
@@ -78,35 +83,25 @@ inline torch::Tensor dpm_solver_pp_step(const NoiseSchedule& schedule, const tor
 }
 
 /// One step of the stochastic DPM-Solver++(2M) ("SDE-DPM-Solver++", Lu et al. 2022, sec. 5 and appendix;
-/// the midpoint form diffusers and k-diffusion use), from t to t_prev with fresh noise z:
-///   x_{t_prev} = (sigma_{t_prev} / sigma_t) e^{-h} x_t + alpha_{t_prev} (1 - e^{-2h}) D
-///                + sigma_{t_prev} sqrt(1 - e^{-2h}) z
+/// the midpoint form diffusers and k-diffusion use), from t to t_next with fresh noise z:
+///   x_{t_next} = (sigma_{t_next} / sigma_t) e^{-h} x_t + alpha_{t_next} (1 - e^{-2h}) D
+///                + sigma_{t_next} sqrt(1 - e^{-2h}) z
 /// with h, r and D as in dpm_solver_pp_step (D = x0 at first order). First order it is DDIM at eta 1 (the
 /// same coefficients, written in log-SNR time); the second-order term corrects the drift as DPM-Solver++
-/// does. A step to x_0 returns x0. `noise` is needed unless t_prev = -1.
+/// does. A step to x_0 returns x0. `noise` is needed unless t_next = -1.
 inline torch::Tensor dpm_solver_pp_sde_step(const NoiseSchedule& schedule, const torch::Tensor& x_t, int64_t t,
-                                            int64_t t_prev, const torch::Tensor& x0, const torch::Tensor& noise,
+                                            int64_t t_next, const torch::Tensor& x0, const torch::Tensor& noise,
                                             int64_t t_last = -1, const torch::Tensor& x0_last = {}) {
   constexpr const char* fn = "dpm_solver_pp_sde_step";
-  detail::check_sample_batch(fn, "x_t", x_t);
-  const int64_t T = schedule.num_timesteps();
-  TORCH_CHECK(t >= 0 && t < T, fn, ": t must be in [0, ", T, "), got ", t);
-  TORCH_CHECK(t_prev >= -1 && t_prev < t, fn, ": t_prev must be in [-1, t = ", t, "), got ", t_prev);
-  TORCH_CHECK(x0.defined() && x0.sizes() == x_t.sizes(), fn, ": x0 must have x_t's shape ", detail::shape_str(x_t),
-              ", got ", x0.defined() ? detail::shape_str(x0) : "an undefined tensor");
+  detail::check_dpm_solver_step(fn, schedule, x_t, t, t_next, x0, t_last, x0_last);
   const bool second = x0_last.defined();
-  if (second) {
-    TORCH_CHECK(t_last > t && t_last < T, fn, ": t_last must be in (t = ", t, ", ", T, "), got ", t_last);
-    TORCH_CHECK(x0_last.sizes() == x_t.sizes(), fn, ": x0_last must have x_t's shape ", detail::shape_str(x_t),
-                ", got ", detail::shape_str(x0_last));
-  }
-  if (t_prev < 0) return x0.clone();
+  if (t_next < 0) return x0.clone();
   TORCH_CHECK(noise.defined() && noise.sizes() == x_t.sizes(), fn, ": the noise z must have x_t's shape ",
               detail::shape_str(x_t), ", got ", noise.defined() ? detail::shape_str(noise) : "an undefined tensor");
   const auto& h = schedule.host();
-  const auto i = static_cast<size_t>(t), j = static_cast<size_t>(t_prev);
+  const auto i = static_cast<size_t>(t), j = static_cast<size_t>(t_next);
   const double lambda = detail::half_log_snr(schedule, t);
-  const double step = detail::half_log_snr(schedule, t_prev) - lambda;
+  const double step = detail::half_log_snr(schedule, t_next) - lambda;
   const double decay = std::exp(-step);  // e^{-h}
   const double c_x = h.sqrt_one_minus_alphas_cumprod[j] / h.sqrt_one_minus_alphas_cumprod[i] * decay;
   const double c_d = -h.sqrt_alphas_cumprod[j] * std::expm1(-2 * step);
@@ -156,9 +151,9 @@ class DPMSolverPP final : public SamplingMethod {
     auto last = std::make_shared<History>();
     return [last, second = order() == 2, sde = sde()](const StepContext& c) {
       const auto previous = second ? last->x0 : torch::Tensor{};
-      const auto out = sde ? dpm_solver_pp_sde_step(c.schedule, c.x, c.t, c.t_prev, c.denoised.x0,
-                                                    c.t_prev >= 0 ? c.noise() : torch::Tensor{}, last->t, previous)
-                           : dpm_solver_pp_step(c.schedule, c.x, c.t, c.t_prev, c.denoised.x0, last->t, previous);
+      const auto out = sde ? dpm_solver_pp_sde_step(c.schedule, c.x, c.t, c.t_next, c.denoised.x0,
+                                                    c.t_next >= 0 ? c.noise() : torch::Tensor{}, last->t, previous)
+                           : dpm_solver_pp_step(c.schedule, c.x, c.t, c.t_next, c.denoised.x0, last->t, previous);
       *last = {c.t, c.denoised.x0};
       return out;
     };
@@ -167,8 +162,7 @@ class DPMSolverPP final : public SamplingMethod {
 
 namespace detail {
 inline std::shared_ptr<const SamplingMethod> make_dpm_solver_pp(const SamplerSettings& s, bool sde) {
-  TORCH_CHECK(!s.eta() || *s.eta() == 0.0, "make_sampler: ", sde ? "dpmpp-2m-sde" : "dpmpp-2m",
-              " takes no eta (eta applies to ddim), got ", *s.eta());
+  refuse_unused_settings(sde ? "dpmpp-2m-sde" : "dpmpp-2m", s, true, false, true);
   auto method = std::make_shared<DPMSolverPP>();
   method->sde(sde);
   if (s.steps()) method->steps(*s.steps());

@@ -41,8 +41,7 @@ class EulerAncestral final : public LevelSampler {
   }
   nlohmann::json options() const override { return {{"eta", eta()}, {"s_noise", s_noise()}}; }
   Step start() const override {
-    detail::check_nonnegative("EulerAncestral", "eta", eta());
-    TORCH_CHECK(eta() <= 1.0, name_, ": eta must be in [0, 1], got ", eta());
+    detail::check_ancestral_eta(name_.c_str(), eta());
     detail::check_nonnegative("EulerAncestral", "s_noise", s_noise());
     return [eta = eta(), s_noise = s_noise()](const SamplerStep& s) {
       const auto d = s.denoiser(s.x, s.sigma);
@@ -64,7 +63,7 @@ inline std::shared_ptr<const LevelSampler> make_euler_ancestral(const char* name
   auto sampler = std::make_shared<EulerAncestral>(name);
   sampler->eta(eta);
   auto made = with_noise_options(name, sampler, j);
-  TORCH_CHECK(sampler->eta() <= 1.0, name, ": eta must be in [0, 1], got ", sampler->eta());
+  detail::check_ancestral_eta(name, sampler->eta());
   return made;
 }
 inline const bool euler_ancestral_registered =

@@ -33,21 +33,24 @@ struct StepContext {
   int64_t index, count;
   /// The timestep index denoised now, and the one this step goes to (the next plan entry; -1 after the
   /// last: x_0, abar = 1).
-  int64_t t, t_prev;
+  int64_t t, t_next;
   /// x_t.
   const torch::Tensor& x;
-  /// The model's prediction at t as noise and clean data (see denoise; clip_x0 already applied).
+  /// The model's prediction at t as noise and clean data (see convert_prediction; clip_x0 already applied).
   const Denoised& denoised;
   /// Fresh N(0, I) noise of x's shape from the run's generator. Call it only when the update adds noise:
   /// the order of draws is what makes a seed reproduce a run.
   const std::function<torch::Tensor()>& noise;
+  /// Deprecated (to be removed after 0.x's next release): the former name of t_next, which is the next
+  /// plan entry, not an earlier one. Holds the same value.
+  [[deprecated("StepContext::t_prev is now t_next")]] int64_t t_prev = t_next;
 };
 
 /// A sampling method: the timesteps the model is called at, and the update from one to the next.
 ///
 /// Subclass it for a new sampler: `timesteps` gives the plan, `start` returns the update for one run (a
 /// closure; a multistep method keeps its history in it, so runs never share state). The loop calls the
-/// model, converts its output (denoise), and hands both to the update.
+/// model, converts its output (convert_prediction), and hands both to the update.
 ///
 /// Example:
 ///   struct Euler : SamplingMethod {   // DDIM at eta 0, written out
@@ -55,12 +58,12 @@ struct StepContext {
 ///     std::string describe() const override { return "Euler, 20 steps"; }
 ///     std::vector<int64_t> timesteps(int64_t T) const override { return timestep_plan(T, 20); }
 ///     Update start() const override {
-///       return [](const StepContext& c) { return ddim_step(c.schedule, c.x, c.t, c.t_prev, c.denoised.eps); };
+///       return [](const StepContext& c) { return ddim_step(c.schedule, c.x, c.t, c.t_next, c.denoised.eps); };
 ///     }
 ///   };
 class SamplingMethod {
  public:
-  /// x_t -> x_{t_prev} for one step.
+  /// x_t -> x_{t_next} for one step.
   using Update = std::function<torch::Tensor(const StepContext&)>;
 
   virtual ~SamplingMethod() = default;
@@ -80,7 +83,7 @@ struct SampleStep {
   int64_t step;
   /// Steps in this run (fewer than the plan's when starting from an image, see SampleOptions::strength).
   int64_t total;
-  /// The timestep index just denoised: x_t -> x_{t_prev}.
+  /// The timestep index just denoised: x_t -> x_{t_next}.
   int64_t t;
   /// The batch after this step (do not modify it in place).
   const torch::Tensor& x;
@@ -105,7 +108,7 @@ struct SampleOptions {
   TORCH_ARG(std::optional<torch::Generator>, generator) = std::nullopt;
   /// Called after every step (progress bars, previews).
   TORCH_ARG(std::function<void(const SampleStep&)>, callback) = nullptr;
-  /// Clamp each step's predicted x_0 to [-clip_x0, clip_x0] (see denoise); 0: off, as in the seed.
+  /// Clamp each step's predicted x_0 to [-clip_x0, clip_x0] (see convert_prediction); 0: off, as in the seed.
   /// 1 suits data scaled to [-1, 1] such as the MNIST example's.
   TORCH_ARG(double, clip_x0) = 0.0;
   /// The backbone's arithmetic (Precision::BFloat16: autocast); the sampler's own stays in the
@@ -243,7 +246,7 @@ inline SampleInputs sample_inputs(const char* fn, const std::vector<int64_t>& sh
   TORCH_CHECK(!shape.empty() && shape.front() >= 1, fn, ": shape must start with a batch size >= 1, got ",
               torch::IntArrayRef(shape));
   for (const auto d : shape) TORCH_CHECK(d >= 1, fn, ": every dimension must be >= 1, got ", torch::IntArrayRef(shape));
-  TORCH_CHECK(options.clip_x0() >= 0.0, fn, ": clip_x0 must be >= 0 (0: off), got ", options.clip_x0());
+  detail::check_clip_x0(fn, options.clip_x0());
   TORCH_CHECK(options.strength() >= 0.0 && options.strength() <= 1.0, fn, ": strength must be in [0, 1], got ",
               options.strength());
   TORCH_CHECK(!options.mask().defined() || options.image().defined(), fn,
@@ -284,7 +287,7 @@ inline int64_t first_step(const char* fn, const SampleOptions& options, bool has
 
 /// Draws samples of `shape` (N, ...) with `method` (DDPM(), DDIM(), DPMSolverPP(), make_sampler(...)):
 /// x_T ~ N(0, I) (or `options.image` noised, for image-to-image), then for each timestep t of the
-/// method's plan the model's output at t is converted to noise and x_0 (denoise, per
+/// method's plan the model's output at t is converted to noise and x_0 (convert_prediction, per
 /// `options.prediction`, clamped per `options.clip_x0`) and the method's update goes to the next
 /// timestep, the last to x_0.
 ///
@@ -351,12 +354,12 @@ torch::Tensor sample(B& model, const NoiseSchedule& schedule, const std::vector<
     const auto update = method.start();
     for (int64_t k = first; k < S; ++k) {
       const int64_t t = plan[static_cast<size_t>(k)];
-      const int64_t t_prev = k + 1 < S ? plan[static_cast<size_t>(k + 1)] : -1;
+      const int64_t t_next = k + 1 < S ? plan[static_cast<size_t>(k + 1)] : -1;
       const auto out =
           detail::predict(fn, model, x, detail::timestep_batch(shape.front(), t, device), options.precision(), cond);
-      const auto d = denoise(schedule, x, t, out, options.prediction(), options.clip_x0());
-      x = update(StepContext{schedule, k, S, t, t_prev, x, d, noise});
-      if (mask.defined()) x = torch::lerp(x, known_at(t_prev), mask);
+      const auto d = convert_prediction(schedule, x, t, out, options.prediction(), options.clip_x0());
+      x = update(StepContext{schedule, k, S, t, t_next, x, d, noise});
+      if (mask.defined()) x = torch::lerp(x, known_at(t_next), mask);
       if (options.callback()) options.callback()(SampleStep{k - first + 1, S - first, t, x, d.x0, h.sigmas[static_cast<size_t>(t)]});
     }
   }
@@ -381,6 +384,13 @@ inline Registry<SamplerFactory>& samplers() {
   static Registry<SamplerFactory> registry("sampler");
   return registry;
 }
+
+/// Refuses each setting in `s` that the sampler `name` does not take (eta 0 is no noise: taken by all).
+inline void refuse_unused_settings(const char* name, const SamplerSettings& s, bool steps, bool eta, bool spacing) {
+  TORCH_CHECK(steps || !s.steps(), "make_sampler: ", name, " takes no steps, got ", s.steps().value_or(0));
+  TORCH_CHECK(eta || !s.eta() || *s.eta() == 0.0, "make_sampler: ", name, " takes no eta, got ", s.eta().value_or(0.0));
+  TORCH_CHECK(spacing || !s.spacing(), "make_sampler: ", name, " takes no spacing");
+}
 }  // namespace detail
 
 /// Makes `name` known to make_sampler (e.g. for a program that chooses its sampler by name). The built-in
@@ -390,13 +400,11 @@ inline void register_sampler(const std::string& name, detail::SamplerFactory fac
 }
 
 /// The method registered as `name`, with `settings`. Refused: an unknown name (the message lists the
-/// known ones), steps below 1, a negative eta, and a setting the method does not use. (Steps above the
+/// known ones), steps below 1, and a setting the method does not take or refuses (eta outside [0, 1] for ddim). (Steps above the
 /// schedule's T are refused by sample(), which knows T.)
 inline std::shared_ptr<const SamplingMethod> make_sampler(std::string_view name, const SamplerSettings& settings = {}) {
   const auto& factory = detail::samplers().at(name);
   TORCH_CHECK(!settings.steps() || *settings.steps() >= 1, "make_sampler: steps must be >= 1, got ", *settings.steps());
-  TORCH_CHECK(!settings.eta() || (std::isfinite(*settings.eta()) && *settings.eta() >= 0.0),
-              "make_sampler: eta must be finite and >= 0, got ", *settings.eta());
   return factory(settings);
 }
 
