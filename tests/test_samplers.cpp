@@ -316,7 +316,7 @@ TEST_CASE("sample over noise levels: callbacks, guidance, seeds and refusals", "
             .item<bool>());
 
   CHECK_REFUSED(make_level_sampler("euler-ancestral"), "unknown sampler 'euler-ancestral' (known: ");
-  CHECK_REFUSED(make_level_sampler("euler-a", {{"eta", -1.0}}), "eta must be finite and >= 0");
+  CHECK_REFUSED(make_level_sampler("euler-a", {{"eta", -1.0}}), "euler-a: eta must be in [0, 1], got -1");
   CHECK_REFUSED(make_level_sampler("euler-a", {{"steps", 10}}), "unknown field \"steps\"");
   CHECK_REFUSED(make_level_sampler("heun", {{"s_churn", "a lot"}}), "malformed");
   CHECK_REFUSED(make_level_sampler("heun", {{"s_tmin", 2.0}, {"s_tmax", 1.0}}), "s_tmin <= s_tmax");

@@ -397,9 +397,11 @@ TEST_CASE("a run resumed mid-epoch with another batch size takes exactly the exa
   cosine.optimization().lr_schedule(LRSchedule::Cosine).warmup_steps(2);
   const auto dir = scratch("resume_batch");
   auto first_data = std::make_shared<RecordingDataset>(tiny_dataset(60));
+  std::vector<double> first_lrs;
   {
     Trainer first(tiny_net(), schedule, cosine);
-    first.on_step = [](const TrainStep& s) {
+    first.on_step = [&](const TrainStep& s) {
+      first_lrs.push_back(s.lr);
       if (s.global_step == 3) request_stop();
     };
     first.add_hook(std::make_shared<RunOutputs>(RunOutputsOptions(dir).grid_samples(0).checkpoint_every_steps(100)));
@@ -430,15 +432,19 @@ TEST_CASE("a run resumed mid-epoch with another batch size takes exactly the exa
   CHECK(steps[7].steps == 11);
   CHECK(steps[8].step == 1);  // epoch 2 at batch 5: 12 steps
   CHECK(steps.back().steps == 12);
-  // The schedule counts examples: 24 seen, 36 + 60 to go; warm-up over 2 x 5 examples at this batch (over
-  // by now); cosine from warm-up's end to 0 at the last step.
+  // The schedule counts examples in the run's first global batch (8): 24 seen, 36 + 60 to go; warm-up over
+  // 2 x 8 examples (over by now); cosine from warm-up's end to 0 at the last step. The first run's steps
+  // and the second's lie on one curve: the learning rate does not jump at the resume.
   const auto& o = second.options().optimization();
+  CHECK(RunLayout::read(read_checkpoint_info(mid).training).schedule_batch == 8);
   int64_t seen = 24;
   for (size_t i = 0; i < steps.size(); ++i) {
     INFO("step " << i);
-    CHECK_THAT(steps[i].lr, WithinRel(learning_rate_at_example(o, seen, 5, 120), 1e-12));
+    CHECK_THAT(steps[i].lr, WithinRel(learning_rate_at_example(o, seen, 8, 120), 1e-12));
     seen += i == 7 ? 1 : 5;
   }
+  CHECK(steps.front().lr < first_lrs.back());  // on the falling cosine, one step of 5 after the first run's last
+  CHECK(steps.front().lr > learning_rate_at_example(o, 32, 8, 120));
   CHECK_THAT(steps.back().lr, WithinAbs(0.0, 1e-15));
   CHECK(seen == 120);
   // The EMA's warm-up goes on from as many updates as batch 5 takes for 24 examples (3 x 8 / 5, rounded).

@@ -21,8 +21,16 @@ CLI::App* add_classifier(CLI::App& app, ClassifierCommand& c) {
 
 int run_classifier(const ClassifierCommand& c) {
   check_output("--out", c.out, ".pt", {});  // before training, not after
-  // Not over a diffusion checkpoint (also .pt): a classifier file is a plain module archive.
-  TORCH_CHECK(!is_checkpoint(c.out), "classifier: --out ", c.out, " is a diffusion checkpoint; writing it would destroy it");
+  // Not over a diffusion checkpoint (also .pt): a classifier file is a plain module archive. A damaged
+  // zip may have been one: it is not overwritten either, but the message says what to do.
+  bool checkpoint = false;
+  try {
+    checkpoint = is_checkpoint(c.out);
+  } catch (const DamagedFileError& e) {
+    TORCH_CHECK(false, "classifier: --out ", c.out, " is a damaged zip, perhaps a checkpoint, so it is not overwritten (",
+                e.what_without_backtrace(), "); move it away or choose another --out");
+  }
+  TORCH_CHECK(!checkpoint, "classifier: --out ", c.out, " is a diffusion checkpoint; writing it would destroy it");
   set_threads(c.threads);
   const auto train = data::load_mnist(c.data, data::Split::Train);
   const auto test = data::load_mnist(c.data, data::Split::Test);

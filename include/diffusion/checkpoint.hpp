@@ -54,11 +54,14 @@ inline constexpr int64_t checkpoint_format = 2;
 
 /// How a training run was laid out when its checkpoint was written, as its training record keeps it: the
 /// shape of one example ((C, H, W) for images; empty when not recorded), the training set's size, the
-/// batch size on each rank (-1: not recorded, as in format 1), the number of ranks, and the device.
+/// batch size on each rank (-1: not recorded, as in format 1), the number of ranks, the device, and the
+/// global batch the learning-rate schedule counts its warm-up and end in (the run's when it started,
+/// kept across resumes with another batch; -1: not recorded).
 struct RunLayout {
   std::vector<int64_t> data_shape;
   int64_t train_size = -1, batch_size = -1, world_size = 1;
   std::string device;
+  int64_t schedule_batch = -1;
 
   /// Adds the layout to a training record (the trainer's options as JSON, whose batch size it keeps).
   void write(nlohmann::json& training) const {
@@ -67,6 +70,7 @@ struct RunLayout {
     if (train_size >= 0) training["train_size"] = train_size;
     if (!data_shape.empty()) training["data_shape"] = data_shape;
     if (batch_size >= 1) training[detail::batch_size_key] = batch_size;
+    if (schedule_batch >= 1) training["schedule_batch"] = schedule_batch;
   }
 
   /// The layout a training record holds; a malformed data shape is refused as damage, naming `file`.
@@ -78,6 +82,7 @@ struct RunLayout {
     r.world_size = get("world_size", 1);
     r.train_size = get("train_size", -1);
     r.batch_size = get(detail::batch_size_key, -1);
+    r.schedule_batch = get("schedule_batch", -1);
     if (training.contains("device") && training.at("device").is_string()) r.device = training.at("device").get<std::string>();
     if (training.contains("data_shape")) {
       const auto& shape = training.at("data_shape");

@@ -62,9 +62,7 @@ namespace detail {
 inline std::shared_ptr<const LevelSampler> make_euler_ancestral(const char* name, double eta, const nlohmann::json& j) {
   auto sampler = std::make_shared<EulerAncestral>(name);
   sampler->eta(eta);
-  auto made = with_noise_options(name, sampler, j);
-  detail::check_ancestral_eta(name, sampler->eta());
-  return made;
+  return with_noise_options(name, sampler, j, /*ancestral=*/true);
 }
 inline const bool euler_ancestral_registered =
     (register_level_sampler("euler-a", [](const nlohmann::json& j) { return make_euler_ancestral("euler-a", 1.0, j); }),

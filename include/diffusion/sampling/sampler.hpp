@@ -157,14 +157,16 @@ torch::Device model_device(const char* fn, B& model) {
 }  // namespace detail
 
 namespace detail {
-/// A sampler whose options are "eta" and "s_noise" (and no other field), read from `j` and checked.
+/// A sampler whose options are "eta" and "s_noise" (and no other field), read from `j` and checked: eta
+/// in [0, 1] when `ancestral` (check_ancestral_eta), else >= 0; s_noise >= 0.
 template <class S>
 std::shared_ptr<const LevelSampler> with_noise_options(const char* name, std::shared_ptr<S> sampler,
-                                                       const nlohmann::json& j) {
+                                                       const nlohmann::json& j, bool ancestral = false) {
   check_json_fields(j, {"eta", "s_noise"}, name);
   read_json_field<double>(j, "eta", [&](double v) { sampler->eta(v); });
   read_json_field<double>(j, "s_noise", [&](double v) { sampler->s_noise(v); });
-  check_nonnegative(name, "eta", sampler->eta());
+  if (ancestral) check_ancestral_eta(name, sampler->eta());
+  else check_nonnegative(name, "eta", sampler->eta());
   check_nonnegative(name, "s_noise", sampler->s_noise());
   return sampler;
 }

@@ -56,14 +56,16 @@ struct OptimizationOptions {
   TORCH_ARG(double, grad_clip) = 0.0;
 };
 
-/// The learning rate of a step that begins after `seen` of a run's `total` training examples, in a run
-/// whose global batch (batch size x ranks) is `batch` examples. Warm-up raises it linearly over the first
+/// The learning rate of a step that begins after `seen` of a run's `total` training examples, counted in
+/// units of `batch` examples (the Trainer passes the global batch, batch size x ranks, that the run
+/// started with, and keeps it when the run resumes with another). Warm-up raises it linearly over the first
 /// warmup_steps x batch examples, reaching lr after them ((seen + batch) / (warmup_steps x batch) of lr);
 /// then it stays at lr (Constant) or follows a half cosine from lr to 0 (Cosine) at the fraction
 /// p = (seen - warmup) / (total - warmup - batch), at most 1: 0 at the run's last step. Counting in
-/// examples keeps the schedule where it was when a run resumes with another batch size or number of
-/// ranks (EDM2, Karras et al. 2024, counts its schedule in images too); for a run of full batches it is
-/// the schedule in steps exactly.
+/// examples in a fixed unit keeps the schedule where it was when a run resumes with another batch size or
+/// number of ranks (EDM2, Karras et al. 2024, counts its schedule in images too); for a run of full
+/// batches of `batch` it is the schedule in steps exactly. After a resume with a larger batch the last
+/// step may start short of p = 1 and its learning rate be near 0 rather than 0.
 inline double learning_rate_at_example(const OptimizationOptions& o, int64_t seen, int64_t batch, int64_t total) {
   const int64_t warmup = o.warmup_steps() * batch;
   if (seen < warmup) return o.lr() * static_cast<double>(seen + batch) / static_cast<double>(warmup);

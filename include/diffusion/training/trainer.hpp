@@ -119,7 +119,13 @@ class Trainer final : public TrainingRun {
                                                           static_cast<double>(recorded.batch_size * recorded.world_size) /
                                                           static_cast<double>(batch * world))));
     }
-    RunLayout{train->shape(), n, batch, world, device_.str()}.write(p.training);
+    // The schedule's unit: the global batch the run started with, kept when it resumes with another, so
+    // that the learning rate goes on where the examples seen put it.
+    const auto before = RunLayout::read(p.training);
+    schedule_batch_ = before.schedule_batch > 0 ? before.schedule_batch
+                      : before.batch_size > 0   ? before.batch_size * before.world_size
+                                                : batch * world;
+    RunLayout{train->shape(), n, batch, world, device_.str(), schedule_batch_}.write(p.training);
     if (group_) detail::broadcast_from_rank0(*group_, unwrap(model_), ema_ptr());
     const auto val_draws = detail::fixed_validation_draws(val_images, *objective_, options_.seed());
     const detail::EpochLayout whole(world, rank, n, batch, max_steps);
@@ -150,7 +156,7 @@ class Trainer final : public TrainingRun {
         const auto b = detail::draw_batch(*train, use_labels, idx, augmentation, *objective_, options_.cond_dropout(), generator_,
                                           layout, device_);
         if (k + 1 < layout.steps) train->prefetch(layout.batch_indices(share, k + 1), augmentation);
-        const double lr = learning_rate_at_example(options_.optimization(), p.images_seen, layout.global_batch(), total);
+        const double lr = learning_rate_at_example(options_.optimization(), p.images_seen, schedule_batch_, total);
         for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
         optimizer_->zero_grad();
         auto loss = detail::accumulate_gradients(*objective_, [this](const torch::Tensor& cond) { return network(cond); }, b.x0,
@@ -217,7 +223,9 @@ class Trainer final : public TrainingRun {
     if (c.progress.step_in_epoch == 0) c.progress.epoch_rng_state = torch::Tensor();
     c.progress.training = options_;
     RunLayout{train_ ? train_->shape() : std::vector<int64_t>{}, train_ ? train_->size() : -1, options_.batch_size(),
-              group_ ? group_->world_size() : 1, device_.str()}.write(c.progress.training);
+              group_ ? group_->world_size() : 1, device_.str(),
+              schedule_batch_ > 0 ? schedule_batch_ : RunLayout::read(progress_.training).schedule_batch}
+        .write(c.progress.training);
     diffusion::save_checkpoint(path, c);
   }
 
@@ -331,6 +339,7 @@ class Trainer final : public TrainingRun {
   std::shared_ptr<Collective> group_;
   TrainingProgress progress_;
   std::shared_ptr<const data::Dataset> train_;
+  int64_t schedule_batch_ = -1;  // the learning-rate schedule's unit (RunLayout::schedule_batch), once fit has begun
 };
 
 }  // namespace diffusion
