@@ -83,13 +83,11 @@ bind /dev
 bind /dev/pts
 cp -L /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
 
-# 3. This working tree (tracked and untracked files, not what git ignores: no build dirs, data or runs).
+# 3. This working tree (tracked and untracked files, not what git ignores: no build dirs, data or runs),
+# rewriting only the files that changed since the last run, so that the build directory rebuilds only them.
 dest=/work/diffusion
 say "copying $src to $root$dest"
-rm -rf "$root$dest"
-mkdir -p "$root$dest"
-(cd "$src" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) | tar -C "$root$dest" -xf - ||
-  fail 21 "could not copy the working tree into the root"
+scripts/sync-tree.sh "$src" "$root$dest" || fail 21 "could not copy the working tree into the root"
 
 # 4. The README's test command (or the script given) inside. Build directories live outside the copy, so
 # ccache and the builds survive between runs.
