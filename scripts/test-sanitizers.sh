@@ -12,7 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SANITIZERS_CACHE:-}" ]; then
   scripts/sync-tree.sh . "$SANITIZERS_CACHE/src" || { echo "test-sanitizers: FAILED copying the tree" >&2; exit 11; }
-  cd "$SANITIZERS_CACHE/src" && SANITIZERS_CACHE= BUILD_DIR="$SANITIZERS_CACHE/build" exec scripts/test-sanitizers.sh
+  cache=$SANITIZERS_CACHE
+  cd "$cache/src" && SANITIZERS_CACHE="" BUILD_DIR="$cache/build" exec scripts/test-sanitizers.sh
 fi
 build=${BUILD_DIR:-build-asan}
 flags="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
