@@ -95,5 +95,8 @@ TEST_CASE("an epoch is dealt out as DistributedSampler does, and a global batch 
   // 10 for 4 ranks: padded to 12 with the first two, then every 4th.
   CHECK(torch::equal(diffusion::detail::shard(order, 4, 0), torch::tensor({0, 4, 8})));
   CHECK(torch::equal(diffusion::detail::shard(order, 4, 3), torch::tensor({3, 7, 1})));
+  // Padded from another tensor (a resumed epoch's rest wraps to the whole shuffle's start).
+  CHECK(torch::equal(diffusion::detail::shard(torch::arange(5, 10), 4, 0, order), torch::tensor({5, 9})));
+  CHECK(torch::equal(diffusion::detail::shard(torch::arange(5, 10), 4, 1, order), torch::tensor({6, 0})));
   CHECK(torch::equal(diffusion::detail::take_share(torch::arange(6), 2, 1), torch::tensor({1, 3, 5})));
 }

@@ -71,14 +71,15 @@ inline void check_labels(const char* name, const torch::Tensor& labels, const to
               labels.min().item<int64_t>());
 }
 
-/// Rank `rank`'s share of a shuffled epoch for `world` ranks (PyTorch's DistributedSampler): the order
-/// padded to a multiple of `world` by repeating its start, then every world-th entry from `rank` on. With
-/// one rank, the order itself.
-inline torch::Tensor shard(const torch::Tensor& order, int64_t world, int64_t rank) {
+/// Rank `rank`'s share of `order` for `world` ranks (PyTorch's DistributedSampler): `order` padded to a
+/// multiple of `world` with the first entries of `wrap` (undefined: of `order` itself, repeated as often as
+/// needed), then every world-th entry from `rank` on. With one rank, `order` itself.
+inline torch::Tensor shard(const torch::Tensor& order, int64_t world, int64_t rank, const torch::Tensor& wrap = {}) {
   if (world == 1) return order;
-  const int64_t n = order.size(0), total = (n + world - 1) / world * world;
+  const auto& source = wrap.defined() ? wrap : order;
+  const int64_t total = (order.size(0) + world - 1) / world * world;
   auto padded = order;
-  while (padded.size(0) < total) padded = torch::cat({padded, order.slice(0, 0, total - padded.size(0))});
+  while (padded.size(0) < total) padded = torch::cat({padded, source.slice(0, 0, total - padded.size(0))});
   return padded.slice(0, rank, total, world);
 }
 
@@ -128,9 +129,10 @@ inline void check_fit_dataset(const data::Dataset& train, const torch::Tensor& v
 
 /// A resumed run trains on examples of the shape its checkpoint recorded (none recorded: any), and one
 /// resumed mid-epoch on a training set of the recorded size (its position is one in the epoch's shuffle).
-/// The batch size and the number of ranks may change: the position is counted in examples.
-inline void check_resumed_layout(const TrainingProgress& p, const std::vector<int64_t>& shape, int64_t train_size) {
-  const auto recorded = RunLayout::read(p.training);
+/// The batch size and the number of ranks may change: the position is counted in examples. `recorded` is
+/// the layout `p` recorded (RunLayout::read(p.training)).
+inline void check_resumed_layout(const TrainingProgress& p, const RunLayout& recorded, const std::vector<int64_t>& shape,
+                                 int64_t train_size) {
   DIFFUSION_CHECK(IncompatibleFileError, recorded.data_shape.empty() || recorded.data_shape == shape,
                   "Trainer::fit: the checkpoint was trained on examples of shape ", c10::IntArrayRef(recorded.data_shape),
                   ", this training set's are ", c10::IntArrayRef(shape), "; resume with the same data, or start a new run");
@@ -181,15 +183,8 @@ struct EpochLayout {
         end(max_steps > 0 ? std::min(n, max_steps * batch * world) : n), from(std::min(from_position, end)),
         per_rank((end - from + world - 1) / world), steps((per_rank + batch - 1) / batch) {}
 
-  /// This rank's share of the epoch's shuffle `perm` from position `from`.
-  torch::Tensor share(const torch::Tensor& perm) const {
-    const auto rest = perm.slice(0, from, end);
-    if (world == 1) return rest;
-    const int64_t total = per_rank * world;
-    auto padded = rest;
-    while (padded.size(0) < total) padded = torch::cat({padded, perm.slice(0, 0, total - padded.size(0))});
-    return padded.slice(0, rank, total, world);
-  }
+  /// This rank's share of the epoch's shuffle `perm` from position `from`, wrapping to the shuffle's start.
+  torch::Tensor share(const torch::Tensor& perm) const { return shard(perm.slice(0, from, end), world, rank, perm); }
   /// The indices of step `step`'s batch in this rank's share.
   torch::Tensor batch_indices(const torch::Tensor& share, int64_t step) const {
     return share.slice(0, step * batch, std::min(per_rank, (step + 1) * batch));
@@ -204,9 +199,8 @@ struct EpochLayout {
 
 /// The progress counted in examples of a checkpoint written before they were recorded, from the layout it
 /// recorded (its batch size, or this run's when none was recorded): each epoch one pass of that layout,
-/// the epoch in progress step_in_epoch full global batches.
-inline void derive_examples(TrainingProgress& p, int64_t n, int64_t batch, int64_t max_steps) {
-  const auto recorded = RunLayout::read(p.training);
+/// the epoch in progress step_in_epoch full global batches. `recorded` is the layout `p` recorded.
+inline void derive_examples(TrainingProgress& p, const RunLayout& recorded, int64_t n, int64_t batch, int64_t max_steps) {
   const int64_t old_batch = recorded.batch_size > 0 ? recorded.batch_size : batch, old_world = recorded.world_size;
   if (p.images_in_epoch < 0) p.images_in_epoch = p.step_in_epoch * old_batch * old_world;
   if (p.images_seen < 0) p.images_seen = p.epoch * EpochLayout(old_world, 0, n, old_batch, max_steps).examples_left() + p.images_in_epoch;

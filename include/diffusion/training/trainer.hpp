@@ -109,22 +109,21 @@ class Trainer final : public TrainingRun {
     const int64_t world = group_ ? group_->world_size() : 1, rank = group_ ? group_->rank() : 0;
     const int64_t n = train->size(), batch = options_.batch_size(), max_steps = options_.max_steps_per_epoch();
     auto& p = progress_;
-    detail::check_resumed_layout(p, train->shape(), n);
-    detail::derive_examples(p, n, batch, max_steps);
+    const auto recorded = RunLayout::read(p.training);  // what a resumed checkpoint recorded (none: all unset)
+    detail::check_resumed_layout(p, recorded, train->shape(), n);
+    detail::derive_examples(p, recorded, n, batch, max_steps);
     // A resume with another global batch: the EMA's warm-up continues from as many updates as this batch
     // would have taken for the examples seen.
-    if (const auto recorded = RunLayout::read(p.training); ema_ && recorded.batch_size > 0 &&
-                                                            recorded.batch_size * recorded.world_size != batch * world) {
+    if (ema_ && recorded.batch_size > 0 && recorded.batch_size * recorded.world_size != batch * world) {
       ema_->set_updates(static_cast<int64_t>(std::llround(static_cast<double>(ema_->updates()) *
                                                           static_cast<double>(recorded.batch_size * recorded.world_size) /
                                                           static_cast<double>(batch * world))));
     }
     // The schedule's unit: the global batch the run started with, kept when it resumes with another, so
     // that the learning rate goes on where the examples seen put it.
-    const auto before = RunLayout::read(p.training);
-    schedule_batch_ = before.schedule_batch > 0 ? before.schedule_batch
-                      : before.batch_size > 0   ? before.batch_size * before.world_size
-                                                : batch * world;
+    schedule_batch_ = recorded.schedule_batch > 0 ? recorded.schedule_batch
+                      : recorded.batch_size > 0   ? recorded.batch_size * recorded.world_size
+                                                  : batch * world;
     RunLayout{train->shape(), n, batch, world, device_.str(), schedule_batch_}.write(p.training);
     if (group_) detail::broadcast_from_rank0(*group_, unwrap(model_), ema_ptr());
     const auto val_draws = detail::fixed_validation_draws(val_images, *objective_, options_.seed());
