@@ -21,6 +21,7 @@ fi
 # The tree is staged first (git lists its files), so that --delete removes exactly what left the tree.
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
+chmod 755 "$stage"  # rsync --perms gives DEST the stage's mode (mktemp's is 0700)
 (cd "$src" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) | tar -C "$stage" -xf -
 mkdir -p "$dest"
 # --checksum: compare contents, not times; no --times: a rewritten file gets the time of the copy (newer

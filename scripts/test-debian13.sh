@@ -86,6 +86,9 @@ cp -L /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
 # 3. This working tree (tracked and untracked files, not what git ignores: no build dirs, data or runs),
 # rewriting only the files that changed since the last run, so that the build directory rebuilds only them.
 dest=/work/diffusion
+# One run at a time in the root (released when this script exits).
+exec 9>"$root/.diffusion-lock"
+flock -w 900 9 || fail 21 "another run has held $root for 15 minutes"
 say "copying $src to $root$dest"
 scripts/sync-tree.sh "$src" "$root$dest" || fail 21 "could not copy the working tree into the root"
 

@@ -11,9 +11,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SANITIZERS_CACHE:-}" ]; then
-  scripts/sync-tree.sh . "$SANITIZERS_CACHE/src" || { echo "test-sanitizers: FAILED copying the tree" >&2; exit 11; }
-  cache=$SANITIZERS_CACHE
+  cache=$(realpath -m "$SANITIZERS_CACHE")
+  mkdir -p "$cache" || { echo "test-sanitizers: FAILED making $cache" >&2; exit 11; }
+  # One run at a time in the cache (the lock is released when the run, exec'd below, exits).
+  exec 9>"$cache/.lock"
+  flock -w 900 9 || { echo "test-sanitizers: FAILED: another run has held $cache for 15 minutes" >&2; exit 11; }
+  scripts/sync-tree.sh . "$cache/src" || { echo "test-sanitizers: FAILED copying the tree to $cache/src" >&2; exit 11; }
   cd "$cache/src" && SANITIZERS_CACHE="" BUILD_DIR="$cache/build" exec scripts/test-sanitizers.sh
+  echo "test-sanitizers: FAILED: could not run the copy in $cache/src" >&2
+  exit 11
 fi
 build=${BUILD_DIR:-build-asan}
 flags="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
