@@ -9,8 +9,17 @@
 # (SANITIZERS_CACHE). rsync does the comparing: it is installed when missing.
 set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: scripts/sync-tree.sh SRC DEST" >&2; exit 2; }
-src=$(cd "$1" && pwd)
-dest=$2
+src=$(cd "$1" && pwd) || { echo "sync-tree: SRC $1 is not a directory" >&2; exit 2; }
+dest=$(realpath -m "$2")
+# DEST is replaced by the copy, so refuse what would lose data: DEST inside SRC or SRC inside DEST (the
+# same folder included), and a non-empty DEST that this script did not make (it leaves a marker file).
+marker=.sync-tree-copy
+case "$dest/" in "$src"/*) echo "sync-tree: DEST $dest is inside SRC $src" >&2; exit 2 ;; esac
+case "$src/" in "$dest"/*) echo "sync-tree: SRC $src is inside DEST $dest" >&2; exit 2 ;; esac
+if [ -e "$dest" ] && [ ! -f "$dest/$marker" ] && [ -n "$(ls -A "$dest" 2>/dev/null)" ]; then
+  echo "sync-tree: DEST $dest is not empty and holds no earlier copy (no $marker); refusing to replace it" >&2
+  exit 2
+fi
 if ! command -v rsync >/dev/null; then
   echo "sync-tree: installing rsync"
   sudo=""
@@ -26,4 +35,5 @@ chmod 755 "$stage"  # rsync --perms gives DEST the stage's mode (mktemp's is 070
 mkdir -p "$dest"
 # --checksum: compare contents, not times; no --times: a rewritten file gets the time of the copy (newer
 # than any build output), an unchanged one keeps its own.
-rsync --recursive --links --perms --checksum --delete "$stage/" "$dest/"
+rsync --recursive --links --perms --checksum --delete --exclude="/$marker" "$stage/" "$dest/"
+touch "$dest/$marker"
